@@ -1,0 +1,1 @@
+"""recsys: command line and typed configuration."""

@@ -1,0 +1,1 @@
+"""Backends that decide where training processes run (local, ray, spark)."""

@@ -1,0 +1,1 @@
+"""Data: raw sources -> prepared MDS datasets -> streaming TorchRec batches."""

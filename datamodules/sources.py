@@ -1,0 +1,411 @@
+"""Readers of raw interaction sources into one canonical pandas table.
+
+The canonical table has one row per interaction with the columns ``user``, ``item`` (raw ids as
+strings), ``rating`` (float, optional), ``label`` (float, optional), ``timestamp`` (int64) and one
+column per side feature (``FeatureSpec.column``). Every problem with a source is raised as a one-line
+``RecsysError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.errors import RecsysError
+
+SETS2019_URL = "https://files.grouplens.org/datasets/learning-from-sets-2019/learning-from-sets-2019.zip"
+MOVIELENS_100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+DEFAULT_CACHE = Path.home() / ".cache" / "recsys"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A side feature of the canonical table."""
+
+    name: str
+    kind: str
+    """'sparse' (one categorical value), 'multi' (list of values) or 'dense' (float)."""
+    tower: str
+    """'user' or 'item'."""
+
+
+@dataclass
+class RawTable:
+    """A source read into memory: interactions with side features joined in."""
+
+    frame: pd.DataFrame
+    features: list[FeatureSpec] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    truth: Any = None
+    label_definition: str | None = None
+    """How the source's own label column was made (None: label = rating >= threshold)."""
+    """The planted ground truth of a synthetic set (None for real data)."""
+
+
+# -- files inside directories and archives -------------------------------------------------------
+
+
+class SourceFiles:
+    """Files of a source that is a directory, a single file or a zip (a wheel is a zip too)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise RecsysError(f"{path}: no such file or directory")
+        self.path = path
+        self.zip: zipfile.ZipFile | None = None
+        if path.is_file() and path.suffix.lower() in (".zip", ".whl"):
+            try:
+                self.zip = zipfile.ZipFile(path)
+                bad = self.zip.testzip()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise RecsysError(f"{path}: corrupt zip archive ({e})") from None
+            if bad is not None:
+                raise RecsysError(f"{path}: corrupt zip archive (bad CRC in {bad})")
+
+    def names(self) -> list[str]:
+        if self.zip is not None:
+            return [n for n in self.zip.namelist() if not n.endswith("/")]
+        if self.path.is_dir():
+            return sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file())
+        return [self.path.name]
+
+    def find(self, *basenames: str) -> str | None:
+        """The first file whose base name is one of ``basenames`` (preference in that order)."""
+        names = self.names()
+        for want in basenames:
+            for n in names:
+                if n.rsplit("/", 1)[-1] == want and "__MACOSX" not in n:
+                    return n
+        return None
+
+    def read(self, name: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(name)
+        if self.path.is_dir():
+            return (self.path / name).read_bytes()
+        return self.path.read_bytes()
+
+    def display(self, name: str) -> str:
+        if self.zip is not None:
+            return f"{self.path}:{name}"
+        return str(self.path / name) if self.path.is_dir() else str(self.path)
+
+
+def sha256_of(path: Path) -> str:
+    """Checksum of a file, or of a directory's files in name order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: Path) -> Path:
+    """Download ``url`` to ``dest`` (atomically); a clear error when the machine is offline."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RecsysError(f"{url}: download failed ({e}); pass a local copy with --source") from None
+    tmp.rename(dest)
+    return dest
+
+
+# -- CSV parsing with clear errors ------------------------------------------------------------------
+
+
+def read_delimited(
+    data: bytes,
+    where: str,
+    *,
+    sep: str = ",",
+    header: bool = True,
+    names: list[str] | None = None,
+    encoding: str = "utf-8",
+) -> pd.DataFrame:
+    """Parse delimited text as strings; empty or unparsable input is a RecsysError naming ``where``."""
+    if not data.strip():
+        raise RecsysError(f"{where}: file is empty")
+    try:
+        df = pd.read_csv(
+            io.BytesIO(data),
+            sep=sep,
+            header=0 if header else None,
+            names=names,
+            dtype=str,
+            encoding=encoding,
+            keep_default_na=False,
+            engine="c" if len(sep) == 1 else "python",
+        )
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise RecsysError(f"{where}: cannot parse ({str(e).splitlines()[0]})") from None
+    if len(df) == 0:
+        raise RecsysError(f"{where}: no data rows")
+    return df
+
+
+def pick_column(
+    df: pd.DataFrame, where: str, role: str, aliases: tuple[str, ...], required: bool = True
+) -> str | None:
+    """The name of the column playing ``role`` (first alias present, case-insensitive)."""
+    lower = {c.strip().lower(): c for c in df.columns}
+    for a in aliases:
+        if a.lower() in lower:
+            return lower[a.lower()]
+    if required:
+        found = ", ".join(map(str, df.columns))
+        raise RecsysError(f"{where}: missing {role} column (expected one of {', '.join(aliases)}; found {found})")
+    return None
+
+
+def numeric(series: pd.Series, where: str, column: str, offset: int = 2) -> pd.Series:
+    """Convert a string column to float; the first non-numeric value is reported with its line."""
+    values = pd.to_numeric(series.str.strip() if series.dtype == object else series, errors="coerce")
+    bad = values.isna()
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise RecsysError(
+            f"{where}: column {column!r} has a non-numeric value {series.iloc[i]!r} at line {i + offset}"
+        )
+    return values.astype(np.float64)
+
+
+USER_ALIASES = ("userId", "user_id", "user", "user_id:token")
+ITEM_ALIASES = ("movieId", "movie_id", "itemId", "item_id", "item", "item_id:token")
+RATING_ALIASES = ("rating", "rating:float", "score")
+LABEL_ALIASES = ("label", "clicked", "click")
+TS_ALIASES = ("timestamp", "ts", "time", "timestamp:float")
+
+
+def canonical_interactions(
+    df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int = 2
+) -> pd.DataFrame:
+    """Map a parsed interaction file onto the canonical columns, validating types."""
+    user = pick_column(df, where, "user id", USER_ALIASES)
+    item = pick_column(df, where, "item id", ITEM_ALIASES)
+    label = pick_column(df, where, "label", LABEL_ALIASES, required=False)
+    rating = pick_column(df, where, "rating", RATING_ALIASES, required=need_rating and label is None)
+    ts = pick_column(df, where, "timestamp", TS_ALIASES, required=False)
+    out = pd.DataFrame({"user": df[user].astype(str).str.strip(), "item": df[item].astype(str).str.strip()})
+    for col, name in ((user, "user"), (item, "item")):
+        if (out[name] == "").any():
+            i = int(np.flatnonzero((out[name] == "").to_numpy())[0])
+            raise RecsysError(f"{where}: column {col!r} is empty at line {i + offset}")
+    if rating is not None:
+        out["rating"] = numeric(df[rating], where, str(rating), offset)
+    if label is not None:
+        out["label"] = numeric(df[label], where, str(label), offset)
+    out["timestamp"] = (
+        numeric(df[ts], where, str(ts), offset).astype(np.int64) if ts is not None else np.int64(0)
+    )
+    return out
+
+
+# -- sets2019 ---------------------------------------------------------------------------------------
+
+
+def read_sets2019(source: str | None, rows: int | None) -> RawTable:
+    """GroupLens "Learning from Sets of Items" (2019): ``item_ratings.csv`` from a zip, csv or URL."""
+    path = _local_or_download(source or SETS2019_URL, "learning-from-sets-2019.zip")
+    files = SourceFiles(path)
+    name = files.find("item_ratings.csv") if files.zip is not None or path.is_dir() else path.name
+    if name is None:
+        raise RecsysError(f"{path}: no item_ratings.csv inside")
+    where = files.display(name)
+    df = read_delimited(files.read(name), where)
+    if rows is not None:
+        df = df.iloc[:rows]
+    return RawTable(canonical_interactions(df, where), [], {"path": str(path), "sha256": sha256_of(path)})
+
+
+def read_interactions(source: str | None, rows: int | None) -> RawTable:
+    """The user's own interactions: CSV or Parquet with user/item ids, rating or label, timestamp."""
+    if source is None:
+        raise RecsysError("--source is required for --dataset interactions (a .csv or .parquet file)")
+    path = Path(source)
+    if not path.exists():
+        raise RecsysError(f"{path}: no such file or directory")
+    where = str(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            df = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises several types for damaged files
+            raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+        if len(df) == 0:
+            raise RecsysError(f"{path}: no data rows")
+        df = df.astype({c: str for c in df.columns if df[c].dtype == object})
+        df = df.rename(columns=str)
+        for c in df.columns:
+            if df[c].dtype != object:
+                df[c] = df[c].astype(str)
+    else:
+        df = read_delimited(path.read_bytes(), where)
+    if rows is not None:
+        df = df.iloc[:rows]
+    return RawTable(canonical_interactions(df, where), [], {"path": str(path), "sha256": sha256_of(path)})
+
+
+# -- MovieLens 100K ---------------------------------------------------------------------------------
+
+ML_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
+MOVIELENS_FEATURES = [
+    FeatureSpec("user_gender", "sparse", "user"),
+    FeatureSpec("user_occupation", "sparse", "user"),
+    FeatureSpec("user_zip", "sparse", "user"),
+    FeatureSpec("item_genres", "multi", "item"),
+    FeatureSpec("user_age", "dense", "user"),
+    FeatureSpec("item_year", "dense", "item"),
+]
+
+
+def default_movielens_dir() -> Path:
+    return DEFAULT_CACHE / "datasets" / "movielens-100k"
+
+
+def read_movielens_100k(source: str | None, rows: int | None) -> RawTable:
+    """MovieLens-100K from the GroupLens layout (u.data/u.user/u.item) or RecBole atomic files."""
+    path = Path(source) if source else default_movielens_dir()
+    if source is None and not path.exists():
+        raise RecsysError(
+            f"{path}: MovieLens-100K not found; run `recsys data download movielens-100k` or pass --source"
+        )
+    files = SourceFiles(path)
+    if (data := files.find("u.data")) is not None:
+        inter, users, items = _ml100k_grouplens(files, data)
+    elif (data := files.find("ml-100k.inter")) is not None:
+        inter, users, items = _ml100k_recbole(files, data)
+    else:
+        raise RecsysError(f"{path}: neither u.data (GroupLens ml-100k) nor ml-100k.inter (RecBole) inside")
+    if rows is not None:
+        inter = inter.iloc[:rows]
+    frame = inter.merge(users, on="user", how="left").merge(items, on="item", how="left")
+    frame["item_genres"] = frame["item_genres"].apply(lambda g: g if isinstance(g, list) else [])
+    return RawTable(frame, list(MOVIELENS_FEATURES), {"path": str(path), "sha256": sha256_of(path)})
+
+
+def _ml100k_grouplens(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    prefix = data[: -len("u.data")]
+    where = files.display(data)
+    raw = read_delimited(
+        files.read(data), where, sep="\t", header=False, names=["user", "item", "rating", "timestamp"]
+    )
+    inter = canonical_interactions(raw, where, offset=1)
+    uname, iname = prefix + "u.user", prefix + "u.item"
+    for n in (uname, iname):
+        if n not in files.names():
+            raise RecsysError(f"{files.display(n)}: missing (needed for side features)")
+    u = read_delimited(
+        files.read(uname),
+        files.display(uname),
+        sep="|",
+        header=False,
+        names=["user", "age", "gender", "occupation", "zip"],
+    )
+    users = pd.DataFrame(
+        {
+            "user": u["user"].str.strip(),
+            "user_age": numeric(u["age"], files.display(uname), "age", offset=1),
+            "user_gender": u["gender"],
+            "user_occupation": u["occupation"],
+            "user_zip": u["zip"].str[:2],
+        }
+    )
+    it = read_delimited(
+        files.read(iname),
+        files.display(iname),
+        sep="|",
+        header=False,
+        encoding="latin-1",
+        names=["item", "title", "release", "video", "url", *ML_GENRES],
+    )
+    flags = it[ML_GENRES].to_numpy() == "1"
+    items = pd.DataFrame(
+        {
+            "item": it["item"].str.strip(),
+            "item_year": pd.to_numeric(it["release"].str[-4:], errors="coerce"),
+            "item_genres": [[g for g, f in zip(ML_GENRES, row, strict=True) if f] for row in flags],
+        }
+    )
+    return inter, users, items
+
+
+def _ml100k_recbole(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    prefix = data[: -len("ml-100k.inter")]
+    where = files.display(data)
+    inter = canonical_interactions(read_delimited(files.read(data), where, sep="\t"), where)
+    uname, iname = prefix + "ml-100k.user", prefix + "ml-100k.item"
+    for n in (uname, iname):
+        if n not in files.names():
+            raise RecsysError(f"{files.display(n)}: missing (needed for side features)")
+    u = read_delimited(files.read(uname), files.display(uname), sep="\t")
+    u.columns = [c.split(":")[0] for c in u.columns]
+    users = pd.DataFrame(
+        {
+            "user": u["user_id"].str.strip(),
+            "user_age": numeric(u["age"], files.display(uname), "age"),
+            "user_gender": u["gender"],
+            "user_occupation": u["occupation"],
+            "user_zip": u["zip_code"].str[:2],
+        }
+    )
+    it = read_delimited(files.read(iname), files.display(iname), sep="\t")
+    it.columns = [c.split(":")[0] for c in it.columns]
+    items = pd.DataFrame(
+        {
+            "item": it["item_id"].str.strip(),
+            "item_year": pd.to_numeric(it["release_year"], errors="coerce"),
+            "item_genres": [[g for g in s.split() if g] for s in it["class"]],
+        }
+    )
+    return inter, users, items
+
+
+def _local_or_download(source: str, filename: str) -> Path:
+    if re.match(r"^https?://", source):
+        return download(source, DEFAULT_CACHE / "downloads" / filename)
+    return Path(source)
+
+
+READERS: dict[str, Callable[[str | None, int | None], RawTable]] = {
+    "sets2019": read_sets2019,
+    "movielens-100k": read_movielens_100k,
+    "interactions": read_interactions,
+}

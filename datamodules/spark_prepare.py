@@ -1,0 +1,291 @@
+"""``--engine spark``: the same prepared dataset as the local engine, computed by PySpark.
+
+Reading, the per-user split (``applyInPandas`` over user groups), vocabularies and statistics (Spark
+aggregations over the train split) and shard writing (``streaming``'s ``dataframe_to_mds``, one writer
+per partition, indexes merged) all run on the cluster; the row-level functions are the local engine's
+own (``assign_split``, ``encode_frame``, ``pack_blocks``), so both engines give the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.config import PrepareConfig
+from app.errors import RecsysError
+from datamodules.blocks import mds_columns
+from datamodules.prepare import (
+    SPLIT_CODES,
+    EncodingPlan,
+    assign_split,
+    build_metadata,
+    column_of,
+    encode_frame,
+    make_plan,
+    pack_blocks,
+    row_keys,
+    write_tables,
+    write_vocabs,
+)
+from datamodules.schema import SplitInfo, write_metadata
+from datamodules.sources import (
+    ITEM_ALIASES,
+    LABEL_ALIASES,
+    RATING_ALIASES,
+    SETS2019_URL,
+    TS_ALIASES,
+    USER_ALIASES,
+    RawTable,
+    SourceFiles,
+    _local_or_download,
+    read_movielens_100k,
+    sha256_of,
+)
+
+
+def spark_session(master: str) -> Any:
+    """A SparkSession on ``master`` bound to loopback, with executors using this interpreter."""
+    if shutil.which("java") is None:
+        raise RecsysError(
+            "--engine spark: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)"
+        )
+    from pyspark.sql import SparkSession
+
+    # Python workers start from PYSPARK_PYTHON (the spark.pyspark.python conf is not read in local
+    # mode); without it executors run the system python3, which lacks this environment's packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    return (
+        SparkSession.builder.master(master)
+        .appName("recsys-prepare")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.driver.bindAddress", "127.0.0.1")
+        .config("spark.ui.enabled", "false")
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.pyspark.driver.python", sys.executable)
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.shuffle.partitions", "8")
+        .config("spark.ui.showConsoleProgress", "false")
+        .getOrCreate()
+    )
+
+
+def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
+    """Prepare an interaction dataset with Spark into ``tmp``; returns the metadata."""
+    from pyspark.sql import functions as F
+
+    started = time.time()
+    # streaming warns that a local `out` might be FUSE storage and that udf columns are unchecked.
+    logging.getLogger("streaming.base.converters.dataframe_to_mds").setLevel(logging.ERROR)
+    spark = spark_session(cfg.spark_master)
+    spark.sparkContext.setLogLevel("ERROR")
+    try:
+        df, raw = read_with_spark(cfg, spark, tmp)
+        if "label" not in df.columns:
+            df = df.withColumn("label", (F.col("rating") >= F.lit(cfg.label_threshold)).cast("float"))
+        df = with_split(df, cfg).cache()
+        train = df.filter(F.col("split") == 0)
+        plan = make_plan(raw.features)
+        fit_plan_spark(plan, train)
+        counts = {
+            r["split"]: (int(r["n"]), float(r["rate"] or 0.0))
+            for r in df.groupBy("split").agg(F.count("*").alias("n"), F.avg("label").alias("rate")).collect()
+        }
+        splits = {}
+        for name, code in SPLIT_CODES.items():
+            rows, rate = counts.get(code, (0, 0.0))
+            blocks = (
+                write_split_spark(df.filter(F.col("split") == code), plan, cfg, tmp / name) if rows else 0
+            )
+            if not rows:
+                write_empty_split(tmp / name, len(plan.multi))
+            splits[name] = SplitInfo(rows=rows, blocks=blocks, label_rate=rate)
+        user_rows = train.dropDuplicates(["user"]).drop("key", "split").toPandas()
+        item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
+        write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
+        meta = build_metadata(cfg, plan, raw, splits, engine="spark")
+        write_vocabs(plan, tmp)
+        write_metadata(meta, tmp)
+        shutil.rmtree(tmp / "_source", ignore_errors=True)
+        print(
+            f"[prepare] {cfg.dataset} with Spark ({cfg.spark_master}): "
+            + ", ".join(f"{k} {v.rows:,}" for k, v in splits.items())
+            + f" rows in {time.time() - started:.1f}s"
+        )
+        return meta
+    finally:
+        spark.stop()
+
+
+def read_with_spark(cfg: PrepareConfig, spark: Any, tmp: Path) -> tuple[Any, RawTable]:
+    """The canonical table as a Spark DataFrame (side features joined) and its description."""
+    if cfg.dataset == "movielens-100k":
+        # 100k rows: parsed by the local reader (three small pipe/tab files), then distributed.
+        raw = read_movielens_100k(cfg.source, cfg.rows)
+        frame = raw.frame.copy()
+        frame["item_year"] = frame["item_year"].astype("float64")
+        return spark.createDataFrame(frame), raw
+    if cfg.dataset == "sets2019":
+        path = _local_or_download(cfg.source or SETS2019_URL, "learning-from-sets-2019.zip")
+        files = SourceFiles(path)
+        name = files.find("item_ratings.csv") if (files.zip is not None or path.is_dir()) else path.name
+        if name is None:
+            raise RecsysError(f"{path}: no item_ratings.csv inside")
+        csv = path if files.zip is None and path.is_file() else tmp / "_source" / "item_ratings.csv"
+        if csv != path:
+            csv.parent.mkdir(parents=True, exist_ok=True)
+            csv.write_bytes(files.read(name))
+        where = files.display(name)
+    else:
+        if cfg.source is None:
+            raise RecsysError("--source is required for --dataset interactions (a .csv or .parquet file)")
+        path = csv = Path(cfg.source)
+        if not path.exists():
+            raise RecsysError(f"{path}: no such file or directory")
+        where = str(path)
+    df = read_table_spark(spark, csv, where)
+    if cfg.rows is not None:
+        df = df.limit(cfg.rows)
+    return canonical_spark(df, where), RawTable(
+        pd.DataFrame(), [], {"path": str(path), "sha256": sha256_of(path)}
+    )
+
+
+def read_table_spark(spark: Any, path: Path, where: str) -> Any:
+    """CSV (all strings) or Parquet into Spark, with the local reader's errors."""
+    if path.stat().st_size == 0:
+        raise RecsysError(f"{where}: file is empty")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        df = spark.read.parquet(str(path))
+    else:
+        df = (
+            spark.read.option("header", True)
+            .option("inferSchema", False)
+            .option("mode", "FAILFAST")
+            .csv(str(path))
+        )
+    if df.isEmpty():
+        raise RecsysError(f"{where}: no data rows")
+    return df
+
+
+def canonical_spark(df: Any, where: str) -> Any:
+    """Rename and type the columns like ``sources.canonical_interactions``."""
+    from pyspark.sql import functions as F
+
+    lower = {c.strip().lower(): c for c in df.columns}
+
+    def pick(role: str, aliases: tuple[str, ...], required: bool = True) -> str | None:
+        for a in aliases:
+            if a.lower() in lower:
+                return lower[a.lower()]
+        if required:
+            raise RecsysError(
+                f"{where}: missing {role} column (expected one of {', '.join(aliases)}; "
+                f"found {', '.join(df.columns)})"
+            )
+        return None
+
+    user, item = str(pick("user id", USER_ALIASES)), str(pick("item id", ITEM_ALIASES))
+    label = pick("label", LABEL_ALIASES, required=False)
+    rating = pick("rating", RATING_ALIASES, required=label is None)
+    ts = pick("timestamp", TS_ALIASES, required=False)
+    cols = [
+        F.trim(F.col(user).cast("string")).alias("user"),
+        F.trim(F.col(item).cast("string")).alias("item"),
+    ]
+    numeric = [(rating, "rating"), (label, "label"), (ts, "timestamp")]
+    for src, dst in numeric:
+        if src is None:
+            continue
+        as_double = F.trim(F.col(src).cast("string")).cast("double")
+        bad = df.filter(as_double.isNull()).select(F.col(src).cast("string")).first()
+        if bad is not None:
+            raise RecsysError(f"{where}: column {src!r} has a non-numeric value {bad[0]!r}")
+        cols.append(as_double.cast("long").alias(dst) if dst == "timestamp" else as_double.alias(dst))
+    if ts is None:
+        cols.append(F.lit(0).cast("long").alias("timestamp"))
+    out = df.select(*cols)
+    empty = out.filter((F.col("user") == "") | (F.col("item") == "")).first()
+    if empty is not None:
+        raise RecsysError(f"{where}: empty user or item id in row {empty.asDict()}")
+    return out
+
+
+def with_split(df: Any, cfg: PrepareConfig) -> Any:
+    """Add ``key`` and ``split`` with the local engine's functions, one user group at a time."""
+    from pyspark.sql.types import ByteType, LongType, StructField, StructType
+
+    seed, rule, val_frac, test_frac = cfg.seed, cfg.split, cfg.val_frac, cfg.test_frac
+    schema = StructType([*df.schema.fields, StructField("key", LongType()), StructField("split", ByteType())])
+
+    def add_split(pdf: pd.DataFrame) -> pd.DataFrame:
+        keys = row_keys(pdf, seed)
+        pdf = pdf.assign(key=keys)
+        pdf["split"] = assign_split(pdf, rule, val_frac, test_frac)
+        pdf["key"] = keys.view(np.int64)
+        return pdf
+
+    return df.groupBy("user").applyInPandas(add_split, schema=schema)
+
+
+def fit_plan_spark(plan: EncodingPlan, train: Any) -> None:
+    """Vocabularies (sorted distinct strings) and dense mean/std of the train split."""
+    from pyspark.sql import functions as F
+
+    for f in plan.sparse:
+        col = F.col(column_of(f))
+        values = train.select(F.explode(col) if f.kind == "multi" else col).distinct().dropna()
+        plan.vocabs[f.name] = sorted({str(r[0]) for r in values.collect()})
+    for f in plan.dense:
+        c = F.col(column_of(f)).cast("double")
+        c = F.when(F.isnan(c), None).otherwise(c)
+        row = train.agg(F.avg(c).alias("m"), F.stddev_pop(c).alias("s"), F.count(c).alias("n")).first()
+        mean = float(row["m"]) if row["m"] is not None else 0.0
+        std = float(row["s"]) if row["n"] > 1 and row["s"] else 1.0
+        plan.stats[f.name] = (mean, std)
+
+
+def write_split_spark(part: Any, plan: EncodingPlan, cfg: PrepareConfig, out: Path) -> int:
+    """Shuffle by key, encode each partition into blocks and write them with ``dataframe_to_mds``."""
+    from streaming.base.converters import dataframe_to_mds
+
+    block_rows = cfg.block_rows
+    partitions = max(1, min(64, part.rdd.getNumPartitions()))
+    ordered = part.repartitionByRange(partitions, "key").sortWithinPartitions("key")
+
+    def to_blocks(pdf: pd.DataFrame) -> Any:
+        return pack_blocks(encode_frame(_lists(pdf), plan), block_rows)
+
+    dataframe_to_mds(
+        ordered,
+        merge_index=True,
+        mds_kwargs={"out": str(out), "columns": mds_columns(len(plan.multi)), "compression": "zstd"},
+        udf_iterable=to_blocks,
+    )
+    index = json.loads((out / "index.json").read_text())
+    return int(sum(s["samples"] for s in index["shards"]))
+
+
+def write_empty_split(out: Path, num_multi: int) -> None:
+    """An empty split still gets an (empty) MDS index so loaders can open it."""
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(out), columns=mds_columns(num_multi), compression="zstd", progress_bar=False):
+        pass
+
+
+def _lists(pdf: pd.DataFrame) -> pd.DataFrame:
+    """Arrow hands array columns to pandas as numpy arrays; the encoders accept any list-like."""
+    for c in pdf.columns:
+        if pdf[c].dtype == object and len(pdf) and isinstance(pdf[c].iloc[0], np.ndarray):
+            pdf[c] = pdf[c].map(list)
+    return pdf

@@ -1,0 +1,162 @@
+"""A LightningDataModule over the MDS block shards of a prepared dataset, yielding TorchRec ``Batch``es.
+
+Each split is a ``StreamingDataset`` whose samples are blocks of rows (see ``datamodules.blocks``). The
+dataset is read from ``DataConfig.path`` (local directory or any remote StreamingDataset supports)
+into a cache directory of its own, so two DataModules never share one (StreamingDataset refuses a
+reused cache); ranks of one run agree on it through the process group.
+
+Rank partitioning, seeded shuffling and mid-epoch resumption are StreamingDataset's: each rank reads
+a disjoint part of every epoch, and ``state_dict()`` / ``load_state_dict()`` continue an epoch where
+it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from app.config import DataConfig
+from app.errors import RecsysError
+from datamodules.blocks import BlockCollate
+from datamodules.schema import METADATA_FILE, DatasetMetadata, read_metadata
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def fetch_metadata(path: str, cache: Path) -> DatasetMetadata:
+    """Read ``metadata.json`` of a local or remote prepared dataset."""
+    if not is_remote(path):
+        return read_metadata(path)
+    from streaming.base.storage import CloudDownloader
+
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        CloudDownloader.direct_download(f"{path.rstrip('/')}/{METADATA_FILE}", str(cache / METADATA_FILE), 60)
+    except Exception as e:  # the storage backends raise their own types
+        raise RecsysError(f"{path}: cannot read {METADATA_FILE} ({str(e).splitlines()[0]})") from None
+    return read_metadata(cache)
+
+
+def blocks_per_batch(rows: int, block_rows: int, flag: str) -> int:
+    """Batch size in MDS samples; the row count must be a whole number of blocks."""
+    if rows <= 0 or rows % block_rows:
+        raise RecsysError(
+            f"{flag}: {rows} is not a positive multiple of the dataset's block_rows {block_rows}"
+        )
+    return rows // block_rows
+
+
+def _loader_class() -> type:
+    from streaming import StreamingDataLoader
+
+    class BlockLoader(StreamingDataLoader):
+        """StreamingDataLoader that counts MDS samples (blocks), not rows, for its resume state."""
+
+        def _get_batch_size(self, batch: Any) -> int:
+            return int(self.batch_size or 1)
+
+    return BlockLoader
+
+
+class StreamingDataModule(L.LightningDataModule):
+    """Train/val/test loaders of ``Batch(dense_features, sparse_features KJT, labels)``."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._own_cache = cfg.cache_dir is None
+        self.cache_root = Path(cfg.cache_dir or tempfile.gettempdir()) / "recsys-streaming"
+        self._token = uuid.uuid4().hex[:12]
+        self.meta = fetch_metadata(cfg.path, self.cache_root / f"meta-{self._token}")
+        self.train_blocks = blocks_per_batch(cfg.batch_size, self.meta.block_rows, "--data.batch_size")
+        self.eval_blocks = blocks_per_batch(
+            cfg.eval_batch_size or cfg.batch_size, self.meta.block_rows, "--data.eval_batch_size"
+        )
+        self._datasets: dict[str, Any] = {}
+        self._train_loader: Any = None
+        self._resume: dict[str, Any] | None = None
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Remove shared memory left by a crashed run (runs once per node before any dataset exists)."""
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Agree on one cache token across the ranks of a run (all local ranks must share the cache)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [self._token]
+            dist.broadcast_object_list(box, src=0)
+            self._token = str(box[0])
+
+    def train_dataloader(self) -> Any:
+        loader = self._loader("train", shuffle=self.cfg.shuffle, blocks=self.train_blocks)
+        if self._resume is not None:
+            loader.load_state_dict(self._resume)
+            self._resume = None
+        self._train_loader = loader
+        return loader
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val", shuffle=False, blocks=self.eval_blocks)
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test", shuffle=False, blocks=self.eval_blocks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position in its epoch (StreamingDataset's resumption state)."""
+        if self._train_loader is None:
+            return {}
+        return {"train": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict.get("train")
+
+    def teardown(self, stage: str | None = None) -> None:
+        self._datasets.clear()
+        if self._own_cache:
+            shutil.rmtree(self.cache_root / self._token, ignore_errors=True)
+            shutil.rmtree(self.cache_root / f"meta-{self._token}", ignore_errors=True)
+
+    # -- building --------------------------------------------------------------------------------
+
+    def dataset(self, split: str, shuffle: bool = False, blocks: int | None = None) -> Any:
+        """The StreamingDataset of one split (created once per DataModule)."""
+        from streaming import StreamingDataset
+
+        if split not in self.meta.splits:
+            raise RecsysError(f"{self.cfg.path}: no split {split!r} (has {', '.join(self.meta.splits)})")
+        if split not in self._datasets:
+            remote = f"{self.cfg.path.rstrip('/')}/{split}"
+            self._datasets[split] = StreamingDataset(
+                remote=remote if is_remote(remote) else str(Path(remote).resolve()),
+                local=str(self.cache_root / self._token / split),
+                shuffle=shuffle,
+                shuffle_seed=self.cfg.seed,
+                shuffle_algo="py1e",
+                batch_size=blocks or self.train_blocks,
+                allow_unsafe_types=False,
+            )
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, blocks: int) -> Any:
+        collate = BlockCollate(self.meta, shuffle_rows=shuffle, seed=self.cfg.seed)
+        return _loader_class()(
+            self.dataset(split, shuffle, blocks),
+            batch_size=blocks,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+            drop_last=False,
+        )

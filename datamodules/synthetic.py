@@ -1,0 +1,370 @@
+"""Synthetic datasets with a known ground truth.
+
+synthetic-retrieval: users and items with planted latent factors and Zipf-skewed item popularity;
+each user picks items by sampling candidates from popularity and keeping the one with the highest
+(noisy) affinity, so a retrieval model can recover the factors. The factors are written to
+``ground_truth.npz``.
+
+synthetic-ctr: the DLRM/Criteo layout (13 dense + 26 sparse by default); labels are drawn from a
+planted logistic model with first-order effects and factorised pairwise interactions. The expected
+AUC and logloss of the planted probabilities on the test split (the best any model can do) go into
+the metadata. Generation is chunked and seeded per chunk: two passes (vocabulary, then writing) with
+memory that depends on the chunk size and cardinalities, never on the row count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.config import PrepareConfig
+from app.errors import require
+from datamodules.blocks import mds_columns
+from datamodules.schema import DatasetMetadata, DenseFeature, SparseFeature, SplitInfo, write_metadata
+from datamodules.sources import FeatureSpec, RawTable
+
+# -- synthetic-retrieval ----------------------------------------------------------------------------
+
+RETRIEVAL_FEATURES = [
+    FeatureSpec("user_segment", "sparse", "user"),
+    FeatureSpec("item_category", "sparse", "item"),
+    FeatureSpec("item_tags", "multi", "item"),
+    FeatureSpec("user_age", "dense", "user"),
+    FeatureSpec("item_year", "dense", "item"),
+]
+CANDIDATES = 32
+
+
+@dataclass
+class RetrievalTruth:
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    item_popularity: np.ndarray
+
+
+def retrieval_sizes(rows: int) -> tuple[int, int]:
+    """Users and items for a synthetic-retrieval set of ``rows`` interactions."""
+    return max(20, rows // 40), max(20, min(rows // 20, 200_000))
+
+
+def generate_retrieval(cfg: PrepareConfig) -> RawTable:
+    """Generate interactions (in memory) from planted user/item factors."""
+    rows = cfg.rows or 100_000
+    s = cfg.synthetic
+    require(s.latent_dim >= 2, "--synthetic.latent_dim: must be at least 2")
+    n_users, n_items = retrieval_sizes(rows)
+    rng = np.random.default_rng(cfg.seed)
+    d = s.latent_dim
+    users_f = rng.normal(size=(n_users, d)).astype(np.float32)
+    items_f = rng.normal(size=(n_items, d)).astype(np.float32)
+    pop = 1.0 / np.arange(1, n_items + 1) ** s.zipf
+    pop = pop[rng.permutation(n_items)]
+    pop /= pop.sum()
+    activity = rng.lognormal(0.0, 0.8, n_users)
+    counts = (
+        1 + rng.multinomial(rows - n_users, activity / activity.sum())
+        if rows > n_users
+        else np.ones(n_users, int)
+    )
+    user_of = np.repeat(np.arange(n_users), counts)
+    item_of = np.empty(len(user_of), dtype=np.int64)
+    step = 32768
+    for lo in range(0, len(user_of), step):
+        u = user_of[lo : lo + step]
+        cand = rng.choice(n_items, size=(len(u), CANDIDATES), p=pop)
+        affinity = np.einsum("md,mcd->mc", users_f[u], items_f[cand]) / np.sqrt(d)
+        pick = np.argmax(2.0 * affinity + rng.gumbel(size=affinity.shape), axis=1)
+        item_of[lo : lo + step] = cand[np.arange(len(u)), pick]
+    affinity = np.einsum("md,md->m", users_f[user_of], items_f[item_of]) / np.sqrt(d)
+    label = (rng.random(len(user_of)) < 1 / (1 + np.exp(-(2.0 * affinity - 2.0)))).astype(np.float32)
+    first = np.r_[0, np.cumsum(counts)[:-1]]
+    ts = 1_500_000_000 + (np.arange(len(user_of)) - np.repeat(first, counts)) * 60
+    tags = np.argsort(-items_f, axis=1)[:, :2]
+    items = pd.DataFrame(
+        {
+            "item": np.arange(n_items).astype(str),
+            "item_category": np.argmax(items_f[:, : min(4, d)], axis=1).astype(str),
+            "item_tags": [[f"t{a}", f"t{b}"] for a, b in tags],
+            "item_year": np.round(2000 + 8 * items_f[:, 1 % d]),
+        }
+    )
+    users = pd.DataFrame(
+        {
+            "user": np.arange(n_users).astype(str),
+            "user_segment": np.argmax(users_f[:, : min(4, d)], axis=1).astype(str),
+            "user_age": np.round(35 + 10 * users_f[:, -1] + rng.normal(0, 3, n_users)),
+        }
+    )
+    frame = pd.DataFrame(
+        {
+            "user": user_of.astype(str),
+            "item": item_of.astype(str),
+            "label": label,
+            "timestamp": ts.astype(np.int64),
+        }
+    )
+    frame = frame.merge(users, on="user", how="left").merge(items, on="item", how="left")
+    source = {"generator": "synthetic-retrieval", "seed": cfg.seed, "users": n_users, "items": n_items}
+    return RawTable(
+        frame,
+        list(RETRIEVAL_FEATURES),
+        source,
+        RetrievalTruth(users_f, items_f, pop),
+        label_definition="Bernoulli(sigmoid(2 * planted affinity - 2))",
+    )
+
+
+def write_ground_truth(raw: RawTable, tmp: Path) -> None:
+    """Save the planted factors (raw user/item id i is row i) next to the shards."""
+    truth: RetrievalTruth = raw.truth
+    np.savez(
+        tmp / "ground_truth.npz",
+        user_factors=truth.user_factors,
+        item_factors=truth.item_factors,
+        item_popularity=truth.item_popularity,
+    )
+
+
+# -- synthetic-ctr ----------------------------------------------------------------------------------
+
+
+def default_cardinalities(n: int) -> list[int]:
+    """Log-spaced cardinalities from 10 to 100000."""
+    if n == 1:
+        return [1000]
+    return [round(10 ** (1 + 4 * i / (n - 1))) for i in range(n)]
+
+
+@dataclass
+class PlantedCtr:
+    """The planted logistic model of synthetic-ctr."""
+
+    cards: list[int]
+    multi: int
+    max_hot: int
+    zipf: float
+    dense_w: np.ndarray
+    bias: float
+    effects: list[np.ndarray]
+    factors: list[np.ndarray]
+    cdfs: list[np.ndarray]
+    perms: list[np.ndarray]
+
+    @classmethod
+    def create(cls, cfg: PrepareConfig) -> PlantedCtr:
+        s = cfg.synthetic
+        cards = list(s.cardinalities) if s.cardinalities is not None else default_cardinalities(s.num_sparse)
+        require(
+            len(cards) == s.num_sparse,
+            f"--synthetic.cardinalities: {len(cards)} values for --synthetic.num_sparse {s.num_sparse}",
+        )
+        require(all(c >= 2 for c in cards), "--synthetic.cardinalities: each must be at least 2")
+        require(0 <= s.multi_hot <= s.num_sparse, "--synthetic.multi_hot: must be between 0 and num_sparse")
+        require(s.num_dense >= 0 and s.num_sparse >= 1, "--synthetic.num_sparse: at least one sparse feature")
+        rng = np.random.default_rng([cfg.seed, 1 << 30])
+        effects, factors, cdfs, perms = [], [], [], []
+        for c in cards:
+            # Rare ids carry less signal, as in real logs: effects shrink with the cardinality.
+            scale = 0.4 / np.sqrt(1 + np.log10(c))
+            effects.append(rng.normal(0, scale, c).astype(np.float32))
+            factors.append(rng.normal(0, 0.12, (c, 4)).astype(np.float32))
+            p = 1.0 / np.arange(1, c + 1) ** s.zipf
+            cdfs.append(np.cumsum(p / p.sum()))
+            perms.append(rng.permutation(c))
+        dense_w = rng.normal(0, 0.3, s.num_dense).astype(np.float32)
+        return cls(cards, s.multi_hot, s.max_hot, s.zipf, dense_w, -1.0, effects, factors, cdfs, perms)
+
+    def generate(self, seed: int, chunk: int, m: int) -> dict[str, Any]:
+        """Rows of one chunk: dense, raw ids (values, lengths) per feature, probability and label."""
+        rng = np.random.default_rng([seed, chunk])
+        dense = rng.normal(size=(m, len(self.dense_w))).astype(np.float32)
+        logit = self.bias + dense @ self.dense_w
+        zsum = np.zeros((m, 4), np.float32)
+        zsq = np.zeros(m, np.float32)
+        ids = []
+        n_single = len(self.cards) - self.multi
+        for f, c in enumerate(self.cards):
+            lengths = (
+                np.ones(m, np.int32)
+                if f < n_single
+                else rng.integers(1, self.max_hot + 1, m).astype(np.int32)
+            )
+            ranks = np.minimum(np.searchsorted(self.cdfs[f], rng.random(int(lengths.sum()))), c - 1)
+            raw = self.perms[f][ranks]
+            if f < n_single:
+                e, z = self.effects[f][raw], self.factors[f][raw]
+            else:
+                row = np.repeat(np.arange(m), lengths)
+                e = np.bincount(row, self.effects[f][raw], m) / lengths
+                z = (
+                    np.stack([np.bincount(row, self.factors[f][raw, k], m) for k in range(4)], 1)
+                    / lengths[:, None]
+                )
+            logit += e
+            zsum += z
+            zsq += (z * z).sum(1)
+            ids.append((raw.astype(np.int64), lengths))
+        logit += 0.5 * ((zsum * zsum).sum(1) - zsq)
+        prob = 1 / (1 + np.exp(-logit))
+        label = (rng.random(m) < prob).astype(np.float32)
+        return {"dense": dense, "ids": ids, "prob": prob, "label": label, "u": rng.random(m)}
+
+
+def split_codes(cfg: PrepareConfig, chunk_start: int, rows: int, u: np.ndarray) -> np.ndarray:
+    """Split per row: random (seeded per row) or temporal (row order is time)."""
+    if cfg.split == "temporal":
+        pos = (chunk_start + np.arange(len(u))) / rows
+        return np.where(pos >= 1 - cfg.test_frac, 2, np.where(pos >= 1 - cfg.test_frac - cfg.val_frac, 1, 0))
+    return np.where(u < cfg.test_frac, 2, np.where(u < cfg.test_frac + cfg.val_frac, 1, 0))
+
+
+class WeightedAuc:
+    """Expected AUC of the true probabilities (rows count as positive with weight p), by histogram."""
+
+    def __init__(self, bins: int = 1 << 16) -> None:
+        self.pos = np.zeros(bins)
+        self.neg = np.zeros(bins)
+        self.entropy = 0.0
+        self.n = 0
+
+    def update(self, p: np.ndarray) -> None:
+        b = np.minimum((p * len(self.pos)).astype(np.int64), len(self.pos) - 1)
+        self.pos += np.bincount(b, p, len(self.pos))
+        self.neg += np.bincount(b, 1 - p, len(self.neg))
+        q = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+        self.entropy += float(-(q * np.log(q) + (1 - q) * np.log(1 - q)).sum())
+        self.n += len(p)
+
+    def auc(self) -> float:
+        below = np.cumsum(self.neg) - self.neg
+        return float((self.pos * (below + 0.5 * self.neg)).sum() / (self.pos.sum() * self.neg.sum()))
+
+
+def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
+    """Generate and write synthetic-ctr in two chunked passes (vocabulary, then shards)."""
+    from streaming import MDSWriter
+    from tqdm import tqdm
+
+    started = time.time()
+    rows = cfg.rows or 100_000
+    model = PlantedCtr.create(cfg)
+    chunk_rows = cfg.synthetic.chunk_rows
+    chunks = [(i, lo, min(chunk_rows, rows - lo)) for i, lo in enumerate(range(0, rows, chunk_rows))]
+    n_dense, cards = len(model.dense_w), model.cards
+    seen = [np.zeros(c, bool) for c in cards]
+    dsum, dsq, dn = np.zeros(n_dense), np.zeros(n_dense), 0
+    for i, lo, m in tqdm(chunks, desc="vocabulary", unit="chunk", disable=len(chunks) < 4):
+        g = model.generate(cfg.seed, i, m)
+        train = split_codes(cfg, lo, rows, g["u"]) == 0
+        for f, (values, lengths) in enumerate(g["ids"]):
+            seen[f][values[np.repeat(train, lengths)]] = True
+        x = g["dense"][train].astype(np.float64)
+        dsum += x.sum(0)
+        dsq += (x * x).sum(0)
+        dn += len(x)
+    mean = dsum / max(dn, 1)
+    std = np.sqrt(np.maximum(dsq / max(dn, 1) - mean**2, 0))
+    std[std == 0] = 1.0
+    maps = [np.where(s, np.cumsum(s), 0).astype(np.int64) for s in seen]  # raw id -> index (0 = OOV)
+    n_single = len(cards) - model.multi
+    writers = {
+        name: MDSWriter(
+            out=str(tmp / name), columns=mds_columns(model.multi), compression="zstd", progress_bar=False
+        )
+        for name in ("train", "val", "test")
+    }
+    counts = {name: [0, 0, 0.0] for name in writers}  # rows, blocks, positives
+    best = WeightedAuc()
+    from datamodules.blocks import encode_block
+
+    try:
+        for i, lo, m in tqdm(chunks, desc="write", unit="chunk", disable=len(chunks) < 4):
+            g = model.generate(cfg.seed, i, m)
+            code = split_codes(cfg, lo, rows, g["u"])
+            dense = ((g["dense"] - mean) / std).astype(np.float32)
+            single = np.zeros((m, n_single), np.int64)
+            for f in range(n_single):
+                single[:, f] = maps[f][g["ids"][f][0]]
+            for c, name in enumerate(("train", "val", "test")):
+                sel = np.flatnonzero(code == c)
+                if name == "test":
+                    best.update(g["prob"][sel])
+                multi = []
+                for f in range(n_single, len(cards)):
+                    values, lengths = g["ids"][f]
+                    keep = np.repeat(code == c, lengths)
+                    multi.append((maps[f][values[keep]], lengths[sel]))
+                offs = [np.r_[0, np.cumsum(ln, dtype=np.int64)] for _, ln in multi]
+                for b in range(0, len(sel), cfg.block_rows):
+                    e = min(b + cfg.block_rows, len(sel))
+                    rows_b = sel[b:e]
+                    writers[name].write(
+                        encode_block(
+                            dense[rows_b],
+                            single[rows_b],
+                            g["label"][rows_b],
+                            [(v[o[b] : o[e]], ln[b:e]) for (v, ln), o in zip(multi, offs, strict=True)],
+                        )
+                    )
+                    counts[name][1] += 1
+                counts[name][0] += len(sel)
+                counts[name][2] += float(g["label"][sel].sum())
+    finally:
+        for w in writers.values():
+            w.finish()
+    vocab_dir = tmp / "vocab"
+    vocab_dir.mkdir()
+    sparse = []
+    for f, s in enumerate(seen):
+        name = f"C{f + 1}"
+        (vocab_dir / f"{name}.json").write_text(json.dumps([str(v) for v in np.flatnonzero(s)]))
+        sparse.append(SparseFeature(name, int(s.sum()) + 1, "context", f >= n_single, f"vocab/{name}.json"))
+    splits = {
+        k: SplitInfo(int(v[0]), int(v[1]), float(v[2] / v[0]) if v[0] else 0.0) for k, v in counts.items()
+    }
+    rule: dict[str, Any] = {
+        "rule": cfg.split,
+        "seed": cfg.seed,
+        "engine": "local",
+        "per": "row",
+        "val_frac": cfg.val_frac,
+        "test_frac": cfg.test_frac,
+    }
+    meta = DatasetMetadata(
+        dataset="synthetic-ctr",
+        task="ctr",
+        block_rows=cfg.block_rows,
+        dense_features=tuple(
+            DenseFeature(f"I{j + 1}", "context", float(mean[j]), float(std[j])) for j in range(n_dense)
+        ),
+        sparse_features=tuple(sparse),
+        label={"name": "label", "definition": "Bernoulli(sigmoid(planted logit))"},
+        splits=splits,
+        split_rule=rule,
+        source={
+            "generator": "synthetic-ctr",
+            "seed": cfg.seed,
+            "rows": rows,
+            "raw_cardinalities": cards,
+            "multi_hot": model.multi,
+            "max_hot": model.max_hot,
+            "zipf": model.zipf,
+        },
+        extra={
+            "planted_test_auc": round(best.auc(), 6),
+            "planted_test_logloss": round(best.entropy / max(best.n, 1), 6),
+        },
+    )
+    write_metadata(meta, tmp)
+    print(
+        f"[prepare] synthetic-ctr: {rows:,} rows in {time.time() - started:.1f}s; "
+        f"planted optimum test AUC {meta.extra['planted_test_auc']:.4f}",
+        flush=True,
+    )
+    return meta

@@ -1,0 +1,1 @@
+"""Models (plain TorchRec modules) and LightningModules that train them."""
