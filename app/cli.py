@@ -21,13 +21,30 @@ from app.errors import RecsysError
 T = TypeVar("T")
 
 
-def normalize_flags(argv: Sequence[str]) -> list[str]:
-    """``--val-frac=0.1`` -> ``--val_frac=0.1`` (jsonargparse names follow the dataclass fields)."""
-    out = []
-    for arg in argv:
+BOOL_WORDS = {"true", "false", "yes", "no", "1", "0"}
+
+
+def bool_flags(*classes: type) -> set[str]:
+    """``--name`` of every bool field of the config dataclasses (nested ones dotted)."""
+    flags: set[str] = set()
+    for cls in classes:
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.type in (bool, "bool"):
+                flags.add(f"--{f.name}")
+    return flags
+
+
+def normalize_flags(argv: Sequence[str], switches: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """``--val-frac=0.1`` -> ``--val_frac=0.1`` (jsonargparse names follow the dataclass fields), and a
+    bare boolean switch (``--overwrite``) -> ``--overwrite=true``."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if not eq and arg in switches and (nxt is None or nxt.lower() not in BOOL_WORDS):
+                arg += "=true"
         out.append(arg)
     return out
 
@@ -73,7 +90,7 @@ def run(argv: Sequence[str]) -> int:
 
     parser = build_parser()
     try:
-        ns = parser.parse_args(normalize_flags(argv))
+        ns = parser.parse_args(normalize_flags(argv, bool_flags(PrepareConfig)))
         ns = parser.instantiate(ns)
     except argparse.ArgumentError as e:
         raise RecsysError(" ".join(str(e).split())) from None

@@ -16,6 +16,7 @@ Columns of a block (n rows, D dense, S single-hot, M multi-hot features):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,10 @@ import numpy as np
 import torch
 
 from datamodules.schema import DatasetMetadata
+
+# KeyedJaggedTensor construction calls torch.fx's is_fx_tracing(), which logs a deprecation warning
+# meant for torch.export users once per process (and so once per loader worker): not ours to act on.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 
 def mds_columns(num_multi_hot: int) -> dict[str, str]:

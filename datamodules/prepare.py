@@ -278,7 +278,8 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
         splits[name] = write_split(encode_frame(part, plan), tmp / name, cfg.block_rows, len(plan.multi))
     train = frame[frame["split"] == 0]
     write_tables(train.drop_duplicates("user"), train.drop_duplicates("item"), plan, tmp)
-    meta = build_metadata(cfg, plan, raw, splits, engine="local")
+    from_rating = "label" not in raw.frame.columns
+    meta = build_metadata(cfg, plan, raw, splits, engine="local", label_from_rating=from_rating)
     write_vocabs(plan, tmp)
     write_metadata(meta, tmp)
     _report(meta, time.time() - started)
@@ -343,21 +344,21 @@ def write_vocabs(plan: EncodingPlan, tmp: Path) -> None:
 
 
 def build_metadata(
-    cfg: PrepareConfig, plan: EncodingPlan, raw: RawTable, splits: dict[str, SplitInfo], engine: str
+    cfg: PrepareConfig,
+    plan: EncodingPlan,
+    raw: RawTable,
+    splits: dict[str, SplitInfo],
+    engine: str,
+    label_from_rating: bool,
 ) -> DatasetMetadata:
     """Assemble metadata.json from the fitted plan and the written splits."""
     rule: dict[str, Any] = {"rule": cfg.split, "seed": cfg.seed, "engine": engine, "per": "user"}
     if cfg.split == "random":
         rule.update(val_frac=cfg.val_frac, test_frac=cfg.test_frac)
-    has_label = "rating" not in raw.frame.columns or "label" in raw.frame.columns
     label: dict[str, Any] = (
-        {"name": "label", "definition": raw.label_definition or "label column of the source"}
-        if has_label
-        else {
-            "name": "label",
-            "definition": f"rating >= {cfg.label_threshold}",
-            "threshold": cfg.label_threshold,
-        }
+        {"name": "label", "definition": f"rating >= {cfg.label_threshold}", "threshold": cfg.label_threshold}
+        if label_from_rating
+        else {"name": "label", "definition": raw.label_definition or "label column of the source"}
     )
     return DatasetMetadata(
         dataset=cfg.dataset,

@@ -89,7 +89,8 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
     spark.sparkContext.setLogLevel("ERROR")
     try:
         df, raw = read_with_spark(cfg, spark, tmp)
-        if "label" not in df.columns:
+        from_rating = "label" not in df.columns
+        if from_rating:
             df = df.withColumn("label", (F.col("rating") >= F.lit(cfg.label_threshold)).cast("float"))
         df = with_split(df, cfg).cache()
         train = df.filter(F.col("split") == 0)
@@ -111,7 +112,7 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         user_rows = train.dropDuplicates(["user"]).drop("key", "split").toPandas()
         item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
         write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
-        meta = build_metadata(cfg, plan, raw, splits, engine="spark")
+        meta = build_metadata(cfg, plan, raw, splits, engine="spark", label_from_rating=from_rating)
         write_vocabs(plan, tmp)
         write_metadata(meta, tmp)
         shutil.rmtree(tmp / "_source", ignore_errors=True)
@@ -206,7 +207,7 @@ def canonical_spark(df: Any, where: str) -> Any:
     for src, dst in numeric:
         if src is None:
             continue
-        as_double = F.trim(F.col(src).cast("string")).cast("double")
+        as_double = F.trim(F.col(src).cast("string")).try_cast("double")
         bad = df.filter(as_double.isNull()).select(F.col(src).cast("string")).first()
         if bad is not None:
             raise RecsysError(f"{where}: column {src!r} has a non-numeric value {bad[0]!r}")
@@ -246,7 +247,7 @@ def fit_plan_spark(plan: EncodingPlan, train: Any) -> None:
         values = train.select(F.explode(col) if f.kind == "multi" else col).distinct().dropna()
         plan.vocabs[f.name] = sorted({str(r[0]) for r in values.collect()})
     for f in plan.dense:
-        c = F.col(column_of(f)).cast("double")
+        c = F.col(column_of(f)).try_cast("double")
         c = F.when(F.isnan(c), None).otherwise(c)
         row = train.agg(F.avg(c).alias("m"), F.stddev_pop(c).alias("s"), F.count(c).alias("n")).first()
         mean = float(row["m"]) if row["m"] is not None else 0.0

@@ -12,6 +12,8 @@ it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
 import tempfile
 import uuid
@@ -42,6 +44,48 @@ def fetch_metadata(path: str, cache: Path) -> DatasetMetadata:
     except Exception as e:  # the storage backends raise their own types
         raise RecsysError(f"{path}: cannot read {METADATA_FILE} ({str(e).splitlines()[0]})") from None
     return read_metadata(cache)
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_NAME = re.compile(r"^(\d{6})_[a-z_]+$")  # StreamingDataset's segments: <prefix>_<name>
+
+
+def clean_stale_shared_memory() -> list[str]:
+    """Unlink StreamingDataset shared memory that no live process maps; returns what was removed.
+
+    streaming's own ``clean_stale_shared_memory()`` unlinks every segment from prefix 0 upwards,
+    including those of datasets still alive in this or another process, and stops at the first gap,
+    so it both breaks live readers and misses leaks. Here a prefix is stale only when none of its
+    segments appears in any process's memory map (Linux ``/proc``); elsewhere the library's is used.
+    """
+    if not SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
+        from streaming.base.util import clean_stale_shared_memory as library_clean
+
+        library_clean()
+        return []
+    groups: dict[str, list[str]] = {}
+    for p in SHM_DIR.iterdir():
+        if m := SHM_NAME.match(p.name):
+            groups.setdefault(m.group(1), []).append(p.name)
+    if not groups:
+        return []
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if "/dev/shm/" in line:
+                mapped.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
+    removed = []
+    for names in groups.values():
+        if not mapped.intersection(names):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    (SHM_DIR / name).unlink()
+                    removed.append(name)
+    return removed
 
 
 def blocks_per_batch(rows: int, block_rows: int, flag: str) -> int:
@@ -86,9 +130,7 @@ class StreamingDataModule(L.LightningDataModule):
     # -- Lightning hooks -------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Remove shared memory left by a crashed run (runs once per node before any dataset exists)."""
-        from streaming.base.util import clean_stale_shared_memory
-
+        """Remove shared memory left by a crashed run (Lightning runs this once per node)."""
         clean_stale_shared_memory()
 
     def setup(self, stage: str | None = None) -> None:
