@@ -53,17 +53,13 @@ def build_parser() -> Any:
     """The full parser tree (subcommands built level by level, as jsonargparse requires)."""
     from jsonargparse import ArgumentParser
 
-    root = ArgumentParser(
-        prog="recsys", description="Deep recommendation models at scale.", exit_on_error=False
-    )
+    root = ArgumentParser(prog="recsys", description="Deep recommendation models at scale.", exit_on_error=False)
     commands = root.add_subcommands(dest="command")
     data = ArgumentParser(description="Prepare and inspect datasets.", exit_on_error=False)
     commands.add_subcommand("data", data, help="prepare and inspect datasets")
     data_commands = data.add_subcommands(dest="action")
 
-    prepare = ArgumentParser(
-        description="Turn a source into MDS shards + metadata.json.", exit_on_error=False
-    )
+    prepare = ArgumentParser(description="Turn a source into MDS shards + metadata.json.", exit_on_error=False)
     prepare.add_class_arguments(PrepareConfig, as_group=False)
     data_commands.add_subcommand("prepare", prepare, help="raw source -> prepared dataset directory")
 

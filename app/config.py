@@ -60,7 +60,7 @@ class PrepareConfig:
     """local: pandas/numpy in this process; spark: PySpark (file sources)."""
     spark_master: str = "local[*]"
     """Spark master URL for --engine spark."""
-    block_rows: int = 256
+    block_rows: int = 512
     """Rows stored together in one MDS sample (the unit of shuffling across shards)."""
     overwrite: bool = False
     """Replace an existing output directory."""
@@ -80,7 +80,7 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     shuffle: bool = True
-    """Shuffle training blocks (seeded) and rows within each batch."""
+    """Shuffle the training blocks across shards every epoch (seeded)."""
     seed: int = 0
     """Shuffle seed; the same seed gives the same order on every run."""
     cache_dir: str | None = None

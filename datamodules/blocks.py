@@ -3,8 +3,9 @@
 One MDS sample holds a *block* of up to ``block_rows`` consecutive rows, each column stored as the raw
 bytes of a numpy array. Reading one sample per row costs a Python round trip per row (~8k rows/s
 here); a block amortises it (hundreds of thousands of rows/s). Rows are shuffled before they are cut
-into blocks, StreamingDataset shuffles the blocks across shards every epoch, and the collate shuffles
-the rows of a batch, so a batch mixes ``batch_size / block_rows`` random blocks.
+into blocks and StreamingDataset shuffles the blocks across shards every epoch, so a batch mixes
+``batch_size / block_rows`` blocks drawn at random from the whole split. Row order *inside* a batch
+is irrelevant to a (sum/mean) loss, so it is left as stored.
 
 Columns of a block (n rows, D dense, S single-hot, M multi-hot features):
   n                int     number of rows
@@ -82,13 +83,12 @@ class BlockCollate:
     the stored lengths for multi-hot ones. Index 0 (out-of-vocabulary) is an ordinary id.
     """
 
-    def __init__(self, meta: DatasetMetadata, shuffle_rows: bool = False, seed: int = 0) -> None:
+    def __init__(self, meta: DatasetMetadata) -> None:
         self.keys = [f.name for f in meta.single_hot] + [f.name for f in meta.multi_hot]
         self.num_dense = len(meta.dense_features)
         self.num_single = len(meta.single_hot)
         self.num_multi = len(meta.multi_hot)
-        self.shuffle_rows = shuffle_rows
-        self.generator = torch.Generator().manual_seed(seed)
+        self._ones = torch.ones(0, dtype=torch.int32)
 
     def __call__(self, samples: list[dict[str, Any]]) -> Any:
         from torchrec.datasets.utils import Batch
@@ -105,14 +105,19 @@ class BlockCollate:
             )
             for i in range(self.num_multi)
         ]
-        if self.shuffle_rows and n > 1:
-            perm = torch.randperm(n, generator=self.generator)
-            dense, sparse, label = dense[perm], sparse[perm], label[perm]
-            multi = [_permute_jagged(v, ln, perm) for v, ln in multi]
-        values = torch.cat([sparse.t().reshape(-1), *[v for v, _ in multi]])
-        lengths = torch.cat([torch.ones(n * self.num_single, dtype=torch.int32), *[ln for _, ln in multi]])
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=values, lengths=lengths)
+        if len(self._ones) < n * self.num_single:
+            self._ones = torch.ones(n * self.num_single, dtype=torch.int32)
+        values = _cat([sparse.t().reshape(-1), *[v for v, _ in multi]])
+        lengths = _cat([self._ones[: n * self.num_single], *[ln for _, ln in multi]])
+        # Per-key lengths are known here, so the KJT needs no pass over `lengths` to find them.
+        per_key = [n] * self.num_single + [len(v) for v, _ in multi]
+        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, stride=n, length_per_key=per_key)
         return Batch(dense_features=dense, sparse_features=kjt, labels=label)
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    # torch.cat of a single tensor still copies it; with single-hot features only there is one part.
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _cat_bytes(chunks: list[bytes], dtype: type) -> torch.Tensor:
@@ -121,19 +126,3 @@ def _cat_bytes(chunks: list[bytes], dtype: type) -> torch.Tensor:
     if not buf:
         return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype)
     return torch.from_numpy(np.frombuffer(bytearray(buf), dtype=dtype))
-
-
-def _permute_jagged(
-    values: torch.Tensor, lengths: torch.Tensor, perm: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reorder the rows of a jagged column (values, lengths) by ``perm`` without a Python loop."""
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    torch.cumsum(lengths.to(torch.int64), 0, out=offsets[1:])
-    new_lengths = lengths[perm]
-    starts = offsets[:-1][perm]
-    total = int(new_lengths.sum())
-    row = torch.repeat_interleave(torch.arange(perm.numel()), new_lengths.to(torch.int64), output_size=total)
-    new_offsets = torch.zeros_like(offsets)
-    torch.cumsum(new_lengths.to(torch.int64), 0, out=new_offsets[1:])
-    within = torch.arange(total) - new_offsets[:-1][row]
-    return values[starts[row] + within], new_lengths

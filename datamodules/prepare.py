@@ -91,9 +91,7 @@ def assign_split(frame: pd.DataFrame, rule: str, val_frac: float, test_frac: flo
     if n_rows == 0:
         return np.zeros(0, dtype=np.int8)
     if rule == "temporal":
-        order = np.lexsort(
-            (frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), frame["user"].to_numpy())
-        )
+        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), frame["user"].to_numpy()))
     else:
         order = np.lexsort((frame["key"].to_numpy(), frame["user"].to_numpy()))
     users = frame["user"].to_numpy()[order]
@@ -293,9 +291,7 @@ def write_split(enc: dict[str, Any], directory: Path, block_rows: int, num_multi
 
     n = len(enc["label"])
     blocks = 0
-    with MDSWriter(
-        out=str(directory), columns=mds_columns(num_multi), compression="zstd", progress_bar=False
-    ) as w:
+    with MDSWriter(out=str(directory), columns=mds_columns(num_multi), compression="zstd", progress_bar=False) as w:
         for sample in tqdm(
             pack_blocks(enc, block_rows),
             total=-(-n // block_rows),
@@ -366,9 +362,7 @@ def build_metadata(
         block_rows=cfg.block_rows,
         dense_features=tuple(DenseFeature(f.name, f.tower, *plan.stats[f.name]) for f in plan.dense),
         sparse_features=tuple(
-            SparseFeature(
-                f.name, len(plan.vocabs[f.name]) + 1, f.tower, f.kind == "multi", f"vocab/{f.name}.json"
-            )
+            SparseFeature(f.name, len(plan.vocabs[f.name]) + 1, f.tower, f.kind == "multi", f"vocab/{f.name}.json")
             for f in plan.sparse
         ),
         label=label,

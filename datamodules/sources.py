@@ -162,9 +162,7 @@ def read_delimited(
     return df
 
 
-def pick_column(
-    df: pd.DataFrame, where: str, role: str, aliases: tuple[str, ...], required: bool = True
-) -> str | None:
+def pick_column(df: pd.DataFrame, where: str, role: str, aliases: tuple[str, ...], required: bool = True) -> str | None:
     """The name of the column playing ``role`` (first alias present, case-insensitive)."""
     lower = {c.strip().lower(): c for c in df.columns}
     for a in aliases:
@@ -182,9 +180,7 @@ def numeric(series: pd.Series, where: str, column: str, offset: int = 2) -> pd.S
     bad = values.isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise RecsysError(
-            f"{where}: column {column!r} has a non-numeric value {series.iloc[i]!r} at line {i + offset}"
-        )
+        raise RecsysError(f"{where}: column {column!r} has a non-numeric value {series.iloc[i]!r} at line {i + offset}")
     return values.astype(np.float64)
 
 
@@ -195,9 +191,7 @@ LABEL_ALIASES = ("label", "clicked", "click")
 TS_ALIASES = ("timestamp", "ts", "time", "timestamp:float")
 
 
-def canonical_interactions(
-    df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int = 2
-) -> pd.DataFrame:
+def canonical_interactions(df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int = 2) -> pd.DataFrame:
     """Map a parsed interaction file onto the canonical columns, validating types."""
     user = pick_column(df, where, "user id", USER_ALIASES)
     item = pick_column(df, where, "item id", ITEM_ALIASES)
@@ -213,9 +207,7 @@ def canonical_interactions(
         out["rating"] = numeric(df[rating], where, str(rating), offset)
     if label is not None:
         out["label"] = numeric(df[label], where, str(label), offset)
-    out["timestamp"] = (
-        numeric(df[ts], where, str(ts), offset).astype(np.int64) if ts is not None else np.int64(0)
-    )
+    out["timestamp"] = numeric(df[ts], where, str(ts), offset).astype(np.int64) if ts is not None else np.int64(0)
     return out
 
 
@@ -324,9 +316,7 @@ def read_movielens_100k(source: str | None, rows: int | None) -> RawTable:
 def _ml100k_grouplens(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     prefix = data[: -len("u.data")]
     where = files.display(data)
-    raw = read_delimited(
-        files.read(data), where, sep="\t", header=False, names=["user", "item", "rating", "timestamp"]
-    )
+    raw = read_delimited(files.read(data), where, sep="\t", header=False, names=["user", "item", "rating", "timestamp"])
     inter = canonical_interactions(raw, where, offset=1)
     uname, iname = prefix + "u.user", prefix + "u.item"
     for n in (uname, iname):

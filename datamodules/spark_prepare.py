@@ -55,9 +55,7 @@ from datamodules.sources import (
 def spark_session(master: str) -> Any:
     """A SparkSession on ``master`` bound to loopback, with executors using this interpreter."""
     if shutil.which("java") is None:
-        raise RecsysError(
-            "--engine spark: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)"
-        )
+        raise RecsysError("--engine spark: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)")
     from pyspark.sql import SparkSession
 
     # Python workers start from PYSPARK_PYTHON (the spark.pyspark.python conf is not read in local
@@ -103,9 +101,7 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         splits = {}
         for name, code in SPLIT_CODES.items():
             rows, rate = counts.get(code, (0, 0.0))
-            blocks = (
-                write_split_spark(df.filter(F.col("split") == code), plan, cfg, tmp / name) if rows else 0
-            )
+            blocks = write_split_spark(df.filter(F.col("split") == code), plan, cfg, tmp / name) if rows else 0
             if not rows:
                 write_empty_split(tmp / name, len(plan.multi))
             splits[name] = SplitInfo(rows=rows, blocks=blocks, label_rate=rate)
@@ -155,9 +151,7 @@ def read_with_spark(cfg: PrepareConfig, spark: Any, tmp: Path) -> tuple[Any, Raw
     df = read_table_spark(spark, csv, where)
     if cfg.rows is not None:
         df = df.limit(cfg.rows)
-    return canonical_spark(df, where), RawTable(
-        pd.DataFrame(), [], {"path": str(path), "sha256": sha256_of(path)}
-    )
+    return canonical_spark(df, where), RawTable(pd.DataFrame(), [], {"path": str(path), "sha256": sha256_of(path)})
 
 
 def read_table_spark(spark: Any, path: Path, where: str) -> Any:
@@ -167,12 +161,7 @@ def read_table_spark(spark: Any, path: Path, where: str) -> Any:
     if path.suffix.lower() in (".parquet", ".pq"):
         df = spark.read.parquet(str(path))
     else:
-        df = (
-            spark.read.option("header", True)
-            .option("inferSchema", False)
-            .option("mode", "FAILFAST")
-            .csv(str(path))
-        )
+        df = spark.read.option("header", True).option("inferSchema", False).option("mode", "FAILFAST").csv(str(path))
     if df.isEmpty():
         raise RecsysError(f"{where}: no data rows")
     return df
@@ -190,8 +179,7 @@ def canonical_spark(df: Any, where: str) -> Any:
                 return lower[a.lower()]
         if required:
             raise RecsysError(
-                f"{where}: missing {role} column (expected one of {', '.join(aliases)}; "
-                f"found {', '.join(df.columns)})"
+                f"{where}: missing {role} column (expected one of {', '.join(aliases)}; found {', '.join(df.columns)})"
             )
         return None
 

@@ -91,9 +91,7 @@ def clean_stale_shared_memory() -> list[str]:
 def blocks_per_batch(rows: int, block_rows: int, flag: str) -> int:
     """Batch size in MDS samples; the row count must be a whole number of blocks."""
     if rows <= 0 or rows % block_rows:
-        raise RecsysError(
-            f"{flag}: {rows} is not a positive multiple of the dataset's block_rows {block_rows}"
-        )
+        raise RecsysError(f"{flag}: {rows} is not a positive multiple of the dataset's block_rows {block_rows}")
     return rows // block_rows
 
 
@@ -193,7 +191,7 @@ class StreamingDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool, blocks: int) -> Any:
-        collate = BlockCollate(self.meta, shuffle_rows=shuffle, seed=self.cfg.seed)
+        collate = BlockCollate(self.meta)
         return _loader_class()(
             self.dataset(split, shuffle, blocks),
             batch_size=blocks,

@@ -67,11 +67,7 @@ def generate_retrieval(cfg: PrepareConfig) -> RawTable:
     pop = pop[rng.permutation(n_items)]
     pop /= pop.sum()
     activity = rng.lognormal(0.0, 0.8, n_users)
-    counts = (
-        1 + rng.multinomial(rows - n_users, activity / activity.sum())
-        if rows > n_users
-        else np.ones(n_users, int)
-    )
+    counts = 1 + rng.multinomial(rows - n_users, activity / activity.sum()) if rows > n_users else np.ones(n_users, int)
     user_of = np.repeat(np.arange(n_users), counts)
     item_of = np.empty(len(user_of), dtype=np.int64)
     step = 32768
@@ -190,11 +186,7 @@ class PlantedCtr:
         ids = []
         n_single = len(self.cards) - self.multi
         for f, c in enumerate(self.cards):
-            lengths = (
-                np.ones(m, np.int32)
-                if f < n_single
-                else rng.integers(1, self.max_hot + 1, m).astype(np.int32)
-            )
+            lengths = np.ones(m, np.int32) if f < n_single else rng.integers(1, self.max_hot + 1, m).astype(np.int32)
             ranks = np.minimum(np.searchsorted(self.cdfs[f], rng.random(int(lengths.sum()))), c - 1)
             raw = self.perms[f][ranks]
             if f < n_single:
@@ -202,10 +194,7 @@ class PlantedCtr:
             else:
                 row = np.repeat(np.arange(m), lengths)
                 e = np.bincount(row, self.effects[f][raw], m) / lengths
-                z = (
-                    np.stack([np.bincount(row, self.factors[f][raw, k], m) for k in range(4)], 1)
-                    / lengths[:, None]
-                )
+                z = np.stack([np.bincount(row, self.factors[f][raw, k], m) for k in range(4)], 1) / lengths[:, None]
             logit += e
             zsum += z
             zsq += (z * z).sum(1)
@@ -274,9 +263,7 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
     maps = [np.where(s, np.cumsum(s), 0).astype(np.int64) for s in seen]  # raw id -> index (0 = OOV)
     n_single = len(cards) - model.multi
     writers = {
-        name: MDSWriter(
-            out=str(tmp / name), columns=mds_columns(model.multi), compression="zstd", progress_bar=False
-        )
+        name: MDSWriter(out=str(tmp / name), columns=mds_columns(model.multi), compression="zstd", progress_bar=False)
         for name in ("train", "val", "test")
     }
     counts = {name: [0, 0, 0.0] for name in writers}  # rows, blocks, positives
@@ -325,9 +312,7 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
         name = f"C{f + 1}"
         (vocab_dir / f"{name}.json").write_text(json.dumps([str(v) for v in np.flatnonzero(s)]))
         sparse.append(SparseFeature(name, int(s.sum()) + 1, "context", f >= n_single, f"vocab/{name}.json"))
-    splits = {
-        k: SplitInfo(int(v[0]), int(v[1]), float(v[2] / v[0]) if v[0] else 0.0) for k, v in counts.items()
-    }
+    splits = {k: SplitInfo(int(v[0]), int(v[1]), float(v[2] / v[0]) if v[0] else 0.0) for k, v in counts.items()}
     rule: dict[str, Any] = {
         "rule": cfg.split,
         "seed": cfg.seed,

@@ -17,14 +17,22 @@ if [ -f "$VENV/.stamp" ] && [ "$(cat "$VENV/.stamp")" = "$stamp" ]; then
 fi
 echo "[setup] building $VENV ($FBGEMM); this takes a few minutes the first time" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install -U "pip>=24" setuptools wheel
+LOG="$VENV/setup.log"
+: > "$LOG"
+pip_install() {  # quiet unless it fails: pip's resolver notes and index warnings go to the log
+  if ! "$VENV/bin/python" -m pip --disable-pip-version-check -q install "$@" >>"$LOG" 2>&1; then
+    tail -n 30 "$LOG" >&2
+    echo "[setup] pip install $* failed (full log: $LOG)" >&2
+    exit 1
+  fi
+}
+pip_install -U "pip>=24" setuptools wheel
 # 1. torch first (a CUDA build that also runs on CPU), 2. FBGEMM kernels, 3. torchrec without deps.
-"${PIP[@]}" install -c constraints.txt torch torchvision
-"${PIP[@]}" install -c constraints.txt "$FBGEMM"
-"${PIP[@]}" install --no-deps -c constraints.txt torchrec
+pip_install -c constraints.txt torch torchvision
+pip_install -c constraints.txt "$FBGEMM"
+pip_install --no-deps -c constraints.txt torchrec
 # 4. the project and the rest of the stack, held to the lock.
-"${PIP[@]}" install -c constraints.txt -e ".[dev]"
+pip_install -c constraints.txt -e ".[dev]"
 "$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, streaming, lightning, ray, mlflow, pyspark, faiss" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$stamp" > "$VENV/.stamp"

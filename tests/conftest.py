@@ -16,9 +16,7 @@ from datamodules.sources import ML_GENRES
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault(
-    "MLFLOW_TRACKING_URI", "sqlite:///" + str(Path("/tmp") / f"recsys-tests-{os.getpid()}.db")
-)
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + str(Path("/tmp") / f"recsys-tests-{os.getpid()}.db"))
 
 
 def ratings_frame(n_users: int = 30, n_items: int = 40, per_user: int = 12, seed: int = 0) -> pd.DataFrame:

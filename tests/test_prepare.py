@@ -23,12 +23,16 @@ SPLITS = ("train", "val", "test")
 def read_rows(path: Path, cache: Path) -> dict[str, pd.DataFrame]:
     """Every row of every split, decoded back to raw values through the vocabularies."""
     meta = read_metadata(path)
-    dm = StreamingDataModule(DataConfig(path=str(path), batch_size=meta.block_rows * 4, shuffle=False,
-                                        cache_dir=str(cache)))
+    dm = StreamingDataModule(
+        DataConfig(path=str(path), batch_size=meta.block_rows * 4, shuffle=False, cache_dir=str(cache))
+    )
     vocabs = {f.name: [None, *read_vocab(path, f)] for f in meta.sparse_features}
     out = {}
-    for split, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader()),
-                          ("test", dm.test_dataloader())):
+    for split, loader in (
+        ("train", dm.train_dataloader()),
+        ("val", dm.val_dataloader()),
+        ("test", dm.test_dataloader()),
+    ):
         parts = []
         for b in loader:
             kjt = b.sparse_features.to_dict()
@@ -56,8 +60,11 @@ def test_sets2019_zip_round_trip(tmp_path: Path, sets2019_zip: Path, ratings: pd
     train_items = set(read_vocab(out, meta.feature("item_id")))
     # every source row comes back once; items unseen in train come back as the OOV index (None)
     got = pd.concat(rows.values())
-    expected = ratings.assign(user_id=ratings.userId.astype(str), item_id=ratings.movieId.astype(str),
-                              label=(ratings.rating >= 4.0).astype(np.float32))
+    expected = ratings.assign(
+        user_id=ratings.userId.astype(str),
+        item_id=ratings.movieId.astype(str),
+        label=(ratings.rating >= 4.0).astype(np.float32),
+    )
     expected.loc[~expected.item_id.isin(train_items), "item_id"] = None
     key = ["user_id", "item_id", "label"]
     a = got[key].fillna("<oov>").sort_values(key).reset_index(drop=True)
@@ -182,8 +189,11 @@ def test_synthetic_ctr_metadata(ctr_dataset: Path) -> None:
 
 
 def test_synthetic_ctr_cardinalities_default_and_temporal(tmp_path: Path) -> None:
-    meta = prepare(tiny_prepare(tmp_path / "o", "synthetic-ctr", rows=500, split="temporal",
-                                synthetic=SyntheticConfig(chunk_rows=128)))
+    meta = prepare(
+        tiny_prepare(
+            tmp_path / "o", "synthetic-ctr", rows=500, split="temporal", synthetic=SyntheticConfig(chunk_rows=128)
+        )
+    )
     assert len(meta.sparse_features) == 26 and len(meta.dense_features) == 13
     assert meta.splits["test"].rows == 50 and meta.splits["val"].rows == 50
 
@@ -203,8 +213,18 @@ def test_metadata_contents(tmp_path: Path, sets2019_zip: Path) -> None:
 
 def test_existing_output_and_overwrite(tmp_path: Path, sets2019_zip: Path) -> None:
     out = tmp_path / "out"
-    argv = ["data", "prepare", "--dataset", "sets2019", "--source", str(sets2019_zip), "--out", str(out),
-            "--block-rows", "8"]
+    argv = [
+        "data",
+        "prepare",
+        "--dataset",
+        "sets2019",
+        "--source",
+        str(sets2019_zip),
+        "--out",
+        str(out),
+        "--block-rows",
+        "8",
+    ]
     assert main(argv) == 0
     assert main(argv) == 2
     assert main([*argv, "--overwrite"]) == 0
@@ -238,9 +258,7 @@ def _csv(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_error_and_no_output(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
-) -> None:
+def test_bad_input_one_line_error_and_no_output(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
     make, message = BAD_INPUTS[case]
     src = make(tmp_path)
     out = tmp_path / "out"

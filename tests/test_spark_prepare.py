@@ -55,8 +55,9 @@ def test_local_and_spark_engines_agree(tmp_path: Path, split: str) -> None:
     local = tmp_path / "local"
     spark = tmp_path / "spark"
     prepare(tiny_prepare(local, "movielens-100k", source=str(src), split=split))
-    prepare(tiny_prepare(spark, "movielens-100k", source=str(src), split=split, engine="spark",
-                         spark_master="local[2]"))
+    prepare(
+        tiny_prepare(spark, "movielens-100k", source=str(src), split=split, engine="spark", spark_master="local[2]")
+    )
     _assert_same_dataset(local, spark, tmp_path / "cache")
 
 
@@ -70,8 +71,22 @@ def test_spark_reads_csv_natively_and_reports_bad_values(
     bad = tmp_path / "item_ratings.csv"
     bad.write_text("userId,movieId,rating\n1,2,3\n1,3,good\n")
     out = tmp_path / "bad-out"
-    code = main(["data", "prepare", "--dataset", "sets2019", "--source", str(bad), "--out", str(out),
-                 "--engine", "spark", "--spark-master", "local[1]"])
+    code = main(
+        [
+            "data",
+            "prepare",
+            "--dataset",
+            "sets2019",
+            "--source",
+            str(bad),
+            "--out",
+            str(out),
+            "--engine",
+            "spark",
+            "--spark-master",
+            "local[1]",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "non-numeric value 'good'" in err[0] and "item_ratings.csv" in err[0]
     assert not out.exists()

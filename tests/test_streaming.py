@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,6 @@ from conftest import tiny_prepare
 
 from app.config import DataConfig, SyntheticConfig
 from app.errors import RecsysError
-from datamodules.blocks import _permute_jagged
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
 from datamodules.streaming import StreamingDataModule
@@ -25,6 +25,10 @@ from datamodules.streaming import StreamingDataModule
 def row_ids(batch) -> list[float]:  # type: ignore[no-untyped-def]
     """The first dense feature is a continuous random value: it identifies a row."""
     return [round(float(x), 6) for x in batch.dense_features[:, 0]]
+
+
+def flat(batches: Iterable[list[float]]) -> list[float]:
+    return [x for b in batches for x in b]
 
 
 def module(path: Path, cache: Path, **kw: object) -> StreamingDataModule:
@@ -54,8 +58,14 @@ def test_batch_contract(ctr_dataset: Path, tmp_path: Path) -> None:
 def test_oov_index_zero_is_an_ordinary_id(tmp_path: Path) -> None:
     # rare ids seen only outside train map to index 0, which must survive as a real value (not padding)
     out = tmp_path / "d"
-    prepare(tiny_prepare(out, "synthetic-ctr", rows=3000, synthetic=SyntheticConfig(
-        num_dense=2, num_sparse=2, cardinalities=[3, 5000], chunk_rows=1000)))
+    prepare(
+        tiny_prepare(
+            out,
+            "synthetic-ctr",
+            rows=3000,
+            synthetic=SyntheticConfig(num_dense=2, num_sparse=2, cardinalities=[3, 5000], chunk_rows=1000),
+        )
+    )
     dm = module(out, tmp_path / "c")
     zeros = 0
     for b in dm.test_dataloader():
@@ -71,14 +81,14 @@ def test_seeded_shuffle_is_reproducible(ctr_dataset: Path, tmp_path: Path) -> No
     b = epoch(module(ctr_dataset, tmp_path / "b", seed=7))
     c = epoch(module(ctr_dataset, tmp_path / "c", seed=8))
     assert a == b
-    assert a != c and sorted(sum(a, [])) == sorted(sum(c, []))
+    assert a != c and sorted(flat(a)) == sorted(flat(c))
     unshuffled = epoch(module(ctr_dataset, tmp_path / "d", shuffle=False))
-    assert sum(unshuffled, []) != sum(a, [])
+    assert flat(unshuffled) != flat(a)
 
 
 def test_workers_deliver_the_same_rows(ctr_dataset: Path, tmp_path: Path) -> None:
-    base = sorted(sum(epoch(module(ctr_dataset, tmp_path / "a")), []))
-    with_workers = sorted(sum(epoch(module(ctr_dataset, tmp_path / "b", num_workers=2)), []))
+    base = sorted(flat(epoch(module(ctr_dataset, tmp_path / "a"))))
+    with_workers = sorted(flat(epoch(module(ctr_dataset, tmp_path / "b", num_workers=2))))
     assert base == with_workers
 
 
@@ -101,8 +111,8 @@ def test_mid_epoch_resume(ctr_dataset: Path, tmp_path: Path) -> None:
     resumed = module(ctr_dataset, tmp_path / "b", seed=3)
     resumed.load_state_dict(state)
     after = [row_ids(b) for b in resumed.train_dataloader()]
-    assert [sorted(b) for b in after] == [sorted(b) for b in rest]
-    assert not set(sum(seen, [])) & set(sum(after, []))
+    assert after == rest
+    assert not set(flat(seen)) & set(flat(after))
 
 
 def test_batch_size_must_be_whole_blocks(ctr_dataset: Path) -> None:
@@ -115,13 +125,6 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
         StreamingDataModule(DataConfig(path=str(tmp_path)))
 
 
-def test_permute_jagged() -> None:
-    values = torch.tensor([1, 2, 3, 4, 5, 6])
-    lengths = torch.tensor([2, 1, 3], dtype=torch.int32)
-    v, ln = _permute_jagged(values, lengths, torch.tensor([2, 0, 1]))
-    assert v.tolist() == [4, 5, 6, 1, 2, 3] and ln.tolist() == [3, 2, 1]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,13 +132,19 @@ def _free_port() -> int:
 
 
 def _rank_worker(rank: int, world: int, port: int, path: str, cache: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     dm = StreamingDataModule(DataConfig(path=path, batch_size=16, cache_dir=cache))
     dm.prepare_data()
     dm.setup("fit")
-    ids = sum((row_ids(b) for b in dm.train_dataloader()), [])
+    ids = flat(row_ids(b) for b in dm.train_dataloader())
     np.save(out, np.array(ids))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -143,20 +152,31 @@ def _rank_worker(rank: int, world: int, port: int, path: str, cache: str, out: s
 
 def test_two_ranks_see_disjoint_parts_covering_the_epoch(tmp_path: Path) -> None:
     out = tmp_path / "d"
-    meta = prepare(tiny_prepare(out, "synthetic-ctr", rows=2560, split="temporal", synthetic=SyntheticConfig(
-        num_dense=2, num_sparse=2, cardinalities=[10, 10], chunk_rows=1000)))
+    meta = prepare(
+        tiny_prepare(
+            out,
+            "synthetic-ctr",
+            rows=2560,
+            split="temporal",
+            synthetic=SyntheticConfig(num_dense=2, num_sparse=2, cardinalities=[10, 10], chunk_rows=1000),
+        )
+    )
     assert meta.splits["train"].blocks % 4 == 0  # no padding needed for 2 ranks x batches of 2 blocks
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, str(out), str(tmp_path / "cache"),
-                                                     str(tmp_path / f"r{r}.npy"))) for r in range(2)]
+    procs = [
+        ctx.Process(
+            target=_rank_worker, args=(r, 2, port, str(out), str(tmp_path / "cache"), str(tmp_path / f"r{r}.npy"))
+        )
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
     r0, r1 = (set(np.load(tmp_path / f"r{r}.npy").tolist()) for r in range(2))
-    everything = set(sum(epoch(module(out, tmp_path / "all", shuffle=False)), []))
+    everything = set(flat(epoch(module(out, tmp_path / "all", shuffle=False))))
     assert r0 and r1 and not r0 & r1
     assert r0 | r1 == everything
 

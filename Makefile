@@ -1,0 +1,29 @@
+# Quick start:  make demo   (sets up ./.venv, prepares a dataset, prints its summary)
+#               make test   (sets up ./.venv, runs ruff, mypy and the full test suite)
+# RECSYS_CUDA=1 make ...    installs fbgemm-gpu (CUDA) instead of fbgemm-gpu-cpu (auto-detected).
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint fast bench clean
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+fast: setup
+	$(PY) -m pytest -q -m "not slow and not cluster"
+
+bench: setup
+	$(PY) bench/loader.py
+
+clean:
+	rm -rf data/demo .pytest_cache .mypy_cache .ruff_cache
