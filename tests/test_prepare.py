@@ -280,3 +280,14 @@ def test_bad_dataset_name_and_flags(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["data", "prepare", "--dataset", "synthetic-ctr", "--out", str(tmp_path / "o"), "--bogus", "1"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_download_movielens_from_the_recbole_wheel(tmp_path: Path) -> None:
+    """The offline-friendly path: the recbole wheel from PyPI, read with zipfile, never installed."""
+    dest = tmp_path / "ml"
+    assert main(["data", "download", "movielens-100k", "--dest", str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["ml-100k.inter", "ml-100k.item", "ml-100k.user"]
+    meta = prepare(tiny_prepare(tmp_path / "out", "movielens-100k", source=str(dest), rows=5000, block_rows=64))
+    assert sum(s.rows for s in meta.splits.values()) == 5000
+    assert meta.feature("item_genres").cardinality > 10
