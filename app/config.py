@@ -85,3 +85,100 @@ class DataConfig:
     """Shuffle seed; the same seed gives the same order on every run."""
     cache_dir: str | None = None
     """Root of the local shard caches (default: a temporary directory)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Table sizes and feature lists come from the dataset's metadata.json."""
+
+    embedding_dim: int = 32
+    """Dimension of every embedding table."""
+    tower_layers: list[int] = field(default_factory=lambda: [128, 64])
+    """two-tower: MLP sizes of each tower (the last is the output embedding size)."""
+    similarity: Literal["dot", "cosine"] = "dot"
+    """two-tower: how user and item embeddings are compared."""
+    temperature: float = 1.0
+    """two-tower: logits = similarity / temperature."""
+    loss: Literal["bce", "softmax"] = "bce"
+    """two-tower: pointwise BCE on the label, or in-batch sampled softmax (positives only, log-Q corrected)."""
+    dense_arch: list[int] = field(default_factory=lambda: [64])
+    """dlrm/dcn: dense MLP hidden sizes (the embedding dimension is appended)."""
+    over_arch: list[int] = field(default_factory=lambda: [128, 64])
+    """dlrm/dcn: over-arch hidden sizes (the output logit is appended)."""
+    dcn_layers: int = 3
+    """dcn: cross layers."""
+    dcn_low_rank: int = 16
+    """dcn: rank of each cross layer."""
+    deepfm_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    """deepfm: deep-part MLP hidden sizes."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Embedding tables: a fused in-backward sparse optimizer; the rest: a dense optimizer."""
+
+    sparse: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    dense: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The Lightning loop."""
+
+    max_epochs: int = 5
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: no limit)."""
+    limit_val_batches: float = 1.0
+    seed: int = 0
+    monitor: str | None = None
+    """Validation metric for early stopping and the best checkpoint (default: val/auroc, or
+    val/ndcg@K for two-tower)."""
+    patience: int = 3
+    """Early stopping patience in epochs (0 disables early stopping)."""
+    k: int = 10
+    """Cut-off of Recall@K / NDCG@K."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    progress_bar: bool = True
+    log_every_n_steps: int = 50
+    output_dir: str = "runs"
+    """Where checkpoints are written (one sub-directory per run)."""
+    resume_from: str | None = None
+    """A checkpoint directory to resume from."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    tracking_uri: str | None = None
+    """Any MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)."""
+    experiment: str = "recsys"
+    run_name: str | None = None
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the training processes run (resolved in cluster/ only)."""
+
+    backend: Literal["local", "ray", "spark"] = "local"
+    num_workers: int = 1
+    """Training processes (one per GPU on a GPU host)."""
+    use_gpu: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``recsys train``: everything one training run needs."""
+
+    model: str
+    """two-tower, dlrm, dcn or deepfm."""
+    data: DataConfig
+    arch: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -273,7 +273,10 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
     splits: dict[str, SplitInfo] = {}
     for name, code in SPLIT_CODES.items():
         part = frame[frame["split"] == code].sort_values("key", kind="stable")
-        splits[name] = write_split(encode_frame(part, plan), tmp / name, cfg.block_rows, len(plan.multi))
+        enc = encode_frame(part, plan)
+        splits[name] = write_split(enc, tmp / name, cfg.block_rows, len(plan.multi))
+        (tmp / "pairs").mkdir(exist_ok=True)
+        id_pairs(enc).to_parquet(tmp / "pairs" / f"{name}.parquet")
     train = frame[frame["split"] == 0]
     write_tables(train.drop_duplicates("user"), train.drop_duplicates("item"), plan, tmp)
     from_rating = "label" not in raw.frame.columns
@@ -282,6 +285,11 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
     write_metadata(meta, tmp)
     _report(meta, time.time() - started)
     return meta
+
+
+def id_pairs(enc: dict[str, Any]) -> pd.DataFrame:
+    """(user_id, item_id, label) of encoded rows: what retrieval evaluation reads."""
+    return pd.DataFrame({"user_id": enc["sparse"][:, 0], "item_id": enc["sparse"][:, 1], "label": enc["label"]})
 
 
 def write_split(enc: dict[str, Any], directory: Path, block_rows: int, num_multi: int) -> SplitInfo:

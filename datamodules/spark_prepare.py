@@ -30,6 +30,7 @@ from datamodules.prepare import (
     build_metadata,
     column_of,
     encode_frame,
+    id_pairs,
     make_plan,
     pack_blocks,
     row_keys,
@@ -105,6 +106,7 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
             if not rows:
                 write_empty_split(tmp / name, len(plan.multi))
             splits[name] = SplitInfo(rows=rows, blocks=blocks, label_rate=rate)
+            write_pairs_spark(df.filter(F.col("split") == code), plan, tmp / "pairs" / f"{name}.parquet")
         user_rows = train.dropDuplicates(["user"]).drop("key", "split").toPandas()
         item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
         write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
@@ -262,6 +264,21 @@ def write_split_spark(part: Any, plan: EncodingPlan, cfg: PrepareConfig, out: Pa
     )
     index = json.loads((out / "index.json").read_text())
     return int(sum(s["samples"] for s in index["shards"]))
+
+
+def write_pairs_spark(part: Any, plan: EncodingPlan, out: Path) -> None:
+    """(user_id, item_id, label) per row as Parquet, for retrieval evaluation."""
+    from pyspark.sql.types import FloatType, LongType, StructField, StructType
+
+    schema = StructType(
+        [StructField("user_id", LongType()), StructField("item_id", LongType()), StructField("label", FloatType())]
+    )
+
+    def encode(frames: Any) -> Any:
+        for pdf in frames:
+            yield id_pairs(encode_frame(_lists(pdf), plan))
+
+    part.mapInPandas(encode, schema=schema).write.parquet(str(out))
 
 
 def write_empty_split(out: Path, num_multi: int) -> None:

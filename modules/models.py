@@ -1,0 +1,168 @@
+"""Plain TorchRec models, sized from a dataset's ``metadata.json``.
+
+Every model takes ``(dense_features, sparse_features: KeyedJaggedTensor)``; all embedding tables
+live in one ``EmbeddingBagCollection`` so the sharding planner places them freely. Tables are built
+on the ``meta`` device (``build_model(..., device="meta")``) and materialised by sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from app.config import ModelConfig
+from app.errors import RecsysError
+from datamodules.schema import DatasetMetadata
+
+MODELS = ("two-tower", "dlrm", "dcn", "deepfm")
+
+
+def table_configs(meta: DatasetMetadata, dim: int) -> list[EmbeddingBagConfig]:
+    """One table per sparse feature: ``cardinality`` rows (index 0 = out of vocabulary)."""
+    return [
+        EmbeddingBagConfig(
+            name=f"t_{f.name}",
+            embedding_dim=dim,
+            num_embeddings=f.cardinality,
+            feature_names=[f.name],
+            pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
+        )
+        for f in meta.sparse_features
+    ]
+
+
+def mlp(in_size: int, sizes: list[int], last_activation: bool = True) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last one unless told otherwise)."""
+    layers: list[nn.Module] = []
+    for i, size in enumerate(sizes):
+        layers.append(nn.Linear(in_size, size))
+        if last_activation or i < len(sizes) - 1:
+            layers.append(nn.ReLU())
+        in_size = size
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Which sparse features (by name) and dense columns (by position) feed a tower."""
+
+    sparse: tuple[str, ...]
+    dense: tuple[int, ...]
+
+
+class TwoTower(nn.Module):
+    """User and item towers over shared-collection embeddings; ``forward`` returns both embeddings.
+
+    Each tower concatenates its features' pooled embeddings with its dense features and applies an
+    MLP whose last layer is linear; ``cosine`` similarity L2-normalises the outputs.
+    """
+
+    def __init__(
+        self, ebc: EmbeddingBagCollection, user: TowerSpec, item: TowerSpec, layers: list[int], cosine: bool
+    ) -> None:
+        super().__init__()
+        self.ebc = ebc
+        self.user_spec, self.item_spec = user, item
+        dim = ebc.embedding_bag_configs()[0].embedding_dim
+        self.user_mlp = mlp(dim * len(user.sparse) + len(user.dense), layers, last_activation=False)
+        self.item_mlp = mlp(dim * len(item.sparse) + len(item.dense), layers, last_activation=False)
+        self.cosine = cosine
+
+    def _tower(
+        self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, spec: TowerSpec, net: nn.Module
+    ) -> torch.Tensor:
+        parts = [pooled[name] for name in spec.sparse]
+        if spec.dense:
+            parts.append(dense[:, list(spec.dense)])
+        out = net(torch.cat(parts, dim=1))
+        return nn.functional.normalize(out, dim=1) if self.cosine else out
+
+    def forward(
+        self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.ebc(sparse_features).to_dict()
+        user = self._tower(pooled, dense_features, self.user_spec, self.user_mlp)
+        item = self._tower(pooled, dense_features, self.item_spec, self.item_mlp)
+        return user, item
+
+
+class DeepFM(nn.Module):
+    """DeepFM: a first-order term, a factorisation machine over the field embeddings and an MLP.
+
+    Written from torchrec building blocks rather than ``torchrec.models.deepfm.SimpleDeepFMNN``
+    because that model ends in a Sigmoid; the training loss wants logits (numerically stable BCE).
+    The dense features enter as one more field, projected to the embedding dimension.
+    """
+
+    def __init__(self, ebc: EmbeddingBagCollection, num_dense: int, hidden: list[int]) -> None:
+        super().__init__()
+        self.ebc = ebc
+        configs = ebc.embedding_bag_configs()
+        dim = configs[0].embedding_dim
+        self.names = [n for c in configs for n in c.feature_names]
+        self.num_dense = num_dense
+        self.dense_proj = nn.Linear(max(num_dense, 1), dim)
+        fields = len(self.names) + 1
+        self.first_order = nn.Linear(max(num_dense, 1) + fields * dim, 1)
+        self.deep = mlp(fields * dim, [*hidden, 1], last_activation=False)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        dense = dense_features if self.num_dense else dense_features.new_zeros(dense_features.shape[0], 1)
+        pooled = self.ebc(sparse_features).to_dict()
+        fields = torch.stack([self.dense_proj(dense), *[pooled[n] for n in self.names]], dim=1)  # B x F x D
+        square_of_sum = fields.sum(dim=1).pow(2)
+        sum_of_square = fields.pow(2).sum(dim=1)
+        fm = 0.5 * (square_of_sum - sum_of_square).sum(dim=1, keepdim=True)
+        flat = fields.flatten(1)
+        return self.first_order(torch.cat([dense, flat], dim=1)) + fm + self.deep(flat)
+
+
+class DenseOrZero(nn.Module):
+    """Adapter for datasets without dense features: DLRM's dense arch then sees one zero column."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.model(dense_features.new_zeros(dense_features.shape[0], 1), sparse_features)
+
+
+def tower_spec(meta: DatasetMetadata, tower: str) -> TowerSpec:
+    return TowerSpec(
+        sparse=tuple(f.name for f in meta.sparse_features if f.tower == tower),
+        dense=tuple(i for i, d in enumerate(meta.dense_features) if d.tower == tower),
+    )
+
+
+def build_model(kind: str, meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """The plain TorchRec model ``kind`` for a dataset; embedding tables on ``device``."""
+    if kind not in MODELS:
+        raise RecsysError(f"--model: unknown model {kind!r} (choose from {', '.join(MODELS)})")
+    dim = cfg.embedding_dim
+    ebc = EmbeddingBagCollection(tables=table_configs(meta, dim), device=torch.device(device))
+    num_dense = len(meta.dense_features)
+    if kind == "two-tower":
+        if meta.user_id_feature is None or meta.item_id_feature is None:
+            raise RecsysError(
+                f"--model two-tower: dataset {meta.dataset!r} has no user/item ids (task {meta.task}); use a ranking model"
+            )
+        user, item = tower_spec(meta, "user"), tower_spec(meta, "item")
+        return TwoTower(ebc, user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
+    if kind == "deepfm":
+        return DeepFM(ebc, num_dense, list(cfg.deepfm_hidden))
+    from torchrec.models.dlrm import DLRM, DLRM_DCN
+
+    dense_arch = [*cfg.dense_arch, dim]  # DLRM's dense arch must end in the embedding dimension
+    over_arch = [*cfg.over_arch, 1]
+    dense_in = max(num_dense, 1)
+    if kind == "dlrm":
+        model: nn.Module = DLRM(ebc, dense_in, dense_arch, over_arch)
+    else:
+        model = DLRM_DCN(ebc, dense_in, dense_arch, over_arch, cfg.dcn_layers, cfg.dcn_low_rank)
+    return model if num_dense else DenseOrZero(model)

@@ -1,0 +1,287 @@
+"""Thin LightningModules: loss, metrics and optimizers around a plain TorchRec model.
+
+The model arrives as an argument (tables on ``meta``); ``TorchRecStrategy`` shards it. Embedding
+tables are updated by the fused in-backward optimizer from ``sparse_optimizer()``; the dense
+parameters by the optimizer returned from ``configure_optimizers()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torchmetrics
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from app.config import ModelConfig, OptimConfig
+from datamodules.schema import DatasetMetadata
+from modules.sharding import sparse_optimizer_class
+
+DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+
+
+class RecTask(L.LightningModule):
+    """Shared parts: optimizers, AUROC/logloss on every split, device transfer of ``Batch``."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.metrics = nn.ModuleDict(
+            {
+                split: nn.ModuleDict(
+                    {"auroc": torchmetrics.classification.BinaryAUROC(), "logloss": torchmetrics.MeanMetric()}
+                )
+                for split in ("val", "test")
+            }
+        )
+
+    def sparse_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        kwargs: dict[str, Any] = {"lr": self.optim.sparse_lr}
+        if self.optim.sparse == "adam":
+            kwargs["eps"] = 1e-8
+        return sparse_optimizer_class(self.optim.sparse), kwargs
+
+    def configure_optimizers(self) -> Any:
+        from torchrec.optim.keyed import KeyedOptimizerWrapper
+        from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+        cls = DENSE_OPTIMIZERS[self.optim.dense]
+        dense = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        return KeyedOptimizerWrapper(
+            dense, lambda p: cls(p, lr=self.optim.dense_lr, weight_decay=self.optim.weight_decay)
+        )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch.to(device, non_blocking=True)
+
+    def logits(self, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _score(self, batch: Any, split: str) -> None:
+        logits = self.logits(batch)
+        labels = batch.labels
+        m = self.metrics[split]
+        m["auroc"].update(torch.sigmoid(logits), labels.long())
+        m["logloss"].update(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._score(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._score(batch, "test")
+
+    def _log_split(self, split: str) -> None:
+        for name, metric in self.metrics[split].items():
+            self.log(f"{split}/{name}", metric.compute(), sync_dist=False)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+
+class RankingTask(RecTask):
+    """Binary classification of the label with BCE on the model's logit (DLRM, DCN, DeepFM)."""
+
+    def logits(self, batch: Any) -> torch.Tensor:
+        return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch.labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.labels))
+        return loss
+
+
+# -- retrieval ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalCorpus:
+    """What full-corpus evaluation needs, read from a prepared retrieval dataset."""
+
+    items: pd.DataFrame
+    users: pd.DataFrame
+    pairs: dict[str, pd.DataFrame]
+    item_log_q: torch.Tensor
+    """log of each item's share of train positives (index = item id), for the log-Q correction."""
+
+    @classmethod
+    def load(cls, path: str | Path, meta: DatasetMetadata) -> RetrievalCorpus:
+        root = Path(path)
+        pairs = {s: pd.read_parquet(root / "pairs" / f"{s}.parquet") for s in ("train", "val", "test")}
+        n_items = meta.feature(meta.item_id_feature or "item_id").cardinality
+        train = pairs["train"]
+        pos = train[train.label > 0.5]
+        counts = np.bincount(pos.item_id.to_numpy(), minlength=n_items).astype(np.float64) + 1.0
+        log_q = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
+        return cls(pd.read_parquet(root / "items.parquet"), pd.read_parquet(root / "users.parquet"), pairs, log_q)
+
+
+def tower_inputs(table: pd.DataFrame, meta: DatasetMetadata) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    """Dense matrix and KJT (all dataset keys) for rows of users.parquet / items.parquet.
+
+    Features the table lacks (the other tower's) get empty bags and zero dense values.
+    """
+    n = len(table)
+    dense = torch.zeros(n, len(meta.dense_features))
+    for j, d in enumerate(meta.dense_features):
+        if d.name in table.columns:
+            dense[:, j] = torch.as_tensor(table[d.name].to_numpy(np.float32))
+    values, lengths = [], []
+    for f in meta.sparse_features:
+        if f.name not in table.columns:
+            lengths.append(torch.zeros(n, dtype=torch.int32))
+        elif f.multi_hot:
+            lists = table[f.name].to_list()
+            lengths.append(torch.tensor([len(x) for x in lists], dtype=torch.int32))
+            values.append(
+                torch.as_tensor(
+                    np.concatenate([np.asarray(x, np.int64) for x in lists]) if n else np.zeros(0, np.int64)
+                )
+            )
+        else:
+            lengths.append(torch.ones(n, dtype=torch.int32))
+            values.append(torch.as_tensor(table[f.name].to_numpy(np.int64)))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in meta.sparse_features],
+        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
+        lengths=torch.cat(lengths),
+    )
+    return dense, kjt
+
+
+def ranking_metrics(
+    scores: torch.Tensor, relevant: list[set[int]], extra_relevant: list[int], k: int
+) -> tuple[float, float]:
+    """Mean Recall@K and NDCG@K of ``scores`` (users x items, excluded items already -inf).
+
+    Hand-written rather than torchmetrics' retrieval metrics: those take one (query, item, score)
+    triple per element, i.e. users x items entries, where a top-k over the score matrix is enough.
+    ``extra_relevant`` counts relevant items that cannot be ranked (unseen in train).
+    """
+    top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices.tolist()
+    discounts = [1.0 / math.log2(r + 2) for r in range(k)]
+    recall = ndcg = 0.0
+    for row, rel, extra in zip(top, relevant, extra_relevant, strict=True):
+        n_rel = len(rel) + extra
+        hits = [1.0 if i in rel else 0.0 for i in row]
+        recall += sum(hits) / n_rel
+        idcg = sum(discounts[: min(k, n_rel)])
+        ndcg += sum(h * d for h, d in zip(hits, discounts, strict=False)) / idcg
+    return recall / len(top), ndcg / len(top)
+
+
+class RetrievalTask(RecTask):
+    """Two-tower training (BCE or in-batch sampled softmax with log-Q) and full-corpus evaluation."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        arch: ModelConfig,
+        meta: DatasetMetadata,
+        corpus: RetrievalCorpus | None = None,
+        k: int = 10,
+        eval_batch: int = 4096,
+    ) -> None:
+        super().__init__(model, optim)
+        self.loss_kind = arch.loss
+        self.temperature = arch.temperature
+        self.meta = meta
+        self.corpus = corpus
+        self.k = k
+        self.eval_batch = eval_batch
+        self.item_key = meta.item_id_feature or "item_id"
+        self.register_buffer(
+            "item_log_q", corpus.item_log_q if corpus is not None else torch.zeros(1), persistent=False
+        )
+
+    def logits(self, batch: Any) -> torch.Tensor:
+        user, item = self.model(batch.dense_features, batch.sparse_features)
+        return (user * item).sum(-1) / self.temperature
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        user, item = self.model(batch.dense_features, batch.sparse_features)
+        if self.loss_kind == "bce":
+            logits = (user * item).sum(-1) / self.temperature
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
+        else:
+            loss = self.softmax_loss(user, item, batch.sparse_features[self.item_key].values(), batch.labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.labels))
+        return loss
+
+    def softmax_loss(
+        self, user: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """In-batch sampled softmax over the batch's positive pairs, corrected by log Q(item).
+
+        Other rows with the same item are masked out (they are not negatives of each other).
+        """
+        pos = labels > 0.5
+        if int(pos.sum()) < 2:
+            return (user.sum() + item.sum()) * 0.0  # keeps every rank's backward in step
+        u, v, ids = user[pos], item[pos], item_ids[pos]
+        logits = u @ v.t() / self.temperature - self.item_log_q[ids].unsqueeze(0)
+        same = ids.unsqueeze(0) == ids.unsqueeze(1)
+        logits = logits.masked_fill(same & ~torch.eye(len(ids), dtype=torch.bool, device=logits.device), -1e9)
+        return nn.functional.cross_entropy(logits, torch.arange(len(ids), device=logits.device))
+
+    @torch.no_grad()
+    def embed(self, table: pd.DataFrame, tower: int) -> torch.Tensor:
+        """Embeddings of users.parquet / items.parquet rows (0 = user tower, 1 = item tower)."""
+        out = []
+        for lo in range(0, max(len(table), 1), self.eval_batch):
+            dense, kjt = tower_inputs(table.iloc[lo : lo + self.eval_batch], self.meta)
+            out.append(self.model(dense.to(self.device), kjt.to(self.device))[tower].float().cpu())
+        return torch.cat(out)[: len(table)]
+
+    def retrieval_metrics(self, split: str) -> dict[str, float]:
+        """Recall@K and NDCG@K over the full item corpus; items a user had in train are excluded."""
+        assert self.corpus is not None
+        c = self.corpus
+        items = self.embed(c.items, 1)
+        column_of_item = {int(i): j for j, i in enumerate(c.items[self.item_key])}
+        user_key = self.meta.user_id_feature or "user_id"
+        target = c.pairs[split]
+        target = target[(target.label > 0.5) & (target.user_id > 0)]
+        if target.empty:
+            return {}
+        users = sorted(target.user_id.unique())
+        user_rows = c.users.set_index(user_key).loc[users].reset_index()
+        emb = self.embed(user_rows, 0)
+        scores = emb @ items.t()
+        train = c.pairs["train"]
+        seen = train[train.user_id.isin(users)].groupby("user_id").item_id.apply(list)
+        row_of = {u: r for r, u in enumerate(users)}
+        rows, cols = [], []
+        for u, its in seen.items():
+            for i in its:
+                if int(i) in column_of_item:
+                    rows.append(row_of[u])
+                    cols.append(column_of_item[int(i)])
+        scores[rows, cols] = -math.inf
+        grouped = target.groupby("user_id").item_id.apply(list)
+        relevant = [{column_of_item[int(i)] for i in grouped[u] if int(i) in column_of_item} for u in users]
+        unseen = [sum(1 for i in grouped[u] if int(i) not in column_of_item) for u in users]
+        recall, ndcg = ranking_metrics(scores, relevant, unseen, self.k)
+        return {f"{split}/recall@{self.k}": recall, f"{split}/ndcg@{self.k}": ndcg}
+
+    def _log_split(self, split: str) -> None:
+        super()._log_split(split)
+        if self.corpus is not None and not self.trainer.sanity_checking:
+            for name, value in self.retrieval_metrics(split).items():
+                self.log(name, value, sync_dist=False)
