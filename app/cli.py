@@ -15,11 +15,37 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from app.config import PrepareConfig
+from app.config import (
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PrepareConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
 from app.errors import RecsysError
 
 T = TypeVar("T")
 
+
+# Short flags of `recsys train` for the most used dotted options.
+TRAIN_ALIASES = {
+    "--data": "--data.path",
+    "--batch_size": "--data.batch_size",
+    "--max_epochs": "--trainer.max_epochs",
+    "--max_steps": "--trainer.max_steps",
+    "--seed": "--trainer.seed",
+    "--backend": "--cluster.backend",
+    "--num_workers": "--cluster.num_workers",
+    "--use_gpu": "--cluster.use_gpu",
+    "--tracking_uri": "--tracking.tracking_uri",
+    "--experiment": "--tracking.experiment",
+    "--run_name": "--tracking.run_name",
+    "--resume_from": "--trainer.resume_from",
+}
+RUN_SECTIONS = (DataConfig, ModelConfig, OptimConfig, TrainerConfig, TrackingConfig, ClusterConfig)
 
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0"}
 
@@ -43,10 +69,33 @@ def normalize_flags(argv: Sequence[str], switches: set[str] = frozenset()) -> li
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if not eq and arg in switches and (nxt is None or nxt.lower() not in BOOL_WORDS):
+            if not eq and "--" + arg[2:].split(".")[-1] in switches and (nxt is None or nxt.lower() not in BOOL_WORDS):
                 arg += "=true"
         out.append(arg)
     return out
+
+
+def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
+    """Short flags -> dotted ones; ``--config FILE`` first, so that flags after it override it."""
+    out: list[str] = []
+    config: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == "--config":
+            config += [name, value] if eq else argv[i : i + 2]
+            i += 1 if eq else 2
+            continue
+        out.append(aliases.get(name, name) + eq + value)
+        i += 1
+    return config + out
+
+
+def add_run_arguments(parser: Any) -> None:
+    from jsonargparse import ActionConfigFile
+
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML preset (configs/*.yaml); flags override it")
+    parser.add_class_arguments(RunConfig, as_group=False)
 
 
 def build_parser() -> Any:
@@ -71,6 +120,19 @@ def build_parser() -> Any:
     summary = ArgumentParser(description="Print the summary of a prepared dataset.", exit_on_error=False)
     summary.add_argument("path", type=str)
     data_commands.add_subcommand("summary", summary, help="print a prepared dataset's summary")
+
+    train = ArgumentParser(description="Train a model (two-tower, dlrm, dcn, deepfm).", exit_on_error=False)
+    add_run_arguments(train)
+    commands.add_subcommand("train", train, help="train a model and track it in MLflow")
+
+    evaluate = ArgumentParser(description="Score a finished run or a checkpoint.", exit_on_error=False)
+    evaluate.add_argument("--run_id", type=str | None, default=None, help="MLflow run to evaluate")
+    evaluate.add_argument("--checkpoint", type=str | None, default=None, help="checkpoint directory")
+    evaluate.add_argument("--config_file", type=str | None, default=None, help="the run's config.yaml")
+    evaluate.add_argument("--split", type=str, default="test", help="val or test")
+    evaluate.add_argument("--tracking_uri", type=str | None, default=None)
+    evaluate.add_argument("--data", type=str | None, default=None, help="evaluate on another prepared copy")
+    commands.add_subcommand("evaluate", evaluate, help="score a run or checkpoint on a split")
     return root
 
 
@@ -80,13 +142,34 @@ def to_config(cls: type[T], ns: Any) -> T:
     return cls(**values)
 
 
+def load_run_config(path: str | Any, overrides: Sequence[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML file (a preset or a run's config.yaml) plus flag overrides."""
+    import argparse
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    add_run_arguments(parser)
+    argv = expand_aliases(
+        normalize_flags(["--config", str(path), *overrides], bool_flags(*RUN_SECTIONS)), TRAIN_ALIASES
+    )
+    try:
+        ns = parser.instantiate(parser.parse_args(argv))
+    except argparse.ArgumentError as e:
+        raise RecsysError(f"{path}: " + " ".join(str(e).split())) from None
+    return to_config(RunConfig, ns)
+
+
 def run(argv: Sequence[str]) -> int:
     """Parse ``argv`` and run the command; raises RecsysError for user-facing problems."""
     import argparse
 
     parser = build_parser()
     try:
-        ns = parser.parse_args(normalize_flags(argv, bool_flags(PrepareConfig)))
+        args = normalize_flags(argv, bool_flags(PrepareConfig, *RUN_SECTIONS))
+        if args[:1] == ["train"]:
+            args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
+        ns = parser.parse_args(args)
         ns = parser.instantiate(ns)
     except argparse.ArgumentError as e:
         raise RecsysError(" ".join(str(e).split())) from None
@@ -107,7 +190,38 @@ def run(argv: Sequence[str]) -> int:
             from datamodules.schema import read_metadata
 
             print(summarize(read_metadata(sub.summary.path), sub.summary.path))
+    elif ns.command == "train":
+        from app.evaluate import format_metrics
+        from cluster.launch import run_training
+
+        cfg = to_config(RunConfig, ns.train)
+        metrics = run_training(cfg)
+        print(format_metrics(metrics))
+        if "run_id" in metrics:
+            print(f"MLflow run {metrics['run_id']}: mlflow ui --backend-store-uri {tracking_uri_of(cfg)}")
+    elif ns.command == "evaluate":
+        run_evaluate(ns.evaluate)
     return 0
+
+
+def tracking_uri_of(cfg: RunConfig) -> str:
+    from app.train import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.tracking.tracking_uri)
+
+
+def run_evaluate(ns: Any) -> None:
+    """``recsys evaluate``: --run-id (config and checkpoint from MLflow) or --checkpoint + --config-file."""
+    from app.evaluate import evaluate, evaluate_run, format_metrics
+
+    overrides = ["--data", ns.data] if ns.data else []
+    if ns.run_id:
+        metrics = evaluate_run(ns.run_id, ns.tracking_uri, ns.split, lambda p: load_run_config(p, overrides))
+    elif ns.checkpoint and ns.config_file:
+        metrics = evaluate(load_run_config(ns.config_file, overrides), ns.checkpoint, ns.split)
+    else:
+        raise RecsysError("evaluate: pass --run-id, or --checkpoint with --config-file")
+    print(format_metrics(metrics))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

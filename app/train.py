@@ -112,8 +112,22 @@ def monitor_of(cfg: RunConfig) -> str:
     return cfg.trainer.monitor or (f"val/ndcg@{cfg.trainer.k}" if cfg.model == "two-tower" else "val/auroc")
 
 
+def quiet_known_warnings() -> None:
+    """Silence warnings that are about the libraries' internals, not about this run."""
+    import logging
+    import warnings
+
+    # Epoch metrics come from torchmetrics objects, which synchronise across ranks themselves.
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    # TorchRec's state dicts still use ShardedTensor; torch.distributed.checkpoint warns about it.
+    warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # the pickle-format notice
+
+
 def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any]:
     """Fit, test the best checkpoint, log to MLflow. Returns the test metrics and run id (every rank)."""
+    quiet_known_warnings()
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint

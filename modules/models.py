@@ -150,7 +150,8 @@ def build_model(kind: str, meta: DatasetMetadata, cfg: ModelConfig, device: str 
     if kind == "two-tower":
         if meta.user_id_feature is None or meta.item_id_feature is None:
             raise RecsysError(
-                f"--model two-tower: dataset {meta.dataset!r} has no user/item ids (task {meta.task}); use a ranking model"
+                f"--model two-tower: dataset {meta.dataset!r} has no user/item ids (task {meta.task}); "
+                "use a ranking model"
             )
         user, item = tower_spec(meta, "user"), tower_spec(meta, "item")
         return TwoTower(ebc, user, item, list(cfg.tower_layers), cfg.similarity == "cosine")

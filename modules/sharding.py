@@ -104,7 +104,7 @@ class TorchRecMixin:
             if name != "model":
                 child.to(self.root_device)
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
+    def _setup_model(self, model: nn.Module) -> Any:
         return model  # DMP already data-parallelises the dense part; no second DDP wrapper
 
     @property

@@ -24,7 +24,7 @@ from app.config import ModelConfig, OptimConfig
 from datamodules.schema import DatasetMetadata
 from modules.sharding import sparse_optimizer_class
 
-DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+DENSE_OPTIMIZERS: dict[str, Any] = {
     "adam": torch.optim.Adam,
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
@@ -72,7 +72,7 @@ class RecTask(L.LightningModule):
     def _score(self, batch: Any, split: str) -> None:
         logits = self.logits(batch)
         labels = batch.labels
-        m = self.metrics[split]
+        m: Any = self.metrics[split]
         m["auroc"].update(torch.sigmoid(logits), labels.long())
         m["logloss"].update(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
 
@@ -83,7 +83,8 @@ class RecTask(L.LightningModule):
         self._score(batch, "test")
 
     def _log_split(self, split: str) -> None:
-        for name, metric in self.metrics[split].items():
+        metrics: Any = self.metrics[split]
+        for name, metric in metrics.items():
             self.log(f"{split}/{name}", metric.compute(), sync_dist=False)
             metric.reset()
 
@@ -235,7 +236,8 @@ class RetrievalTask(RecTask):
         if int(pos.sum()) < 2:
             return (user.sum() + item.sum()) * 0.0  # keeps every rank's backward in step
         u, v, ids = user[pos], item[pos], item_ids[pos]
-        logits = u @ v.t() / self.temperature - self.item_log_q[ids].unsqueeze(0)
+        log_q: torch.Tensor = self.item_log_q  # type: ignore[assignment]
+        logits = u @ v.t() / self.temperature - log_q[ids].unsqueeze(0)
         same = ids.unsqueeze(0) == ids.unsqueeze(1)
         logits = logits.masked_fill(same & ~torch.eye(len(ids), dtype=torch.bool, device=logits.device), -1e9)
         return nn.functional.cross_entropy(logits, torch.arange(len(ids), device=logits.device))

@@ -1,0 +1,74 @@
+"""``recsys evaluate``: score a finished run (from MLflow) or a checkpoint on a split."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from app.config import RunConfig, TrackingConfig
+from app.errors import RecsysError
+from app.train import build_task, resolve_tracking_uri, validate_run
+
+
+def fetch_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, Path]:
+    """Download a run's config.yaml and best checkpoint; returns their local paths."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    try:
+        config = Path(client.download_artifacts(run_id, "config.yaml", str(dest)))
+        checkpoint = Path(client.download_artifacts(run_id, "checkpoints/best", str(dest)))
+    except MlflowException as e:
+        raise RecsysError(f"--run-id {run_id}: {str(e).splitlines()[0]}") from None
+    return config, checkpoint
+
+
+def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, float]:
+    """Metrics of the checkpoint on ``split`` (val or test), in this process."""
+    import lightning as L
+    import torch
+
+    from datamodules.streaming import StreamingDataModule
+    from modules.sharding import make_strategy
+
+    if split not in ("val", "test"):
+        raise RecsysError(f"--split: must be val or test, got {split!r}")
+    if not Path(checkpoint).is_dir():
+        raise RecsysError(f"--checkpoint {checkpoint}: not a checkpoint directory")
+    cfg = dataclasses.replace(cfg, tracking=TrackingConfig(enabled=False))
+    validate_run(cfg)
+    dm = StreamingDataModule(cfg.data)
+    task = build_task(cfg, dm.meta)
+    gpu = cfg.trainer.accelerator == "gpu" or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    trainer = L.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        logger=False,
+        strategy=make_strategy(None, process_group_backend="nccl" if gpu else "gloo"),
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+    )
+    run: Any = trainer.test if split == "test" else trainer.validate
+    out = run(task, datamodule=dm, ckpt_path=checkpoint, verbose=False)
+    dm.teardown()
+    return {k: float(v) for k, v in out[0].items()}
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A two-column table of the numeric metrics."""
+    rows = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, float | int)]
+    width = max((len(k) for k, _ in rows), default=6)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    lines += [f"{k:<{width}}  {v:.4f}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def evaluate_run(run_id: str, tracking_uri: str | None, split: str, load_config: Any) -> dict[str, float]:
+    """Evaluate an MLflow run's best checkpoint with the config it was trained with."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config, checkpoint = fetch_run(run_id, tracking_uri, Path(tmp))
+        cfg = load_config(config)
+        return evaluate(cfg, str(checkpoint), split)
