@@ -178,9 +178,8 @@ def run(argv: Sequence[str]) -> int:
         if sub.action == "prepare":
             from datamodules.prepare import prepare, summarize
 
-            cfg = to_config(PrepareConfig, sub.prepare)
-            meta = prepare(cfg)
-            print(summarize(meta, cfg.out))
+            prep = to_config(PrepareConfig, sub.prepare)
+            print(summarize(prepare(prep), prep.out))
         elif sub.action == "download":
             from datamodules.download import download_dataset
 
