@@ -133,7 +133,8 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from datamodules.streaming import StreamingDataModule
-    from modules.sharding import make_strategy
+    from modules.callbacks import EpochLosses
+    from modules.sharding import make_strategy, table_placement
 
     runtime = runtime or WorkerRuntime()
     validate_run(cfg)
@@ -151,10 +152,12 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
             log_model=False,
         )
     monitor = monitor_of(cfg)
-    best = ModelCheckpoint(monitor=monitor, mode="max", save_top_k=1, filename="best-{epoch}")
-    callbacks: list[Any] = [best]
+    mode = "min" if "loss" in monitor else "max"
+    best = ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}")
+    losses = EpochLosses()
+    callbacks: list[Any] = [best, losses]
     if cfg.trainer.patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.trainer.patience))
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     use_gpu = cfg.trainer.accelerator == "gpu" or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
     trainer = L.Trainer(
         accelerator="gpu" if use_gpu else "cpu",
@@ -182,6 +185,10 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
     metrics["best_checkpoint"] = best_path
     metrics["epochs"] = trainer.current_epoch
+    metrics["train_loss_per_epoch"] = losses.losses
+    metrics["world_size"] = trainer.world_size
+    plan = getattr(trainer.strategy, "plan", None)
+    metrics["table_ranks"] = table_placement(plan) if plan is not None else {}
     exported = export_model(cfg, task, dm.meta)
     if logger and trainer.is_global_zero:
         metrics["run_id"] = logger.run_id

@@ -99,10 +99,31 @@ def _loader_class() -> type:
     from streaming import StreamingDataLoader
 
     class BlockLoader(StreamingDataLoader):
-        """StreamingDataLoader that counts MDS samples (blocks), not rows, for its resume state."""
+        """StreamingDataLoader that counts MDS samples (blocks), not rows, for its resume state, and
+        whose state after a completed epoch points at the start of the next one (the stock state
+        would count the padded epoch length and refuse to resume)."""
+
+        epoch_done = False
 
         def _get_batch_size(self, batch: Any) -> int:
             return int(self.batch_size or 1)
+
+        def __iter__(self) -> Any:
+            # Lightning stops after len(loader) batches without exhausting the iterator, so the
+            # epoch counts as done once its last batch has been handed out.
+            self.epoch_done = False
+            total = len(self)
+            for i, batch in enumerate(super().__iter__()):
+                if i + 1 >= total:
+                    self.epoch_done = True
+                yield batch
+            self.epoch_done = True
+
+        def state_dict(self) -> dict[str, Any] | None:
+            state = super().state_dict()
+            if state is not None and self.epoch_done:
+                state = {**state, "epoch": state["epoch"] + 1, "sample_in_epoch": 0}
+            return state
 
     return BlockLoader
 

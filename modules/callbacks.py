@@ -1,0 +1,19 @@
+"""Small Lightning callbacks used by training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+
+class EpochLosses(Callback):
+    """Collects the mean training loss of every epoch."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        value = trainer.callback_metrics.get("train/loss_epoch")
+        if value is not None:
+            self.losses.append(float(value))

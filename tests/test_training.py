@@ -1,0 +1,201 @@
+"""Models, the TorchRec strategy, sharded training over gloo, checkpoint/resume, configs, bad configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ratings_frame, tiny_prepare, write_ml100k
+
+from app.cli import load_run_config, main
+from app.config import (
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+from datamodules.prepare import prepare
+from datamodules.schema import read_metadata
+from datamodules.streaming import StreamingDataModule
+from modules.models import MODELS, build_model
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def ml_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MovieLens-layout retrieval dataset (side features, multi-hot genres), blocks of 16 rows."""
+    base = tmp_path_factory.mktemp("ml")
+    src = write_ml100k(base / "src", ratings_frame(n_users=60, n_items=50, per_user=16))
+    out = base / "data"
+    prepare(tiny_prepare(out, "movielens-100k", source=str(src), block_rows=16))
+    return out
+
+
+def run_cfg(path: Path, model: str, tmp: Path, **trainer: Any) -> RunConfig:
+    trainer.setdefault("max_epochs", 2)
+    trainer.setdefault("patience", 0)
+    return RunConfig(
+        model=model,
+        data=DataConfig(path=str(path), batch_size=64),
+        arch=ModelConfig(embedding_dim=8, tower_layers=[16, 8], dense_arch=[8], over_arch=[16], deepfm_hidden=[16]),
+        trainer=TrainerConfig(output_dir=str(tmp / "runs"), progress_bar=False, log_every_n_steps=1, **trainer),
+        tracking=TrackingConfig(enabled=False),
+    )
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_model_output_shapes(kind: str, ml_dataset: Path, ctr_dataset: Path, tmp_path: Path) -> None:
+    path = ml_dataset if kind == "two-tower" else ctr_dataset
+    meta = read_metadata(path)
+    dm = StreamingDataModule(DataConfig(path=str(path), batch_size=64, cache_dir=str(tmp_path)))
+    batch = next(iter(dm.train_dataloader()))
+    model = build_model(kind, meta, ModelConfig(embedding_dim=8, tower_layers=[16, 12]), device="cpu")
+    out = model(batch.dense_features, batch.sparse_features)
+    if kind == "two-tower":
+        assert out[0].shape == out[1].shape == (64, 12)
+    else:
+        assert out.shape == (64, 1)
+    meta_model = build_model(kind, meta, ModelConfig(embedding_dim=8), device="meta")
+    tables = {n: p.shape for n, p in meta_model.named_parameters() if "embedding_bags" in n}
+    assert sorted(s[0] for s in tables.values()) == sorted(f.cardinality for f in meta.sparse_features)
+    dm.teardown()
+
+
+def _parity_worker(path: str, out: str) -> None:
+    """Five steps by hand and five through Trainer.fit from the same initial weights and batches."""
+    import lightning as L
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from app.train import build_task
+    from cluster.local import free_port, torchrun_env
+    from modules.sharding import TorchRecStrategy, shard_model
+
+    import os
+
+    os.environ.update(torchrun_env(0, 1, free_port(), "parity"))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    cfg = run_cfg(Path(path), "dlrm", Path(out))
+    meta = read_metadata(path)
+
+    def batches() -> list[Any]:
+        dm = StreamingDataModule(dataclasses.replace(cfg.data, cache_dir=out + f"/c{len(os.listdir(out))}"))
+        it = iter(dm.train_dataloader())
+        return [next(it) for _ in range(5)]
+
+    torch.manual_seed(0)
+    manual = build_task(cfg, meta)
+    manual.model, _ = shard_model(manual.model, torch.device("cpu"), manual.sparse_optimizer(), 1)
+    initial = {k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).clone()
+               for k, v in manual.model.state_dict().items()}
+    opt = manual.configure_optimizers()
+    for b in batches():
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(manual.logits(b), b.labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    class LoadInitial(L.Callback):
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            with torch.no_grad():
+                for k, v in pl_module.model.state_dict().items():
+                    (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).copy_(initial[k])
+
+    task = build_task(cfg, meta)
+    dm = StreamingDataModule(dataclasses.replace(cfg.data, cache_dir=out + "/lightning"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(process_group_backend="gloo"),
+                        max_steps=5, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        enable_progress_bar=False, callbacks=[LoadInitial()], num_sanity_val_steps=0)
+    trainer.fit(task, datamodule=dm)
+    a, b = manual.model.state_dict(), task.model.state_dict()
+    diffs = {}
+    for k in a:
+        x = a[k].local_shards()[0].tensor if isinstance(a[k], ShardedTensor) else a[k]
+        y = b[k].local_shards()[0].tensor if isinstance(b[k], ShardedTensor) else b[k]
+        diffs[k] = float((x - y).abs().max())
+    changed = sum(1 for k in a if not torch.allclose(initial[k], a[k].local_shards()[0].tensor
+                                                     if isinstance(a[k], ShardedTensor) else a[k]))
+    torch.save({"diffs": diffs, "changed": changed, "total": len(a)}, out + "/parity.pt")
+
+
+def test_lightning_matches_a_manual_loop(ctr_dataset: Path, tmp_path: Path) -> None:
+    p = mp.get_context("spawn").Process(target=_parity_worker, args=(str(ctr_dataset), str(tmp_path)))
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0
+    result = torch.load(tmp_path / "parity.pt")
+    assert result["changed"] >= result["total"] // 2  # the steps really trained
+    assert max(result["diffs"].values()) < 1e-5, result["diffs"]
+
+
+def test_sharded_training_on_two_processes(ml_dataset: Path, tmp_path: Path) -> None:
+    from cluster.local import launch
+
+    cfg = dataclasses.replace(run_cfg(ml_dataset, "dlrm", tmp_path, max_epochs=3),
+                              cluster=ClusterConfig(num_workers=2))
+    metrics = launch(cfg)
+    assert metrics["world_size"] == 2
+    ranks = {r for placed in metrics["table_ranks"].values() for r in placed}
+    assert ranks == {0, 1}, metrics["table_ranks"]  # the planner put tables on both ranks
+    losses = metrics["train_loss_per_epoch"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert 0.0 < metrics["test/auroc"] <= 1.0
+
+
+def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, tmp_path: Path) -> None:
+    from cluster.local import launch
+
+    two = ClusterConfig(num_workers=2)
+    full = launch(dataclasses.replace(run_cfg(ml_dataset, "two-tower", tmp_path / "a", max_epochs=2,
+                                              monitor="train/loss_epoch"), cluster=two))
+    first = launch(dataclasses.replace(run_cfg(ml_dataset, "two-tower", tmp_path / "b", max_epochs=1,
+                                               monitor="train/loss_epoch"), cluster=two))
+    resumed = launch(dataclasses.replace(
+        run_cfg(ml_dataset, "two-tower", tmp_path / "c", max_epochs=2, monitor="train/loss_epoch",
+                resume_from=first["best_checkpoint"]), cluster=two))
+    assert resumed["epochs"] == 2 and len(resumed["train_loss_per_epoch"]) == 1
+    assert resumed["train_loss_per_epoch"][0] == pytest.approx(full["train_loss_per_epoch"][1], rel=1e-3)
+    for key in ("test/auroc", "test/logloss", "test/ndcg@10"):
+        assert resumed[key] == pytest.approx(full[key], abs=2e-3), key
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_shipped_configs_load_and_validate(config: Path, ml_dataset: Path, ctr_dataset: Path) -> None:
+    from app.train import build_task, validate_run
+
+    cfg = load_run_config(config)
+    data = ml_dataset if cfg.model == "two-tower" or "movielens" in config.stem else ctr_dataset
+    cfg = load_run_config(config, ["--data", str(data), "--tracking.enabled", "false"])
+    meta = validate_run(cfg)
+    task = build_task(cfg, meta)
+    assert task.model is not None and cfg.model in MODELS
+
+
+BAD_CONFIGS = {
+    "unknown model": (["--model", "gpt"], "unknown model 'gpt'"),
+    "unknown loss": (["--model", "two-tower", "--arch.loss", "hinge"], "arch.loss"),
+    "features do not match": (["--model", "two-tower", "--data", "{ctr}"], "has no users/items"),
+    "missing dataset": (["--model", "dlrm", "--data", "{missing}"], "no such dataset directory"),
+    "unreachable tracking": (["--model", "dlrm", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    "unknown key": (["--model", "dlrm", "--arch.bogus", "1"], "bogus"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configuration_fails_before_training(
+    case: str, ml_dataset: Path, ctr_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args, message = BAD_CONFIGS[case]
+    args = [a.format(ctr=ctr_dataset, missing=tmp_path / "nope") for a in args]
+    if "--data" not in args:
+        args += ["--data", str(ml_dataset)]
+    code = main(["train", *args, "--trainer.output_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()
