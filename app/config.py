@@ -135,7 +135,7 @@ class TrainerConfig:
     seed: int = 0
     monitor: str | None = None
     """Validation metric for early stopping and the best checkpoint (default: val/auroc, or
-    val/ndcg@K for two-tower)."""
+    val/ndcg_at_K for two-tower)."""
     patience: int = 3
     """Early stopping patience in epochs (0 disables early stopping)."""
     k: int = 10

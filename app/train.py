@@ -109,7 +109,7 @@ def build_task(cfg: RunConfig, meta: Any) -> Any:
 
 
 def monitor_of(cfg: RunConfig) -> str:
-    return cfg.trainer.monitor or (f"val/ndcg@{cfg.trainer.k}" if cfg.model == "two-tower" else "val/auroc")
+    return cfg.trainer.monitor or (f"val/ndcg_at_{cfg.trainer.k}" if cfg.model == "two-tower" else "val/auroc")
 
 
 def quiet_known_warnings() -> None:

@@ -136,15 +136,13 @@ class TorchRecMixin:
         for opt in optimizers:
             if hasattr(opt, "init_state"):
                 opt.init_state()  # optimizer state is lazy: create it so the loader has targets
-        state = {
-            "model": lm.state_dict(),
-            "optimizers": [opt.state_dict() for opt in optimizers],
-            "fused": lm.model.fused_optimizer.state_dict(),
-        }
+        state: dict[str, Any] = {"model": lm.state_dict(), "fused": lm.model.fused_optimizer.state_dict()}
+        if optimizers:  # fitting resumes them; testing or evaluating loads the weights only
+            state["optimizers"] = [opt.state_dict() for opt in optimizers]
         dcp.load(state, checkpoint_id=str(path))
         lm.model.fused_optimizer.load_state_dict(state["fused"])
         checkpoint["state_dict"] = state["model"]
-        checkpoint["optimizer_states"] = state["optimizers"]
+        checkpoint["optimizer_states"] = state.get("optimizers", [])
         return checkpoint
 
     def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:

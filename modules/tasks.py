@@ -280,7 +280,7 @@ class RetrievalTask(RecTask):
         relevant = [{column_of_item[int(i)] for i in grouped[u] if int(i) in column_of_item} for u in users]
         unseen = [sum(1 for i in grouped[u] if int(i) not in column_of_item) for u in users]
         recall, ndcg = ranking_metrics(scores, relevant, unseen, self.k)
-        return {f"{split}/recall@{self.k}": recall, f"{split}/ndcg@{self.k}": ndcg}
+        return {f"{split}/recall_at_{self.k}": recall, f"{split}/ndcg_at_{self.k}": ndcg}
 
     def _log_split(self, split: str) -> None:
         super()._log_split(split)

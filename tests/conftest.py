@@ -115,3 +115,13 @@ def ctr_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def ml_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MovieLens-layout retrieval dataset (side features, multi-hot genres), blocks of 16 rows."""
+    base = tmp_path_factory.mktemp("ml")
+    src = write_ml100k(base / "src", ratings_frame(n_users=60, n_items=50, per_user=16))
+    out = base / "data"
+    prepare(tiny_prepare(out, "movielens-100k", source=str(src), block_rows=16))
+    return out

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ratings_frame, tiny_prepare, write_ml100k
 
 from app.cli import load_run_config, main
 from app.config import (
@@ -20,22 +19,11 @@ from app.config import (
     TrackingConfig,
     TrainerConfig,
 )
-from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
 from datamodules.streaming import StreamingDataModule
 from modules.models import MODELS, build_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-
-
-@pytest.fixture(scope="session")
-def ml_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny MovieLens-layout retrieval dataset (side features, multi-hot genres), blocks of 16 rows."""
-    base = tmp_path_factory.mktemp("ml")
-    src = write_ml100k(base / "src", ratings_frame(n_users=60, n_items=50, per_user=16))
-    out = base / "data"
-    prepare(tiny_prepare(out, "movielens-100k", source=str(src), block_rows=16))
-    return out
 
 
 def run_cfg(path: Path, model: str, tmp: Path, **trainer: Any) -> RunConfig:
@@ -70,14 +58,14 @@ def test_model_output_shapes(kind: str, ml_dataset: Path, ctr_dataset: Path, tmp
 
 def _parity_worker(path: str, out: str) -> None:
     """Five steps by hand and five through Trainer.fit from the same initial weights and batches."""
+    import os
+
     import lightning as L
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     from app.train import build_task
     from cluster.local import free_port, torchrun_env
     from modules.sharding import TorchRecStrategy, shard_model
-
-    import os
 
     os.environ.update(torchrun_env(0, 1, free_port(), "parity"))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
@@ -92,8 +80,10 @@ def _parity_worker(path: str, out: str) -> None:
     torch.manual_seed(0)
     manual = build_task(cfg, meta)
     manual.model, _ = shard_model(manual.model, torch.device("cpu"), manual.sparse_optimizer(), 1)
-    initial = {k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).clone()
-               for k, v in manual.model.state_dict().items()}
+    initial = {
+        k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).clone()
+        for k, v in manual.model.state_dict().items()
+    }
     opt = manual.configure_optimizers()
     for b in batches():
         loss = torch.nn.functional.binary_cross_entropy_with_logits(manual.logits(b), b.labels)
@@ -109,9 +99,18 @@ def _parity_worker(path: str, out: str) -> None:
 
     task = build_task(cfg, meta)
     dm = StreamingDataModule(dataclasses.replace(cfg.data, cache_dir=out + "/lightning"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=TorchRecStrategy(process_group_backend="gloo"),
-                        max_steps=5, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        enable_progress_bar=False, callbacks=[LoadInitial()], num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=TorchRecStrategy(process_group_backend="gloo"),
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        callbacks=[LoadInitial()],
+        num_sanity_val_steps=0,
+    )
     trainer.fit(task, datamodule=dm)
     a, b = manual.model.state_dict(), task.model.state_dict()
     diffs = {}
@@ -119,8 +118,11 @@ def _parity_worker(path: str, out: str) -> None:
         x = a[k].local_shards()[0].tensor if isinstance(a[k], ShardedTensor) else a[k]
         y = b[k].local_shards()[0].tensor if isinstance(b[k], ShardedTensor) else b[k]
         diffs[k] = float((x - y).abs().max())
-    changed = sum(1 for k in a if not torch.allclose(initial[k], a[k].local_shards()[0].tensor
-                                                     if isinstance(a[k], ShardedTensor) else a[k]))
+    changed = sum(
+        1
+        for k in a
+        if not torch.allclose(initial[k], a[k].local_shards()[0].tensor if isinstance(a[k], ShardedTensor) else a[k])
+    )
     torch.save({"diffs": diffs, "changed": changed, "total": len(a)}, out + "/parity.pt")
 
 
@@ -137,8 +139,7 @@ def test_lightning_matches_a_manual_loop(ctr_dataset: Path, tmp_path: Path) -> N
 def test_sharded_training_on_two_processes(ml_dataset: Path, tmp_path: Path) -> None:
     from cluster.local import launch
 
-    cfg = dataclasses.replace(run_cfg(ml_dataset, "dlrm", tmp_path, max_epochs=3),
-                              cluster=ClusterConfig(num_workers=2))
+    cfg = dataclasses.replace(run_cfg(ml_dataset, "dlrm", tmp_path, max_epochs=3), cluster=ClusterConfig(num_workers=2))
     metrics = launch(cfg)
     assert metrics["world_size"] == 2
     ranks = {r for placed in metrics["table_ranks"].values() for r in placed}
@@ -152,16 +153,32 @@ def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, 
     from cluster.local import launch
 
     two = ClusterConfig(num_workers=2)
-    full = launch(dataclasses.replace(run_cfg(ml_dataset, "two-tower", tmp_path / "a", max_epochs=2,
-                                              monitor="train/loss_epoch"), cluster=two))
-    first = launch(dataclasses.replace(run_cfg(ml_dataset, "two-tower", tmp_path / "b", max_epochs=1,
-                                               monitor="train/loss_epoch"), cluster=two))
-    resumed = launch(dataclasses.replace(
-        run_cfg(ml_dataset, "two-tower", tmp_path / "c", max_epochs=2, monitor="train/loss_epoch",
-                resume_from=first["best_checkpoint"]), cluster=two))
+    full = launch(
+        dataclasses.replace(
+            run_cfg(ml_dataset, "two-tower", tmp_path / "a", max_epochs=2, monitor="train/loss_epoch"), cluster=two
+        )
+    )
+    first = launch(
+        dataclasses.replace(
+            run_cfg(ml_dataset, "two-tower", tmp_path / "b", max_epochs=1, monitor="train/loss_epoch"), cluster=two
+        )
+    )
+    resumed = launch(
+        dataclasses.replace(
+            run_cfg(
+                ml_dataset,
+                "two-tower",
+                tmp_path / "c",
+                max_epochs=2,
+                monitor="train/loss_epoch",
+                resume_from=first["best_checkpoint"],
+            ),
+            cluster=two,
+        )
+    )
     assert resumed["epochs"] == 2 and len(resumed["train_loss_per_epoch"]) == 1
     assert resumed["train_loss_per_epoch"][0] == pytest.approx(full["train_loss_per_epoch"][1], rel=1e-3)
-    for key in ("test/auroc", "test/logloss", "test/ndcg@10"):
+    for key in ("test/auroc", "test/logloss", "test/ndcg_at_10"):
         assert resumed[key] == pytest.approx(full[key], abs=2e-3), key
 
 
