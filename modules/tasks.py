@@ -186,6 +186,28 @@ def ranking_metrics(
     return recall / len(top), ndcg / len(top)
 
 
+def corpus_metrics(
+    scores: torch.Tensor, users: list[int], items: list[int], train: pd.DataFrame, target: pd.DataFrame, k: int
+) -> tuple[float, float]:
+    """Full-corpus Recall@K / NDCG@K of a score matrix (rows ``users``, columns ``items``).
+
+    Items a user interacted with in ``train`` are excluded; the relevant items are the user's
+    positives (label 1) in ``target``; relevant items outside the corpus count as misses.
+    """
+    scores = scores.clone()
+    column_of = {i: j for j, i in enumerate(items)}
+    row_of = {u: r for r, u in enumerate(users)}
+    seen = train[train.user_id.isin(row_of.keys()) & train.item_id.isin(column_of.keys())]
+    rows = torch.as_tensor(seen.user_id.map(row_of).to_numpy(np.int64))
+    cols = torch.as_tensor(seen.item_id.map(column_of).to_numpy(np.int64))
+    scores[rows, cols] = -math.inf
+    positives = target[(target.label > 0.5) & target.user_id.isin(row_of.keys())]
+    grouped = positives.groupby("user_id").item_id.apply(list)
+    relevant = [{column_of[int(i)] for i in grouped.get(u, []) if int(i) in column_of} for u in users]
+    unseen = [sum(1 for i in grouped.get(u, []) if int(i) not in column_of) for u in users]
+    return ranking_metrics(scores, relevant, unseen, k)
+
+
 class RetrievalTask(RecTask):
     """Two-tower training (BCE or in-batch sampled softmax with log-Q) and full-corpus evaluation."""
 
@@ -255,31 +277,15 @@ class RetrievalTask(RecTask):
         """Recall@K and NDCG@K over the full item corpus; items a user had in train are excluded."""
         assert self.corpus is not None
         c = self.corpus
-        items = self.embed(c.items, 1)
-        column_of_item = {int(i): j for j, i in enumerate(c.items[self.item_key])}
         user_key = self.meta.user_id_feature or "user_id"
         target = c.pairs[split]
-        target = target[(target.label > 0.5) & (target.user_id > 0)]
-        if target.empty:
+        users = sorted(target[(target.label > 0.5) & (target.user_id > 0)].user_id.unique())
+        if not users:
             return {}
-        users = sorted(target.user_id.unique())
         user_rows = c.users.set_index(user_key).loc[users].reset_index()
-        emb = self.embed(user_rows, 0)
-        scores = emb @ items.t()
-        train = c.pairs["train"]
-        seen = train[train.user_id.isin(users)].groupby("user_id").item_id.apply(list)
-        row_of = {u: r for r, u in enumerate(users)}
-        rows, cols = [], []
-        for u, its in seen.items():
-            for i in its:
-                if int(i) in column_of_item:
-                    rows.append(row_of[u])
-                    cols.append(column_of_item[int(i)])
-        scores[rows, cols] = -math.inf
-        grouped = target.groupby("user_id").item_id.apply(list)
-        relevant = [{column_of_item[int(i)] for i in grouped[u] if int(i) in column_of_item} for u in users]
-        unseen = [sum(1 for i in grouped[u] if int(i) not in column_of_item) for u in users]
-        recall, ndcg = ranking_metrics(scores, relevant, unseen, self.k)
+        scores = self.embed(user_rows, 0) @ self.embed(c.items, 1).t()
+        items = [int(i) for i in c.items[self.item_key]]
+        recall, ndcg = corpus_metrics(scores, users, items, c.pairs["train"], target, self.k)
         return {f"{split}/recall_at_{self.k}": recall, f"{split}/ndcg_at_{self.k}": ndcg}
 
     def _log_split(self, split: str) -> None:

@@ -1,0 +1,251 @@
+"""Model quality next to simple baselines, on the same splits, in one run.
+
+    .venv/bin/python bench/quality.py            # all sections (about 10 minutes on 2 cores)
+    .venv/bin/python bench/quality.py --only movielens-retrieval
+
+Sections:
+  movielens-retrieval  every rating an interaction, per-user random 75/25 split, full-corpus ranking
+                       with train items excluded: two-tower vs most-popular vs tuned ALS (implicit)
+  movielens-ranking    label rating >= 4, per-user random 80/10/10: DLRM vs logistic regression
+  synthetic-ctr        DLRM vs the planted model's optimal AUC
+  synthetic-retrieval  two-tower vs most-popular vs the planted scorer (log popularity + 2 affinity)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from app.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PrepareConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainerConfig,
+)
+from app.train import train
+from datamodules.download import download_dataset
+from datamodules.prepare import prepare
+from datamodules.schema import read_metadata
+from datamodules.sources import default_movielens_dir
+from datamodules.streaming import StreamingDataModule
+from modules.tasks import corpus_metrics
+
+K = 10
+ROWS: list[tuple[str, str, str, float]] = []  # section, model, metric, value
+
+
+def report(section: str, model: str, metric: str, value: float) -> None:
+    ROWS.append((section, model, metric, value))
+    print(f"[quality] {section:<22} {model:<28} {metric:<14} {value:.4f}", flush=True)
+
+
+def run(model: str, path: Path, work: Path, arch: ModelConfig, optim: OptimConfig, epochs: int,
+        batch: int, monitor: str | None = None) -> dict[str, Any]:
+    cfg = RunConfig(
+        model=model, data=DataConfig(path=str(path), batch_size=batch), arch=arch, optim=optim,
+        trainer=TrainerConfig(max_epochs=epochs, patience=2 if monitor is None else 0, monitor=monitor,
+                              output_dir=str(work / "runs"), progress_bar=False, k=K),
+        tracking=TrackingConfig(enabled=False),
+    )
+    return train(cfg)
+
+
+def pairs(path: Path, split: str) -> pd.DataFrame:
+    return pd.read_parquet(path / "pairs" / f"{split}.parquet")
+
+
+def interaction_matrix(frame: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
+    pos = frame[frame.label > 0.5]
+    data = np.ones(len(pos), dtype=np.float32)
+    return sp.csr_matrix((data, (pos.user_id, pos.item_id)), shape=(n_users, n_items))
+
+
+def eval_scores(scores: torch.Tensor, users: list[int], items: list[int], train_pairs: pd.DataFrame,
+                target: pd.DataFrame) -> tuple[float, float]:
+    return corpus_metrics(scores, users, items, train_pairs, target, K)
+
+
+def target_users(target: pd.DataFrame) -> list[int]:
+    return sorted(int(u) for u in target[(target.label > 0.5) & (target.user_id > 0)].user_id.unique())
+
+
+def popularity_scores(train_pairs: pd.DataFrame, users: list[int], items: list[int]) -> torch.Tensor:
+    counts = np.bincount(train_pairs[train_pairs.label > 0.5].item_id, minlength=max(items) + 1)
+    return torch.as_tensor(counts[items], dtype=torch.float32).expand(len(users), -1).clone()
+
+
+def als_scores(train_pairs: pd.DataFrame, users: list[int], items: list[int], n_users: int, n_items: int,
+               factors: int, reg: float, alpha: float, iterations: int = 15) -> torch.Tensor:
+    from implicit.als import AlternatingLeastSquares
+
+    model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=iterations,
+                                    random_state=0)
+    model.fit(interaction_matrix(train_pairs, n_users, n_items), show_progress=False)
+    uf, itf = np.asarray(model.user_factors), np.asarray(model.item_factors)
+    return torch.as_tensor(uf[users] @ itf[items].T)
+
+
+def tuned_als(train_pairs: pd.DataFrame, n_users: int, n_items: int, items: list[int]) -> dict[str, float]:
+    """Grid-search ALS on a validation split carved from train (10% of each user's interactions)."""
+    rng = np.random.default_rng(0)
+    holdout = rng.random(len(train_pairs)) < 0.1
+    fit, val = train_pairs[~holdout], train_pairs[holdout]
+    users = target_users(val)
+    best: tuple[float, dict[str, float]] = (-1.0, {})
+    for factors, reg, alpha in itertools.product((32, 64, 128), (0.01, 0.1, 1.0), (1.0, 5.0, 20.0)):
+        s = als_scores(fit, users, items, n_users, n_items, factors, reg, alpha)
+        ndcg = eval_scores(s, users, items, fit, val)[1]
+        if ndcg > best[0]:
+            best = (ndcg, {"factors": factors, "reg": reg, "alpha": alpha})
+    return best[1]
+
+
+def movielens_source() -> str:
+    src = default_movielens_dir()
+    if not src.exists():
+        download_dataset("movielens-100k")
+    return str(src)
+
+
+def movielens_retrieval(work: Path) -> None:
+    path = work / "ml-retrieval"
+    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_source(), out=str(path), val_frac=0.0,
+                          test_frac=0.25, label_threshold=0.0, overwrite=True))
+    meta = read_metadata(path)
+    tr, te = pairs(path, "train"), pairs(path, "test")
+    items = sorted(int(i) for i in pd.read_parquet(path / "items.parquet").item_id)
+    users = target_users(te)
+    n_users, n_items = meta.feature("user_id").cardinality, meta.feature("item_id").cardinality
+    section = "movielens-retrieval"
+    pop = eval_scores(popularity_scores(tr, users, items), users, items, tr, te)
+    report(section, "most-popular", f"recall@{K}", pop[0])
+    report(section, "most-popular", f"ndcg@{K}", pop[1])
+    params = tuned_als(tr, n_users, n_items, items)
+    als = eval_scores(als_scores(tr, users, items, n_users, n_items, **params), users, items, tr, te)
+    report(section, f"ALS (implicit) {params}", f"recall@{K}", als[0])
+    report(section, f"ALS (implicit) {params}", f"ndcg@{K}", als[1])
+    m = run("two-tower", path, work, ModelConfig(embedding_dim=64, tower_layers=[128, 64], similarity="cosine",
+                                                 temperature=0.05, loss="softmax"),
+            OptimConfig(sparse_lr=0.05, dense_lr=1e-3), epochs=12, batch=1024, monitor="train/loss_epoch")
+    report(section, "two-tower (softmax, log-Q)", f"recall@{K}", m[f"test/recall_at_{K}"])
+    report(section, "two-tower (softmax, log-Q)", f"ndcg@{K}", m[f"test/ndcg_at_{K}"])
+
+
+def features_matrix(path: Path, split: str, cache: Path) -> tuple[sp.csr_matrix, np.ndarray]:
+    """One-hot sparse features (multi-hot averaged) and dense features of every row of a split."""
+    meta = read_metadata(path)
+    dm = StreamingDataModule(DataConfig(path=str(path), batch_size=meta.block_rows * 8, shuffle=False,
+                                        cache_dir=str(cache)))
+    loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+    offsets = np.cumsum([0] + [f.cardinality for f in meta.sparse_features])
+    blocks, labels = [], []
+    for b in loader:
+        n = len(b.labels)
+        parts = [sp.csr_matrix(b.dense_features.numpy())]
+        for f, off in zip(meta.sparse_features, offsets[:-1], strict=False):
+            jt = b.sparse_features[f.name]
+            lengths = jt.lengths().numpy()
+            rows = np.repeat(np.arange(n), lengths)
+            weights = 1.0 / np.maximum(lengths[rows], 1)
+            parts.append(sp.csr_matrix((weights, (rows, jt.values().numpy())), shape=(n, f.cardinality)))
+        blocks.append(sp.hstack(parts).tocsr())
+        labels.append(b.labels.numpy())
+    dm.teardown()
+    return sp.vstack(blocks).tocsr(), np.concatenate(labels)
+
+
+def movielens_ranking(work: Path) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    path = work / "ml-ranking"
+    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_source(), out=str(path), overwrite=True))
+    section = "movielens-ranking"
+    xtr, ytr = features_matrix(path, "train", work / "c1")
+    xva, yva = features_matrix(path, "val", work / "c2")
+    xte, yte = features_matrix(path, "test", work / "c3")
+    best = max((0.01, 0.03, 0.1, 0.3, 1.0, 3.0), key=lambda c: roc_auc_score(
+        yva, LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr).decision_function(xva)))
+    lr = LogisticRegression(C=best, max_iter=2000).fit(xtr, ytr)
+    report(section, f"logistic regression (C={best})", "test AUC", roc_auc_score(yte, lr.decision_function(xte)))
+    m = run("dlrm", path, work, ModelConfig(embedding_dim=16, dense_arch=[64], over_arch=[128, 64]),
+            OptimConfig(sparse_lr=0.02, dense_lr=1e-3), epochs=10, batch=1024)
+    report(section, "DLRM", "test AUC", m["test/auroc"])
+
+
+def synthetic_ctr(work: Path, rows: int) -> None:
+    path = work / "ctr"
+    meta = prepare(PrepareConfig(dataset="synthetic-ctr", out=str(path), rows=rows, overwrite=True))
+    section = "synthetic-ctr"
+    report(section, "planted model (optimum)", "test AUC", meta.extra["planted_test_auc"])
+    m = run("dlrm", path, work, ModelConfig(embedding_dim=16, dense_arch=[64], over_arch=[128, 64]),
+            OptimConfig(sparse_lr=0.05, dense_lr=2e-3), epochs=4, batch=4096)
+    report(section, "DLRM", "test AUC", m["test/auroc"])
+
+
+def synthetic_retrieval(work: Path, rows: int) -> None:
+    path = work / "sr"
+    prepare(PrepareConfig(dataset="synthetic-retrieval", out=str(path), rows=rows, overwrite=True))
+    meta = read_metadata(path)
+    truth = np.load(path / "ground_truth.npz")
+    tr, te = pairs(path, "train"), pairs(path, "test")
+    items = sorted(int(i) for i in pd.read_parquet(path / "items.parquet").item_id)
+    users = target_users(te)
+    section = "synthetic-retrieval"
+    # raw id i is row i of the planted factors; map vocabulary indices back to raw ids
+    from datamodules.schema import read_vocab
+
+    raw_user = np.array([int(x) for x in read_vocab(path, meta.feature("user_id"))])
+    raw_item = np.array([int(x) for x in read_vocab(path, meta.feature("item_id"))])
+    uf, itf = truth["user_factors"][raw_user[np.array(users) - 1]], truth["item_factors"][raw_item[np.array(items) - 1]]
+    d = uf.shape[1]
+    planted = 2.0 * (uf @ itf.T) / np.sqrt(d) + np.log(truth["item_popularity"][raw_item[np.array(items) - 1]])
+    for name, scores in (("most-popular", popularity_scores(tr, users, items)),
+                         ("planted scorer (optimum)", torch.as_tensor(planted, dtype=torch.float32))):
+        r = eval_scores(scores, users, items, tr, te)
+        report(section, name, f"recall@{K}", r[0])
+        report(section, name, f"ndcg@{K}", r[1])
+    m = run("two-tower", path, work, ModelConfig(embedding_dim=32, tower_layers=[64, 32], similarity="dot",
+                                                 temperature=1.0, loss="softmax"),
+            OptimConfig(sparse_lr=0.05, dense_lr=2e-3), epochs=6, batch=2048, monitor="train/loss_epoch")
+    report(section, "two-tower (softmax, log-Q)", f"recall@{K}", m[f"test/recall_at_{K}"])
+    report(section, "two-tower (softmax, log-Q)", f"ndcg@{K}", m[f"test/ndcg_at_{K}"])
+
+
+SECTIONS = {
+    "movielens-retrieval": lambda w, a: movielens_retrieval(w),
+    "movielens-ranking": lambda w, a: movielens_ranking(w),
+    "synthetic-ctr": lambda w, a: synthetic_ctr(w, a.ctr_rows),
+    "synthetic-retrieval": lambda w, a: synthetic_retrieval(w, a.retrieval_rows),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=list(SECTIONS), action="append")
+    parser.add_argument("--ctr-rows", type=int, default=1_000_000)
+    parser.add_argument("--retrieval-rows", type=int, default=200_000)
+    parser.add_argument("--work", type=str, default=None)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="recsys-quality-"))
+    for name in args.only or list(SECTIONS):
+        SECTIONS[name](work, args)
+    print(f"\n| section | model | metric | value |\n| --- | --- | --- | ---: |")
+    for section, model, metric, value in ROWS:
+        print(f"| {section} | {model} | {metric} | {value:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
