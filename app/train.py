@@ -155,7 +155,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     mode = "min" if "loss" in monitor else "max"
     best = ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}")
     losses = EpochLosses()
-    callbacks: list[Any] = [best, losses]
+    callbacks: list[Any] = [best, losses, *runtime.callbacks]
     if cfg.trainer.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     use_gpu = cfg.trainer.accelerator == "gpu" or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())

@@ -14,7 +14,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import tempfile
 from pathlib import Path
@@ -51,12 +50,29 @@ def report(section: str, model: str, metric: str, value: float) -> None:
     print(f"[quality] {section:<22} {model:<28} {metric:<14} {value:.4f}", flush=True)
 
 
-def run(model: str, path: Path, work: Path, arch: ModelConfig, optim: OptimConfig, epochs: int,
-        batch: int, monitor: str | None = None) -> dict[str, Any]:
+def run(
+    model: str,
+    path: Path,
+    work: Path,
+    arch: ModelConfig,
+    optim: OptimConfig,
+    epochs: int,
+    batch: int,
+    monitor: str | None = None,
+) -> dict[str, Any]:
     cfg = RunConfig(
-        model=model, data=DataConfig(path=str(path), batch_size=batch), arch=arch, optim=optim,
-        trainer=TrainerConfig(max_epochs=epochs, patience=2 if monitor is None else 0, monitor=monitor,
-                              output_dir=str(work / "runs"), progress_bar=False, k=K),
+        model=model,
+        data=DataConfig(path=str(path), batch_size=batch),
+        arch=arch,
+        optim=optim,
+        trainer=TrainerConfig(
+            max_epochs=epochs,
+            patience=2 if monitor is None else 0,
+            monitor=monitor,
+            output_dir=str(work / "runs"),
+            progress_bar=False,
+            k=K,
+        ),
         tracking=TrackingConfig(enabled=False),
     )
     return train(cfg)
@@ -72,8 +88,9 @@ def interaction_matrix(frame: pd.DataFrame, n_users: int, n_items: int) -> sp.cs
     return sp.csr_matrix((data, (pos.user_id, pos.item_id)), shape=(n_users, n_items))
 
 
-def eval_scores(scores: torch.Tensor, users: list[int], items: list[int], train_pairs: pd.DataFrame,
-                target: pd.DataFrame) -> tuple[float, float]:
+def eval_scores(
+    scores: torch.Tensor, users: list[int], items: list[int], train_pairs: pd.DataFrame, target: pd.DataFrame
+) -> tuple[float, float]:
     return corpus_metrics(scores, users, items, train_pairs, target, K)
 
 
@@ -86,12 +103,22 @@ def popularity_scores(train_pairs: pd.DataFrame, users: list[int], items: list[i
     return torch.as_tensor(counts[items], dtype=torch.float32).expand(len(users), -1).clone()
 
 
-def als_scores(train_pairs: pd.DataFrame, users: list[int], items: list[int], n_users: int, n_items: int,
-               factors: int, reg: float, alpha: float, iterations: int = 15) -> torch.Tensor:
+def als_scores(
+    train_pairs: pd.DataFrame,
+    users: list[int],
+    items: list[int],
+    n_users: int,
+    n_items: int,
+    factors: int,
+    reg: float,
+    alpha: float,
+    iterations: int = 15,
+) -> torch.Tensor:
     from implicit.als import AlternatingLeastSquares
 
-    model = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=alpha, iterations=iterations,
-                                    random_state=0)
+    model = AlternatingLeastSquares(
+        factors=factors, regularization=reg, alpha=alpha, iterations=iterations, random_state=0
+    )
     model.fit(interaction_matrix(train_pairs, n_users, n_items), show_progress=False)
     uf, itf = np.asarray(model.user_factors), np.asarray(model.item_factors)
     return torch.as_tensor(uf[users] @ itf[items].T)
@@ -121,8 +148,17 @@ def movielens_source() -> str:
 
 def movielens_retrieval(work: Path) -> None:
     path = work / "ml-retrieval"
-    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_source(), out=str(path), val_frac=0.0,
-                          test_frac=0.25, label_threshold=0.0, overwrite=True))
+    prepare(
+        PrepareConfig(
+            dataset="movielens-100k",
+            source=movielens_source(),
+            out=str(path),
+            val_frac=0.0,
+            test_frac=0.25,
+            label_threshold=0.0,
+            overwrite=True,
+        )
+    )
     meta = read_metadata(path)
     tr, te = pairs(path, "train"), pairs(path, "test")
     items = sorted(int(i) for i in pd.read_parquet(path / "items.parquet").item_id)
@@ -136,9 +172,16 @@ def movielens_retrieval(work: Path) -> None:
     als = eval_scores(als_scores(tr, users, items, n_users, n_items, **params), users, items, tr, te)
     report(section, f"ALS (implicit) {params}", f"recall@{K}", als[0])
     report(section, f"ALS (implicit) {params}", f"ndcg@{K}", als[1])
-    m = run("two-tower", path, work, ModelConfig(embedding_dim=64, tower_layers=[128, 64], similarity="cosine",
-                                                 temperature=0.05, loss="softmax"),
-            OptimConfig(sparse_lr=0.05, dense_lr=1e-3), epochs=12, batch=1024, monitor="train/loss_epoch")
+    m = run(
+        "two-tower",
+        path,
+        work,
+        ModelConfig(embedding_dim=64, tower_layers=[128, 64], similarity="cosine", temperature=0.05, loss="softmax"),
+        OptimConfig(sparse_lr=0.05, dense_lr=1e-3),
+        epochs=12,
+        batch=1024,
+        monitor="train/loss_epoch",
+    )
     report(section, "two-tower (softmax, log-Q)", f"recall@{K}", m[f"test/recall_at_{K}"])
     report(section, "two-tower (softmax, log-Q)", f"ndcg@{K}", m[f"test/ndcg_at_{K}"])
 
@@ -146,15 +189,15 @@ def movielens_retrieval(work: Path) -> None:
 def features_matrix(path: Path, split: str, cache: Path) -> tuple[sp.csr_matrix, np.ndarray]:
     """One-hot sparse features (multi-hot averaged) and dense features of every row of a split."""
     meta = read_metadata(path)
-    dm = StreamingDataModule(DataConfig(path=str(path), batch_size=meta.block_rows * 8, shuffle=False,
-                                        cache_dir=str(cache)))
+    dm = StreamingDataModule(
+        DataConfig(path=str(path), batch_size=meta.block_rows * 8, shuffle=False, cache_dir=str(cache))
+    )
     loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
-    offsets = np.cumsum([0] + [f.cardinality for f in meta.sparse_features])
     blocks, labels = [], []
     for b in loader:
         n = len(b.labels)
         parts = [sp.csr_matrix(b.dense_features.numpy())]
-        for f, off in zip(meta.sparse_features, offsets[:-1], strict=False):
+        for f in meta.sparse_features:
             jt = b.sparse_features[f.name]
             lengths = jt.lengths().numpy()
             rows = np.repeat(np.arange(n), lengths)
@@ -176,12 +219,21 @@ def movielens_ranking(work: Path) -> None:
     xtr, ytr = features_matrix(path, "train", work / "c1")
     xva, yva = features_matrix(path, "val", work / "c2")
     xte, yte = features_matrix(path, "test", work / "c3")
-    best = max((0.01, 0.03, 0.1, 0.3, 1.0, 3.0), key=lambda c: roc_auc_score(
-        yva, LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr).decision_function(xva)))
+    best = max(
+        (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+        key=lambda c: roc_auc_score(yva, LogisticRegression(C=c, max_iter=2000).fit(xtr, ytr).decision_function(xva)),
+    )
     lr = LogisticRegression(C=best, max_iter=2000).fit(xtr, ytr)
     report(section, f"logistic regression (C={best})", "test AUC", roc_auc_score(yte, lr.decision_function(xte)))
-    m = run("dlrm", path, work, ModelConfig(embedding_dim=16, dense_arch=[64], over_arch=[128, 64]),
-            OptimConfig(sparse_lr=0.02, dense_lr=1e-3), epochs=10, batch=1024)
+    m = run(
+        "dlrm",
+        path,
+        work,
+        ModelConfig(embedding_dim=16, dense_arch=[64], over_arch=[128, 64]),
+        OptimConfig(sparse_lr=0.02, dense_lr=1e-3),
+        epochs=10,
+        batch=1024,
+    )
     report(section, "DLRM", "test AUC", m["test/auroc"])
 
 
@@ -190,8 +242,15 @@ def synthetic_ctr(work: Path, rows: int) -> None:
     meta = prepare(PrepareConfig(dataset="synthetic-ctr", out=str(path), rows=rows, overwrite=True))
     section = "synthetic-ctr"
     report(section, "planted model (optimum)", "test AUC", meta.extra["planted_test_auc"])
-    m = run("dlrm", path, work, ModelConfig(embedding_dim=16, dense_arch=[64], over_arch=[128, 64]),
-            OptimConfig(sparse_lr=0.05, dense_lr=2e-3), epochs=4, batch=4096)
+    m = run(
+        "dlrm",
+        path,
+        work,
+        ModelConfig(embedding_dim=16, dense_arch=[64], over_arch=[128, 64]),
+        OptimConfig(sparse_lr=0.05, dense_lr=2e-3),
+        epochs=4,
+        batch=4096,
+    )
     report(section, "DLRM", "test AUC", m["test/auroc"])
 
 
@@ -212,14 +271,23 @@ def synthetic_retrieval(work: Path, rows: int) -> None:
     uf, itf = truth["user_factors"][raw_user[np.array(users) - 1]], truth["item_factors"][raw_item[np.array(items) - 1]]
     d = uf.shape[1]
     planted = 2.0 * (uf @ itf.T) / np.sqrt(d) + np.log(truth["item_popularity"][raw_item[np.array(items) - 1]])
-    for name, scores in (("most-popular", popularity_scores(tr, users, items)),
-                         ("planted scorer (optimum)", torch.as_tensor(planted, dtype=torch.float32))):
+    for name, scores in (
+        ("most-popular", popularity_scores(tr, users, items)),
+        ("planted scorer (optimum)", torch.as_tensor(planted, dtype=torch.float32)),
+    ):
         r = eval_scores(scores, users, items, tr, te)
         report(section, name, f"recall@{K}", r[0])
         report(section, name, f"ndcg@{K}", r[1])
-    m = run("two-tower", path, work, ModelConfig(embedding_dim=32, tower_layers=[64, 32], similarity="dot",
-                                                 temperature=1.0, loss="softmax"),
-            OptimConfig(sparse_lr=0.05, dense_lr=2e-3), epochs=6, batch=2048, monitor="train/loss_epoch")
+    m = run(
+        "two-tower",
+        path,
+        work,
+        ModelConfig(embedding_dim=32, tower_layers=[64, 32], similarity="dot", temperature=1.0, loss="softmax"),
+        OptimConfig(sparse_lr=0.05, dense_lr=2e-3),
+        epochs=6,
+        batch=2048,
+        monitor="train/loss_epoch",
+    )
     report(section, "two-tower (softmax, log-Q)", f"recall@{K}", m[f"test/recall_at_{K}"])
     report(section, "two-tower (softmax, log-Q)", f"ndcg@{K}", m[f"test/ndcg_at_{K}"])
 
@@ -242,7 +310,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="recsys-quality-"))
     for name in args.only or list(SECTIONS):
         SECTIONS[name](work, args)
-    print(f"\n| section | model | metric | value |\n| --- | --- | --- | ---: |")
+    print("\n| section | model | metric | value |\n| --- | --- | --- | ---: |")
     for section, model, metric, value in ROWS:
         print(f"| {section} | {model} | {metric} | {value:.4f} |")
 

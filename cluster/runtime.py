@@ -25,3 +25,5 @@ class WorkerRuntime:
     prepare_trainer: Callable[[Any], Any] = _identity
     report: Callable[[dict[str, float]], None] | None = None
     """Called with the final metrics on every rank (the Ray backend reports them)."""
+    callbacks: list[Any] = field(default_factory=list)
+    """Extra Lightning callbacks (benchmarks and tests observe training through them)."""
