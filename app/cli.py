@@ -40,6 +40,8 @@ TRAIN_ALIASES = {
     "--backend": "--cluster.backend",
     "--num_workers": "--cluster.num_workers",
     "--use_gpu": "--cluster.use_gpu",
+    "--ray_address": "--cluster.ray_address",
+    "--spark_master": "--cluster.spark_master",
     "--tracking_uri": "--tracking.tracking_uri",
     "--experiment": "--tracking.experiment",
     "--run_name": "--tracking.run_name",

@@ -101,6 +101,8 @@ class ModelConfig:
     """two-tower: logits = similarity / temperature."""
     loss: Literal["bce", "softmax"] = "bce"
     """two-tower: pointwise BCE on the label, or in-batch sampled softmax (positives only, log-Q corrected)."""
+    logq_correction: bool = True
+    """two-tower softmax: subtract log(item sampling probability) from in-batch logits."""
     dense_arch: list[int] = field(default_factory=lambda: [64])
     """dlrm/dcn: dense MLP hidden sizes (the embedding dimension is appended)."""
     over_arch: list[int] = field(default_factory=lambda: [128, 64])
@@ -168,6 +170,19 @@ class ClusterConfig:
     num_workers: int = 1
     """Training processes (one per GPU on a GPU host)."""
     use_gpu: bool = False
+    cpus_per_worker: int = 1
+    """ray: CPUs reserved for each training worker."""
+    ray_address: str | None = None
+    """ray: address of a running cluster (host:port or ray://...); default: the cluster of the Ray job
+    this runs in, else a local Ray started for the run."""
+    max_failures: int = 2
+    """ray: restarts of the worker group (from the last reported checkpoint) before giving up."""
+    storage_path: str = "runs/ray"
+    """ray: where Ray Train keeps run state and reported checkpoints."""
+    spark_master: str | None = None
+    """spark: master URL (default local[num_workers])."""
+    spark_local_mode: bool = True
+    """spark: True runs the processes on the driver; False runs them as barrier tasks on executors."""
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,14 @@ def validate_run(cfg: RunConfig) -> Any:
     return meta
 
 
+def prepare_tracking(cfg: RunConfig) -> None:
+    """Create the tracking store once, in the launching process, before workers race to migrate it."""
+    if cfg.tracking.enabled:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri)).search_experiments(max_results=1)
+
+
 def build_task(cfg: RunConfig, meta: Any) -> Any:
     """The LightningModule for ``cfg.model`` around a fresh model (tables on ``meta``)."""
     from modules.models import build_model
@@ -142,7 +150,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     dm = StreamingDataModule(cfg.data)
     task = build_task(cfg, dm.meta)
     logger: Any = False
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled and runtime.rank == 0:  # one run, written by rank 0 only
         from lightning.pytorch.loggers import MLFlowLogger
 
         logger = MLFlowLogger(

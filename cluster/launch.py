@@ -8,7 +8,7 @@ from typing import Any
 from app.config import RunConfig
 from app.errors import RecsysError
 
-BACKENDS = {"local": "cluster.local"}
+BACKENDS = {"local": "cluster.local", "ray": "cluster.ray_train", "spark": "cluster.spark_distributor"}
 
 
 def run_training(cfg: RunConfig) -> dict[str, Any]:
@@ -17,5 +17,9 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     if backend not in BACKENDS:
         known = ", ".join(BACKENDS)
         raise RecsysError(f"--backend: {backend!r} is not available (available: {known})")
+    from app.train import prepare_tracking, validate_run
+
+    validate_run(cfg)  # fail fast, before any worker starts
+    prepare_tracking(cfg)
     module = importlib.import_module(BACKENDS[backend])
     return dict(module.launch(cfg))

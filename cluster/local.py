@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, run_id: str, cfg: RunConfig, resul
     from app.train import train
 
     os.environ.update(torchrun_env(rank, world, port, run_id))
-    metrics = train(cfg, WorkerRuntime(devices=world))
+    metrics = train(cfg, WorkerRuntime(rank=rank, devices=world))
     if rank == 0:
         results.put(metrics)
 

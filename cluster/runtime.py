@@ -15,6 +15,8 @@ def _identity(trainer: Any) -> Any:
 class WorkerRuntime:
     """Lightning settings that depend on the backend; the training code takes them as given."""
 
+    rank: int = 0
+    """Global rank of this process: only rank 0 opens the MLflow run."""
     devices: int | str = 1
     """Processes (or GPUs) per node that this run's Trainer spans."""
     num_nodes: int = 1

@@ -170,6 +170,8 @@ class StreamingDataModule(L.LightningDataModule):
         return loader
 
     def val_dataloader(self) -> Any:
+        if self.meta.splits["val"].rows == 0:
+            return []  # a dataset prepared with --val-frac 0: Lightning skips validation
         return self._loader("val", shuffle=False, blocks=self.eval_blocks)
 
     def test_dataloader(self) -> Any:
@@ -199,10 +201,13 @@ class StreamingDataModule(L.LightningDataModule):
         if split not in self.meta.splits:
             raise RecsysError(f"{self.cfg.path}: no split {split!r} (has {', '.join(self.meta.splits)})")
         if split not in self._datasets:
+            from streaming.base.world import World
+
+            world = World.detect()
             remote = f"{self.cfg.path.rstrip('/')}/{split}"
             self._datasets[split] = StreamingDataset(
                 remote=remote if is_remote(remote) else str(Path(remote).resolve()),
-                local=str(self.cache_root / self._token / split),
+                local=str(self.cache_root / self._token / f"node{world.node}" / split),
                 shuffle=shuffle,
                 shuffle_seed=self.cfg.seed,
                 shuffle_algo="py1e",

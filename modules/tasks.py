@@ -223,6 +223,7 @@ class RetrievalTask(RecTask):
     ) -> None:
         super().__init__(model, optim)
         self.loss_kind = arch.loss
+        self.logq = arch.logq_correction
         self.temperature = arch.temperature
         self.meta = meta
         self.corpus = corpus
@@ -259,7 +260,9 @@ class RetrievalTask(RecTask):
             return (user.sum() + item.sum()) * 0.0  # keeps every rank's backward in step
         u, v, ids = user[pos], item[pos], item_ids[pos]
         log_q: torch.Tensor = self.item_log_q  # type: ignore[assignment]
-        logits = u @ v.t() / self.temperature - log_q[ids].unsqueeze(0)
+        logits = u @ v.t() / self.temperature
+        if self.logq:
+            logits = logits - log_q[ids].unsqueeze(0)
         same = ids.unsqueeze(0) == ids.unsqueeze(1)
         logits = logits.masked_fill(same & ~torch.eye(len(ids), dtype=torch.bool, device=logits.device), -1e9)
         return nn.functional.cross_entropy(logits, torch.arange(len(ids), device=logits.device))
