@@ -9,8 +9,6 @@ slots than processes, so that is checked before it starts.
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 from typing import Any
 
 from app.config import RunConfig
@@ -41,31 +39,18 @@ def worker(cfg: RunConfig, colocated: bool = False) -> dict[str, Any]:
     )
 
 
-def session(cfg: RunConfig) -> Any:
-    if shutil.which("java") is None:
-        raise RecsysError("--backend spark: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)")
-    from pyspark.sql import SparkSession
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # executors must run this environment's Python
-    master = cfg.cluster.spark_master or f"local[{cfg.cluster.num_workers}]"
-    return (
-        SparkSession.builder.master(master)
-        .appName(f"recsys-train-{cfg.model}")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.task.cpus", "1")
-        .getOrCreate()
-    )
+def master_of(cfg: RunConfig) -> str:
+    return cfg.cluster.spark_master or f"local[{cfg.cluster.num_workers}]"
 
 
 def launch(cfg: RunConfig) -> dict[str, Any]:
     """Run ``cfg`` with TorchDistributor; returns rank 0's metrics."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    spark = session(cfg)
-    master = cfg.cluster.spark_master or f"local[{cfg.cluster.num_workers}]"
+    from datamodules.spark_prepare import spark_session
+
+    master = master_of(cfg)
+    spark = spark_session(master, f"recsys-train-{cfg.model}", "--backend spark")
     try:
         n = cfg.cluster.num_workers
         if not cfg.cluster.spark_local_mode:

@@ -53,10 +53,10 @@ from datamodules.sources import (
 )
 
 
-def spark_session(master: str) -> Any:
+def spark_session(master: str, app_name: str = "recsys-prepare", flag: str = "--engine spark") -> Any:
     """A SparkSession on ``master`` bound to loopback, with executors using this interpreter."""
     if shutil.which("java") is None:
-        raise RecsysError("--engine spark: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)")
+        raise RecsysError(f"{flag}: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)")
     from pyspark.sql import SparkSession
 
     # Python workers start from PYSPARK_PYTHON (the spark.pyspark.python conf is not read in local
@@ -64,7 +64,7 @@ def spark_session(master: str) -> Any:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return (
         SparkSession.builder.master(master)
-        .appName("recsys-prepare")
+        .appName(app_name)
         .config("spark.driver.host", "127.0.0.1")
         .config("spark.driver.bindAddress", "127.0.0.1")
         .config("spark.ui.enabled", "false")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from conftest import tiny_prepare
 
 from app.config import DataConfig, SyntheticConfig
 from app.errors import RecsysError
+from cluster.local import free_port
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
 from datamodules.streaming import StreamingDataModule
@@ -125,12 +125,6 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
         StreamingDataModule(DataConfig(path=str(tmp_path)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_worker(rank: int, world: int, port: int, path: str, cache: str, out: str) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -163,7 +157,7 @@ def test_two_ranks_see_disjoint_parts_covering_the_epoch(tmp_path: Path) -> None
     )
     assert meta.splits["train"].blocks % 4 == 0  # no padding needed for 2 ranks x batches of 2 blocks
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(
             target=_rank_worker, args=(r, 2, port, str(out), str(tmp_path / "cache"), str(tmp_path / f"r{r}.npy"))
