@@ -141,7 +141,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from datamodules.streaming import StreamingDataModule
-    from modules.callbacks import EpochLosses
+    from modules.callbacks import EpochLosses, FirstStepTime
     from modules.sharding import make_strategy, table_placement
 
     runtime = runtime or WorkerRuntime()
@@ -162,8 +162,8 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     monitor = monitor_of(cfg)
     mode = "min" if "loss" in monitor else "max"
     best = ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}")
-    losses = EpochLosses()
-    callbacks: list[Any] = [best, losses, *runtime.callbacks]
+    losses, first_step = EpochLosses(), FirstStepTime()
+    callbacks: list[Any] = [best, losses, first_step, *runtime.callbacks]
     if cfg.trainer.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     use_gpu = cfg.trainer.accelerator == "gpu" or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
@@ -194,6 +194,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     metrics["best_checkpoint"] = best_path
     metrics["epochs"] = trainer.current_epoch
     metrics["train_loss_per_epoch"] = losses.losses
+    metrics["first_step_unix_time"] = first_step.at
     metrics["world_size"] = trainer.world_size
     plan = getattr(trainer.strategy, "plan", None)
     metrics["table_ranks"] = table_placement(plan) if plan is not None else {}

@@ -17,3 +17,16 @@ class EpochLosses(Callback):
         value = trainer.callback_metrics.get("train/loss_epoch")
         if value is not None:
             self.losses.append(float(value))
+
+
+class FirstStepTime(Callback):
+    """Wall-clock time (Unix seconds) when the first training batch starts: launch latency."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.at is None:
+            import time
+
+            self.at = time.time()
