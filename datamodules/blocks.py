@@ -60,21 +60,6 @@ def encode_block(
     return sample
 
 
-def decode_block(sample: dict[str, Any], num_dense: int, num_single: int, num_multi: int) -> dict[str, Any]:
-    """numpy arrays of one block (used by tests and tools; the collate decodes many at once)."""
-    n = int(sample["n"])
-    out: dict[str, Any] = {
-        "dense": np.frombuffer(sample["dense"], dtype=np.float32).reshape(n, num_dense),
-        "sparse": np.frombuffer(sample["sparse"], dtype=np.int64).reshape(n, num_single),
-        "label": np.frombuffer(sample["label"], dtype=np.float32),
-        "multi": [
-            (np.frombuffer(sample[f"mv{i}"], dtype=np.int64), np.frombuffer(sample[f"ml{i}"], dtype=np.int32))
-            for i in range(num_multi)
-        ],
-    }
-    return out
-
-
 class BlockCollate:
     """Collate a list of blocks into one ``torchrec.datasets.utils.Batch`` with tensor operations only.
 
