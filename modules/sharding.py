@@ -103,6 +103,14 @@ class TorchRecMixin:
         for name, child in lm.named_children():
             if name != "model":
                 child.to(self.root_device)
+        # Outside fitting, Lightning's DDPStrategy.setup broadcasts every parameter and buffer of the
+        # LightningModule from rank 0 (``_sync_module_states``). The sharded tables differ per rank,
+        # so that would overwrite (or, with different shapes, break) them; DMP already synced the
+        # dense part when it was built. Exclude everything owned by the DMP model, found by identity
+        # so that the check does not depend on how DMP names its sharded modules.
+        owned = {id(t) for t in lm.model.parameters()} | {id(t) for t in lm.model.buffers()}
+        named = [*lm.named_parameters(), *lm.named_buffers()]
+        lm._ddp_params_and_buffers_to_ignore = [n for n, t in named if id(t) in owned or n.startswith("model.")]
 
     def _setup_model(self, model: nn.Module) -> Any:
         return model  # DMP already data-parallelises the dense part; no second DDP wrapper

@@ -118,6 +118,18 @@ def ctr_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ctr_wide_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic-ctr set whose tables differ in size, so that 2 ranks hold different shards and the
+    planner makes the smallest tables data-parallel."""
+    out = tmp_path_factory.mktemp("ctr-wide") / "data"
+    synthetic = SyntheticConfig(
+        num_dense=4, num_sparse=6, cardinalities=[3, 5, 200, 300, 400, 500], multi_hot=1, chunk_rows=2000
+    )
+    prepare(tiny_prepare(out, "synthetic-ctr", rows=4096, synthetic=synthetic))
+    return out
+
+
+@pytest.fixture(scope="session")
 def ml_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MovieLens-layout retrieval dataset (side features, multi-hot genres), blocks of 16 rows."""
     base = tmp_path_factory.mktemp("ml")

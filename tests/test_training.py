@@ -136,10 +136,12 @@ def test_lightning_matches_a_manual_loop(ctr_dataset: Path, tmp_path: Path) -> N
     assert max(result["diffs"].values()) < 1e-5, result["diffs"]
 
 
-def test_sharded_training_on_two_processes(ml_dataset: Path, tmp_path: Path) -> None:
+def test_sharded_training_on_two_processes(ctr_wide_dataset: Path, tmp_path: Path) -> None:
     from cluster.local import launch
 
-    cfg = dataclasses.replace(run_cfg(ml_dataset, "dlrm", tmp_path, max_epochs=3), cluster=ClusterConfig(num_workers=2))
+    cfg = dataclasses.replace(
+        run_cfg(ctr_wide_dataset, "dlrm", tmp_path, max_epochs=3), cluster=ClusterConfig(num_workers=2)
+    )
     metrics = launch(cfg)
     assert metrics["world_size"] == 2
     ranks = {r for placed in metrics["table_ranks"].values() for r in placed}
@@ -147,6 +149,22 @@ def test_sharded_training_on_two_processes(ml_dataset: Path, tmp_path: Path) -> 
     losses = metrics["train_loss_per_epoch"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert 0.0 < metrics["test/auroc"] <= 1.0
+    # The 2-rank test metrics are those of the checkpoint scored whole in one process: testing did not
+    # overwrite one rank's table shards with another's (Lightning syncs module states outside fit).
+    p = mp.get_context("spawn").Process(target=_evaluate_worker, args=(cfg, metrics["best_checkpoint"], str(tmp_path)))
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0
+    single = torch.load(tmp_path / "evaluated.pt")
+    for key in ("test/auroc", "test/logloss"):
+        assert single[key] == pytest.approx(metrics[key], abs=1e-5), key
+
+
+def _evaluate_worker(cfg: RunConfig, checkpoint: str, out: str) -> None:
+    from app.evaluate import evaluate
+
+    single = dataclasses.replace(cfg, cluster=ClusterConfig(num_workers=1))
+    torch.save(evaluate(single, checkpoint), out + "/evaluated.pt")
 
 
 def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, tmp_path: Path) -> None:
