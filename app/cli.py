@@ -135,6 +135,15 @@ def build_parser() -> Any:
     evaluate.add_argument("--tracking_uri", type=str | None, default=None)
     evaluate.add_argument("--data", type=str | None, default=None, help="evaluate on another prepared copy")
     commands.add_subcommand("evaluate", evaluate, help="score a run or checkpoint on a split")
+
+    submit = ArgumentParser(
+        description="Run a recsys command as a Ray job on a running cluster: recsys submit [options] -- train ...",
+        exit_on_error=False,
+    )
+    submit.add_argument("--address", type=str | None, default=None, help="Ray dashboard URL (default $RAY_ADDRESS)")
+    submit.add_argument("--working_dir", type=str | None, default=".", help="directory uploaded with the job")
+    submit.add_argument("--no_wait", type=bool, default=False, help="submit and return without following the logs")
+    commands.add_subcommand("submit", submit, help="run a command as a Ray job (streams its logs)")
     return root
 
 
@@ -167,8 +176,14 @@ def run(argv: Sequence[str]) -> int:
     import argparse
 
     parser = build_parser()
+    rest: list[str] = []
+    if argv[:1] == ["submit"]:  # ``recsys submit [options] -- COMMAND``: COMMAND goes to the job as is
+        argv = list(argv)
+        if "--" in argv:
+            cut = argv.index("--")
+            argv, rest = argv[:cut], argv[cut + 1 :]
     try:
-        args = normalize_flags(argv, bool_flags(PrepareConfig, *RUN_SECTIONS))
+        args = normalize_flags(argv, bool_flags(PrepareConfig, *RUN_SECTIONS) | {"--no_wait"})
         if args[:1] == ["train"]:
             args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
         ns = parser.parse_args(args)
@@ -202,6 +217,10 @@ def run(argv: Sequence[str]) -> int:
             print(f"MLflow run {metrics['run_id']}: mlflow ui --backend-store-uri {tracking_uri_of(cfg)}")
     elif ns.command == "evaluate":
         run_evaluate(ns.evaluate)
+    elif ns.command == "submit":
+        from cluster.ray_jobs import submit
+
+        return submit(rest, ns.submit.address, ns.submit.working_dir, wait=not ns.submit.no_wait)
     return 0
 
 
@@ -235,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except RecsysError as e:
         print(f"recsys: error: {e}", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("recsys: interrupted", file=sys.stderr)
         return 130
