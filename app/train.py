@@ -81,6 +81,9 @@ def validate_run(cfg: RunConfig) -> Any:
             f"--model two-tower: dataset {meta.dataset!r} has no users/items (task {meta.task}); "
             "use dlrm, dcn or deepfm"
         )
+    resume = cfg.trainer.resume_from
+    if resume and "://" not in resume and not (Path(resume) / "trainer.pt").is_file():
+        raise RecsysError(f"--resume-from {resume}: not a recsys checkpoint directory (no trainer.pt in it)")
     if cfg.arch.temperature <= 0:
         raise RecsysError(f"--arch.temperature: must be positive, got {cfg.arch.temperature}")
     if cfg.tracking.enabled:
@@ -141,7 +144,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from datamodules.streaming import StreamingDataModule
-    from modules.callbacks import EpochLosses, FirstStepTime
+    from modules.callbacks import EpochLosses, FirstStepTime, RunIdInCheckpoint
     from modules.sharding import make_strategy, table_placement
 
     runtime = runtime or WorkerRuntime()
@@ -149,21 +152,25 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     dm = StreamingDataModule(cfg.data)
     task = build_task(cfg, dm.meta)
+    resume_from = runtime.resume_from or cfg.trainer.resume_from
     logger: Any = False
+    continued = None
     if cfg.tracking.enabled and runtime.rank == 0:  # one run, written by rank 0 only
         from lightning.pytorch.loggers import MLFlowLogger
 
+        continued = previous_run_id(cfg, resume_from)
         logger = MLFlowLogger(
             experiment_name=cfg.tracking.experiment,
             run_name=cfg.tracking.run_name,
             tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri),
             log_model=False,
+            run_id=continued,
         )
     monitor = monitor_of(cfg)
     mode = "min" if "loss" in monitor else "max"
     best = ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}")
     losses, first_step = EpochLosses(), FirstStepTime()
-    callbacks: list[Any] = [best, losses, first_step, *runtime.callbacks]
+    callbacks: list[Any] = [best, losses, first_step, RunIdInCheckpoint(logger), *runtime.callbacks]
     if cfg.trainer.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     use_gpu = cfg.trainer.accelerator == "gpu" or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
@@ -186,8 +193,11 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     )
     trainer = runtime.prepare_trainer(trainer)
     if logger and trainer.is_global_zero:
-        logger.log_hyperparams(flatten(dataclasses.asdict(cfg)))
-    trainer.fit(task, datamodule=dm, ckpt_path=cfg.trainer.resume_from)
+        if continued:  # params are already in the run (and MLflow refuses to change them)
+            logger.experiment.set_tag(logger.run_id, "recsys.resumed_from", resume_from)
+        else:
+            logger.log_hyperparams(flatten(dataclasses.asdict(cfg)))
+    trainer.fit(task, datamodule=dm, ckpt_path=resume_from)
     best_path = trainer.strategy.broadcast(best.best_model_path)
     tested = trainer.test(task, datamodule=dm, ckpt_path=best_path or None, verbose=False)
     metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
@@ -206,6 +216,27 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
         runtime.report(metrics)
     dm.teardown()
     return metrics
+
+
+def previous_run_id(cfg: RunConfig, checkpoint: str | None) -> str | None:
+    """The MLflow run a checkpoint was written by, when it is in this tracking store: resuming
+    continues that run (one run per training, also across a Ray restart)."""
+    if not checkpoint:
+        return None
+    from modules.callbacks import RunIdInCheckpoint
+    from modules.sharding import read_trainer_state
+
+    run_id = read_trainer_state(checkpoint).get(RunIdInCheckpoint.KEY)
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri)).get_run(run_id)
+    except MlflowException:
+        return None  # another store: start a new run
+    return str(run_id)
 
 
 def export_model(cfg: RunConfig, task: Any, meta: Any) -> Any:

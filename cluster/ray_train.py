@@ -9,7 +9,6 @@ restarts from the last reported checkpoint (``FailureConfig``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -89,10 +88,8 @@ def worker(config: dict[str, Any]) -> None:
     from app.train import train
 
     cfg: RunConfig = config["cfg"]
-    latest = ray.train.get_checkpoint()
-    if latest is not None:
-        local = Path(latest.to_directory())
-        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, resume_from=str(local / CHECKPOINT)))
+    latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group after a failure
+    resume = str(Path(latest.to_directory()) / CHECKPOINT) if latest is not None else None
 
     def report(metrics: dict[str, Any]) -> None:
         # Ray Train returns only metrics reported with a checkpoint: rank 0 ships them as one.
@@ -111,6 +108,7 @@ def worker(config: dict[str, Any]) -> None:
         prepare_trainer=prepare_trainer,
         callbacks=[RayTrainReportCallback()],
         report=report,
+        resume_from=resume,
     )
     train(cfg, runtime)
 

@@ -29,3 +29,5 @@ class WorkerRuntime:
     """Called with the final metrics on every rank (the Ray backend reports them)."""
     callbacks: list[Any] = field(default_factory=list)
     """Extra Lightning callbacks (benchmarks and tests observe training through them)."""
+    resume_from: str | None = None
+    """A checkpoint the backend restarts this worker from (Ray after a failure); overrides the config's."""

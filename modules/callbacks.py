@@ -30,3 +30,16 @@ class FirstStepTime(Callback):
             import time
 
             self.at = time.time()
+
+
+class RunIdInCheckpoint(Callback):
+    """Stores the MLflow run id in every checkpoint, so that a resumed training continues the same run."""
+
+    KEY = "mlflow_run_id"
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.logger:
+            checkpoint[self.KEY] = self.logger.run_id

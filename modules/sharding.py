@@ -77,6 +77,12 @@ def table_placement(plan: Any) -> dict[str, list[int]]:
     return out
 
 
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The non-tensor part of a checkpoint directory (epoch, loops, callbacks, MLflow run id)."""
+    state: dict[str, Any] = torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False, map_location="cpu")
+    return state
+
+
 class TorchRecMixin:
     """Turns a DDP strategy (Lightning's, or a backend's subclass of it such as Ray's) into one whose
     model wrapping is TorchRec's DistributedModelParallel.
@@ -138,7 +144,7 @@ class TorchRecMixin:
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(checkpoint_path)
-        checkpoint: dict[str, Any] = torch.load(path / TRAINER_STATE, weights_only=False, map_location="cpu")
+        checkpoint = read_trainer_state(path)
         lm: Any = self.lightning_module
         optimizers = list(self.optimizers)
         for opt in optimizers:

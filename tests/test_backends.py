@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from app.cli import main
 from app.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrackingConfig, TrainerConfig
@@ -82,6 +84,63 @@ def test_spark_on_executors(ml_dataset: Path, tmp_path: Path) -> None:
         spark_master="local-cluster[2,1,1024]",
     )
     _check_run("spark-executors", run_training(cfg), tmp_path)
+
+
+def test_ray_worker_killed_mid_run_resumes_from_its_checkpoint(
+    ml_dataset: Path, tmp_path: Path, local_ray: object
+) -> None:
+    """SIGKILL one Ray Train worker once Ray registered a checkpoint: Ray restarts the worker group
+    from that checkpoint and the run completes, as one MLflow run, with the metrics of an
+    uninterrupted run (within 0.01)."""
+    import dataclasses
+    import threading
+
+    import psutil
+
+    def config(tmp: Path, **cluster: object) -> RunConfig:
+        cfg = cfg_for(ml_dataset, tmp, num_workers=2, **cluster)
+        return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_epochs=4))
+
+    storage = tmp_path / "ray"
+    killed: list[int] = []
+
+    def kill_a_worker_after_a_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            # Ray records the checkpoints it registered in this snapshot
+            if any(storage.glob("*/checkpoint_manager_snapshot.json")) and any(storage.glob("*/checkpoint_*/")):
+                workers = [
+                    p
+                    for p in psutil.process_iter(["pid", "cmdline"])
+                    if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                ]
+                if workers:
+                    victim = max(workers, key=lambda p: p.info["pid"])
+                    victim.kill()
+                    killed.append(victim.info["pid"])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
+    killer.start()
+    faulty = run_training(config(tmp_path, backend="ray", storage_path=str(storage), max_failures=2))
+    killer.join(5)
+    assert killed, "no Ray Train worker was found to kill"
+    assert faulty["epochs"] == 4
+    assert len(faulty["train_loss_per_epoch"]) < 4  # the last attempt resumed, it did not start over
+    runs = _mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.run_id == faulty["run_id"]  # still one run
+    assert runs[0].info.status == "FINISHED"
+    assert len(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(faulty["run_id"], "val/auroc")) == 4
+
+    (tmp_path / "clean").mkdir()
+    clean = run_training(config(tmp_path / "clean"))
+    # the resumed epochs trained exactly as the uninterrupted run's last epochs did
+    assert faulty["train_loss_per_epoch"] == pytest.approx(
+        clean["train_loss_per_epoch"][-len(faulty["train_loss_per_epoch"]) :], rel=1e-3
+    )
+    for key in ("test/auroc", "test/logloss"):
+        assert abs(float(faulty[key]) - float(clean[key])) < 0.01, (key, faulty[key], clean[key])
 
 
 def test_backends_agree(ml_dataset: Path) -> None:
