@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from app.errors import require
+
 DATASETS = ("sets2019", "movielens-100k", "interactions", "synthetic-retrieval", "synthetic-ctr")
 
 
@@ -102,7 +104,13 @@ class ModelConfig:
     loss: Literal["bce", "softmax"] = "bce"
     """two-tower: pointwise BCE on the label, or in-batch sampled softmax (positives only, log-Q corrected)."""
     logq_correction: bool = True
-    """two-tower softmax: subtract log(item sampling probability) from in-batch logits."""
+    """two-tower softmax: subtract log(expected count of the candidate among the negatives) from its
+    logit (the sampled-softmax / log-Q correction; with mixed negatives the count is that of the mixture)."""
+    uniform_negatives: int = 0
+    """two-tower softmax: corpus items sampled uniformly per batch and scored as extra negatives next
+    to the in-batch ones (mixed negative sampling, Yang et al. 2020); 0 = in-batch negatives only."""
+    tower_features: Literal["all", "ids"] = "all"
+    """two-tower: all: each tower sees its side's sparse and dense features; ids: the user/item id only."""
     dense_arch: list[int] = field(default_factory=lambda: [64])
     """dlrm/dcn: dense MLP hidden sizes (the embedding dimension is appended)."""
     over_arch: list[int] = field(default_factory=lambda: [128, 64])
@@ -114,6 +122,11 @@ class ModelConfig:
     deepfm_hidden: list[int] = field(default_factory=lambda: [128, 64])
     """deepfm: deep-part MLP hidden sizes."""
 
+    def __post_init__(self) -> None:
+        require(self.embedding_dim >= 1, f"--arch.embedding_dim: must be positive, got {self.embedding_dim}")
+        require(self.temperature > 0, f"--arch.temperature: must be positive, got {self.temperature}")
+        require(self.uniform_negatives >= 0, f"--arch.uniform_negatives: must be >= 0, got {self.uniform_negatives}")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -124,6 +137,12 @@ class OptimConfig:
     dense: Literal["adam", "adagrad", "sgd"] = "adam"
     dense_lr: float = 1e-3
     weight_decay: float = 0.0
+    """L2 penalty of the dense optimizer (MLP weights)."""
+
+    def __post_init__(self) -> None:
+        require(self.sparse_lr > 0, f"--optim.sparse_lr: must be positive, got {self.sparse_lr}")
+        require(self.dense_lr > 0, f"--optim.dense_lr: must be positive, got {self.dense_lr}")
+        require(self.weight_decay >= 0, f"--optim.weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,11 @@ class DenseOrZero(nn.Module):
         return self.model(dense_features.new_zeros(dense_features.shape[0], 1), sparse_features)
 
 
-def tower_spec(meta: DatasetMetadata, tower: str) -> TowerSpec:
+def tower_spec(meta: DatasetMetadata, tower: str, ids_only: bool = False) -> TowerSpec:
+    """The features of one tower: all of its side's, or (``ids_only``) just its id feature."""
+    if ids_only:
+        name = meta.user_id_feature if tower == "user" else meta.item_id_feature
+        return TowerSpec(sparse=(name,) if name else (), dense=())
     return TowerSpec(
         sparse=tuple(f.name for f in meta.sparse_features if f.tower == tower),
         dense=tuple(i for i, d in enumerate(meta.dense_features) if d.tower == tower),
@@ -153,7 +157,8 @@ def build_model(kind: str, meta: DatasetMetadata, cfg: ModelConfig, device: str 
                 f"--model two-tower: dataset {meta.dataset!r} has no user/item ids (task {meta.task}); "
                 "use a ranking model"
             )
-        user, item = tower_spec(meta, "user"), tower_spec(meta, "item")
+        ids_only = cfg.tower_features == "ids"
+        user, item = tower_spec(meta, "user", ids_only), tower_spec(meta, "item", ids_only)
         return TwoTower(ebc, user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
     if kind == "deepfm":
         return DeepFM(ebc, num_dense, list(cfg.deepfm_hidden))

@@ -165,6 +165,32 @@ def tower_inputs(table: pd.DataFrame, meta: DatasetMetadata) -> tuple[torch.Tens
     return dense, kjt
 
 
+def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:
+    """The KJT of rows ``rows`` (indices into the batch) of ``kjt``, every key kept."""
+    values, lengths = [], []
+    for jt in kjt.to_dict().values():
+        offsets = jt.offsets()
+        ln = jt.lengths()[rows]
+        starts = offsets[rows]
+        within = torch.arange(int(ln.sum())) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
+        values.append(jt.values()[torch.repeat_interleave(starts, ln) + within])
+        lengths.append(ln)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths).to(torch.int32)
+    )
+
+
+def append_rows(first: KeyedJaggedTensor, second: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """The rows of ``first`` followed by those of ``second`` (same keys, in ``first``'s order)."""
+    a, b = first.to_dict(), second.to_dict()
+    keys = first.keys()
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys,
+        values=torch.cat([t for k in keys for t in (a[k].values(), b[k].values())]),
+        lengths=torch.cat([t.to(torch.int32) for k in keys for t in (a[k].lengths(), b[k].lengths())]),
+    )
+
+
 def ranking_metrics(
     scores: torch.Tensor, relevant: list[set[int]], extra_relevant: list[int], k: int
 ) -> tuple[float, float]:
@@ -233,38 +259,75 @@ class RetrievalTask(RecTask):
         self.register_buffer(
             "item_log_q", corpus.item_log_q if corpus is not None else torch.zeros(1), persistent=False
         )
+        self.num_uniform = arch.uniform_negatives if corpus is not None and arch.loss == "softmax" else 0
+        self.negative_pool: tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor] | None = None
+        if self.num_uniform:
+            assert corpus is not None
+            dense, kjt = tower_inputs(corpus.items, meta)
+            ids = torch.as_tensor(corpus.items[self.item_key].to_numpy(np.int64))
+            self.negative_pool = (dense, kjt, ids)
 
     def logits(self, batch: Any) -> torch.Tensor:
         user, item = self.model(batch.dense_features, batch.sparse_features)
         return (user * item).sum(-1) / self.temperature
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        user, item = self.model(batch.dense_features, batch.sparse_features)
         if self.loss_kind == "bce":
+            user, item = self.model(batch.dense_features, batch.sparse_features)
             logits = (user * item).sum(-1) / self.temperature
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         else:
-            loss = self.softmax_loss(user, item, batch.sparse_features[self.item_key].values(), batch.labels)
+            dense, kjt, n = batch.dense_features, batch.sparse_features, len(batch.labels)
+            neg_ids = None
+            if self.negative_pool is not None:
+                pool_dense, pool_kjt, pool_ids = self.negative_pool
+                pick = torch.randint(len(pool_ids), (self.num_uniform,))
+                neg_dense, neg_kjt = pool_dense[pick].to(dense.device), select_rows(pool_kjt, pick).to(dense.device)
+                dense, kjt = torch.cat([dense, neg_dense]), append_rows(kjt, neg_kjt)
+                neg_ids = pool_ids[pick].to(dense.device)
+            user, item = self.model(dense, kjt)
+            item_ids = batch.sparse_features[self.item_key].values()
+            negatives = None if neg_ids is None else (item[n:], neg_ids, len(self.negative_pool[2]))  # type: ignore[index]
+            loss = self.softmax_loss(user[:n], item[:n], item_ids, batch.labels, negatives)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.labels))
         return loss
 
     def softmax_loss(
-        self, user: torch.Tensor, item: torch.Tensor, item_ids: torch.Tensor, labels: torch.Tensor
+        self,
+        user: torch.Tensor,
+        item: torch.Tensor,
+        item_ids: torch.Tensor,
+        labels: torch.Tensor,
+        negatives: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
-        """In-batch sampled softmax over the batch's positive pairs, corrected by log Q(item).
+        """Sampled softmax of each positive pair against the batch's other positive items and, with
+        ``negatives`` (embeddings, ids, corpus size), items drawn uniformly from the corpus.
 
-        Other rows with the same item are masked out (they are not negatives of each other).
+        Each candidate's logit is corrected by log of its expected count among the candidates: P q(i)
+        for in-batch candidates (P positives, q = share of train positives), plus M / N with M
+        uniform draws from N corpus items (the mixture of Yang et al. 2020). Candidates with the
+        row's own item (other rows with the same item, uniform draws of it) are masked out.
         """
         pos = labels > 0.5
         if int(pos.sum()) < 2:
-            return (user.sum() + item.sum()) * 0.0  # keeps every rank's backward in step
+            zero = (user.sum() + item.sum()) * 0.0  # keeps every rank's backward in step
+            return zero if negatives is None else zero + negatives[0].sum() * 0.0
         u, v, ids = user[pos], item[pos], item_ids[pos]
-        log_q: torch.Tensor = self.item_log_q  # type: ignore[assignment]
-        logits = u @ v.t() / self.temperature
+        eye = torch.eye(len(ids), dtype=torch.bool, device=u.device)
+        mask = (ids.unsqueeze(0) == ids.unsqueeze(1)) & ~eye
+        cand, cand_ids = v, ids
+        if negatives is not None:
+            neg, neg_ids, _ = negatives
+            cand, cand_ids = torch.cat([v, neg]), torch.cat([ids, neg_ids])
+            mask = torch.cat([mask, ids.unsqueeze(1) == neg_ids.unsqueeze(0)], dim=1)
+        logits = u @ cand.t() / self.temperature
         if self.logq:
-            logits = logits - log_q[ids].unsqueeze(0)
-        same = ids.unsqueeze(0) == ids.unsqueeze(1)
-        logits = logits.masked_fill(same & ~torch.eye(len(ids), dtype=torch.bool, device=logits.device), -1e9)
+            log_q: torch.Tensor = self.item_log_q  # type: ignore[assignment]
+            count = len(ids) * log_q[cand_ids].exp()
+            if negatives is not None:
+                count = count + len(negatives[1]) / negatives[2]
+            logits = logits - count.log().unsqueeze(0)
+        logits = logits.masked_fill(mask, -1e9)
         return nn.functional.cross_entropy(logits, torch.arange(len(ids), device=logits.device))
 
     @torch.no_grad()

@@ -15,6 +15,7 @@ from app.config import (
     ClusterConfig,
     DataConfig,
     ModelConfig,
+    OptimConfig,
     RunConfig,
     TrackingConfig,
     TrainerConfig,
@@ -219,6 +220,7 @@ BAD_CONFIGS = {
     "missing dataset": (["--model", "dlrm", "--data", "{missing}"], "no such dataset directory"),
     "unreachable tracking": (["--model", "dlrm", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     "unknown key": (["--model", "dlrm", "--arch.bogus", "1"], "bogus"),
+    "negative sample count": (["--model", "two-tower", "--arch.uniform_negatives", "-1"], "uniform_negatives"),
 }
 
 
@@ -234,3 +236,56 @@ def test_bad_configuration_fails_before_training(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_kjt_row_selection_and_append() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from modules.tasks import append_rows, select_rows
+
+    # key a: rows [1], [2, 3], []; key b: rows [4], [5], [6, 7, 8]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.arange(1, 9), lengths=torch.tensor([1, 2, 0, 1, 1, 3], dtype=torch.int32)
+    )
+    picked = select_rows(kjt, torch.tensor([2, 1, 1]))
+    assert [t.tolist() for t in picked.to_dict()["a"].to_dense()] == [[], [2, 3], [2, 3]]
+    assert [t.tolist() for t in picked.to_dict()["b"].to_dense()] == [[6, 7, 8], [5], [5]]
+    both = append_rows(kjt, picked).to_dict()
+    assert [t.tolist() for t in both["a"].to_dense()] == [[1], [2, 3], [], [], [2, 3], [2, 3]]
+    assert [t.tolist() for t in both["b"].to_dense()] == [[4], [5], [6, 7, 8], [6, 7, 8], [5], [5]]
+
+
+def test_mixed_negatives_loss_matches_in_batch_softmax_without_extra_negatives(ml_dataset: Path) -> None:
+    from modules.tasks import RetrievalCorpus, RetrievalTask
+
+    meta = read_metadata(ml_dataset)
+    arch = ModelConfig(embedding_dim=8, tower_layers=[8], loss="softmax", temperature=0.5, uniform_negatives=4)
+    model = build_model("two-tower", meta, arch, device="cpu")
+    task = RetrievalTask(model, OptimConfig(), arch, meta, RetrievalCorpus.load(ml_dataset, meta))
+    torch.manual_seed(0)
+    user, item = torch.randn(5, 8), torch.randn(5, 8)
+    ids, labels = torch.tensor([3, 4, 3, 7, 9]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    plain = task.softmax_loss(user, item, ids, labels)
+    # by hand: positives 0..3, row 0 and row 2 share item 3 (masked), log-Q of the 4 in-batch candidates
+    log_q = task.item_log_q[ids[:4]]
+    logits = user[:4] @ item[:4].t() / 0.5 - log_q.unsqueeze(0)
+    logits[0, 2] = logits[2, 0] = -1e9
+    assert plain == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.arange(4))), rel=1e-5)
+    # uniform negatives: extra columns; a draw of the row's own item is masked; mixture correction
+    neg, neg_ids, n = torch.randn(2, 8), torch.tensor([4, 11]), 50
+    mixed = task.softmax_loss(user, item, ids, labels, (neg, neg_ids, n))
+    cand_ids = torch.cat([ids[:4], neg_ids])
+    count = 4 * task.item_log_q[cand_ids].exp() + 2 / n
+    logits = user[:4] @ torch.cat([item[:4], neg]).t() / 0.5 - count.log().unsqueeze(0)
+    logits[0, 2] = logits[2, 0] = logits[1, 4] = -1e9
+    assert mixed == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.arange(4))), rel=1e-5)
+
+
+def test_two_tower_trains_with_mixed_negatives_and_ids_only(ml_dataset: Path, tmp_path: Path) -> None:
+    from app.train import train
+
+    cfg = run_cfg(ml_dataset, "two-tower", tmp_path, max_epochs=1)
+    arch = dataclasses.replace(cfg.arch, loss="softmax", uniform_negatives=16, tower_features="ids")
+    metrics = train(dataclasses.replace(cfg, arch=arch))
+    assert 0.0 <= metrics["test/ndcg_at_10"] <= 1.0
+    assert all(torch.isfinite(torch.tensor(x)) for x in metrics["train_loss_per_epoch"])
