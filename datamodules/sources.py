@@ -13,7 +13,7 @@ import io
 import re
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,16 +162,31 @@ def read_delimited(
     return df
 
 
-def pick_column(df: pd.DataFrame, where: str, role: str, aliases: tuple[str, ...], required: bool = True) -> str | None:
+def pick_column(
+    columns: Sequence[str], where: str, role: str, aliases: tuple[str, ...], required: bool = True
+) -> str | None:
     """The name of the column playing ``role`` (first alias present, case-insensitive)."""
-    lower = {c.strip().lower(): c for c in df.columns}
+    lower = {str(c).strip().lower(): c for c in columns}
     for a in aliases:
         if a.lower() in lower:
-            return lower[a.lower()]
+            return str(lower[a.lower()])
     if required:
-        found = ", ".join(map(str, df.columns))
+        found = ", ".join(map(str, columns))
         raise RecsysError(f"{where}: missing {role} column (expected one of {', '.join(aliases)}; found {found})")
     return None
+
+
+def interaction_columns(
+    columns: Sequence[str], where: str, need_rating: bool = True
+) -> tuple[str, str, str | None, str | None, str | None]:
+    """(user, item, label, rating, timestamp) column names of an interaction table, for every engine;
+    user and item are required, and a rating unless there is a label."""
+    user = str(pick_column(columns, where, "user id", USER_ALIASES))
+    item = str(pick_column(columns, where, "item id", ITEM_ALIASES))
+    label = pick_column(columns, where, "label", LABEL_ALIASES, required=False)
+    rating = pick_column(columns, where, "rating", RATING_ALIASES, required=need_rating and label is None)
+    ts = pick_column(columns, where, "timestamp", TS_ALIASES, required=False)
+    return user, item, label, rating, ts
 
 
 def numeric(series: pd.Series, where: str, column: str, offset: int = 2) -> pd.Series:
@@ -193,11 +208,7 @@ TS_ALIASES = ("timestamp", "ts", "time", "timestamp:float")
 
 def canonical_interactions(df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int = 2) -> pd.DataFrame:
     """Map a parsed interaction file onto the canonical columns, validating types."""
-    user = pick_column(df, where, "user id", USER_ALIASES)
-    item = pick_column(df, where, "item id", ITEM_ALIASES)
-    label = pick_column(df, where, "label", LABEL_ALIASES, required=False)
-    rating = pick_column(df, where, "rating", RATING_ALIASES, required=need_rating and label is None)
-    ts = pick_column(df, where, "timestamp", TS_ALIASES, required=False)
+    user, item, label, rating, ts = interaction_columns(list(df.columns), where, need_rating)
     out = pd.DataFrame({"user": df[user].astype(str).str.strip(), "item": df[item].astype(str).str.strip()})
     for col, name in ((user, "user"), (item, "item")):
         if (out[name] == "").any():

@@ -39,15 +39,11 @@ from datamodules.prepare import (
 )
 from datamodules.schema import SplitInfo, write_metadata
 from datamodules.sources import (
-    ITEM_ALIASES,
-    LABEL_ALIASES,
-    RATING_ALIASES,
     SETS2019_URL,
-    TS_ALIASES,
-    USER_ALIASES,
     RawTable,
     SourceFiles,
     _local_or_download,
+    interaction_columns,
     read_movielens_100k,
     sha256_of,
 )
@@ -173,22 +169,7 @@ def canonical_spark(df: Any, where: str) -> Any:
     """Rename and type the columns like ``sources.canonical_interactions``."""
     from pyspark.sql import functions as F
 
-    lower = {c.strip().lower(): c for c in df.columns}
-
-    def pick(role: str, aliases: tuple[str, ...], required: bool = True) -> str | None:
-        for a in aliases:
-            if a.lower() in lower:
-                return lower[a.lower()]
-        if required:
-            raise RecsysError(
-                f"{where}: missing {role} column (expected one of {', '.join(aliases)}; found {', '.join(df.columns)})"
-            )
-        return None
-
-    user, item = str(pick("user id", USER_ALIASES)), str(pick("item id", ITEM_ALIASES))
-    label = pick("label", LABEL_ALIASES, required=False)
-    rating = pick("rating", RATING_ALIASES, required=label is None)
-    ts = pick("timestamp", TS_ALIASES, required=False)
+    user, item, label, rating, ts = interaction_columns(df.columns, where)
     cols = [
         F.trim(F.col(user).cast("string")).alias("user"),
         F.trim(F.col(item).cast("string")).alias("item"),

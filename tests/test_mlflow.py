@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 
 from app.cli import main
 from app.config import DataConfig
+from cluster.local import free_port
 from datamodules.streaming import StreamingDataModule
 
 pytestmark = pytest.mark.cluster
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
