@@ -6,9 +6,11 @@ each user picks items by sampling candidates from popularity and keeping the one
 ``ground_truth.npz``.
 
 synthetic-ctr: the DLRM/Criteo layout (13 dense + 26 sparse by default); labels are drawn from a
-planted logistic model with first-order effects and factorised pairwise interactions. The expected
-AUC and logloss of the planted probabilities on the test split (the best any model can do) go into
-the metadata. Generation is chunked and seeded per chunk: two passes (vocabulary, then writing) with
+planted logistic model with first-order effects and factorised pairwise interactions, carried mostly
+by the Zipf-popular ids of each feature (an id's effect decays with its popularity rank), and ids
+seen fewer than ``MIN_ID_COUNT`` times in train map to the out-of-vocabulary index. The expected AUC
+and logloss of the planted probabilities on the test split (the best any model can do) go into the
+metadata. Generation is chunked and seeded per chunk: two passes (vocabulary, then writing) with
 memory that depends on the chunk size and cardinalities, never on the row count.
 """
 
@@ -130,6 +132,13 @@ def write_ground_truth(raw: RawTable, tmp: Path) -> None:
 # -- synthetic-ctr ----------------------------------------------------------------------------------
 
 
+SIGNAL_RANKS = 20
+"""synthetic-ctr: popularity rank at which an id's planted effect has halved."""
+MIN_ID_COUNT = 5
+"""synthetic-ctr: ids seen fewer times in train share the out-of-vocabulary index 0, as in the usual
+Criteo preprocessing (a row's one-off ids would otherwise let a model memorise it)."""
+
+
 def default_cardinalities(n: int) -> list[int]:
     """Log-spaced cardinalities from 10 to 100000."""
     if n == 1:
@@ -166,13 +175,18 @@ class PlantedCtr:
         rng = np.random.default_rng([cfg.seed, 1 << 30])
         effects, factors, cdfs, perms = [], [], [], []
         for c in cards:
-            # Rare ids carry less signal, as in real logs: effects shrink with the cardinality.
-            scale = 0.4 / np.sqrt(1 + np.log10(c))
-            effects.append(rng.normal(0, scale, c).astype(np.float32))
-            factors.append(rng.normal(0, 0.12, (c, 4)).astype(np.float32))
+            # As in real logs, the signal sits in the popular ids: an id's effect and factors shrink
+            # as 1 / (1 + rank / SIGNAL_RANKS) with its popularity rank (and with the cardinality),
+            # so the long tail of rare ids, which no training set pins down, carries little of it.
+            scale = 0.5 / np.sqrt(1 + np.log10(c))
+            perm = rng.permutation(c)
+            decay = np.empty(c, np.float32)
+            decay[perm] = 1.0 / (1.0 + np.arange(c) / SIGNAL_RANKS)  # indexed by raw id; perm: rank -> raw id
+            effects.append((rng.normal(0, scale, c) * decay).astype(np.float32))
+            factors.append((rng.normal(0, 0.12, (c, 4)) * decay[:, None]).astype(np.float32))
             p = 1.0 / np.arange(1, c + 1) ** s.zipf
             cdfs.append(np.cumsum(p / p.sum()))
-            perms.append(rng.permutation(c))
+            perms.append(perm)
         dense_w = rng.normal(0, 0.3, s.num_dense).astype(np.float32)
         return cls(cards, s.multi_hot, s.max_hot, s.zipf, dense_w, -1.0, effects, factors, cdfs, perms)
 
@@ -246,13 +260,13 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
     chunk_rows = cfg.synthetic.chunk_rows
     chunks = [(i, lo, min(chunk_rows, rows - lo)) for i, lo in enumerate(range(0, rows, chunk_rows))]
     n_dense, cards = len(model.dense_w), model.cards
-    seen = [np.zeros(c, bool) for c in cards]
+    train_counts = [np.zeros(c, np.int64) for c in cards]
     dsum, dsq, dn = np.zeros(n_dense), np.zeros(n_dense), 0
     for i, lo, m in tqdm(chunks, desc="vocabulary", unit="chunk", disable=len(chunks) < 4):
         g = model.generate(cfg.seed, i, m)
         train = split_codes(cfg, lo, rows, g["u"]) == 0
         for f, (values, lengths) in enumerate(g["ids"]):
-            seen[f][values[np.repeat(train, lengths)]] = True
+            train_counts[f] += np.bincount(values[np.repeat(train, lengths)], minlength=len(train_counts[f]))
         x = g["dense"][train].astype(np.float64)
         dsum += x.sum(0)
         dsq += (x * x).sum(0)
@@ -260,6 +274,7 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
     mean = dsum / max(dn, 1)
     std = np.sqrt(np.maximum(dsq / max(dn, 1) - mean**2, 0))
     std[std == 0] = 1.0
+    seen = [n >= MIN_ID_COUNT for n in train_counts]
     maps = [np.where(s, np.cumsum(s), 0).astype(np.int64) for s in seen]  # raw id -> index (0 = OOV)
     n_single = len(cards) - model.multi
     writers = {

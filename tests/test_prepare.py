@@ -188,6 +188,19 @@ def test_synthetic_ctr_metadata(ctr_dataset: Path) -> None:
     assert meta.splits["train"].rows > 1500
 
 
+def test_synthetic_ctr_signal_sits_in_popular_ids(ctr_dataset: Path, tmp_path: Path) -> None:
+    from app.config import PrepareConfig
+    from datamodules.synthetic import MIN_ID_COUNT, PlantedCtr
+
+    planted = PlantedCtr.create(PrepareConfig(dataset="synthetic-ctr", out=str(tmp_path)))
+    by_rank = planted.effects[-1][planted.perms[-1]]  # the 100k-value feature, most popular id first
+    assert by_rank[:50].std() > 20 * by_rank[10_000:].std()
+    # ids seen fewer than MIN_ID_COUNT times in train are out of vocabulary (decoded as None)
+    single = read_rows(ctr_dataset, tmp_path / "c")["train"].C2
+    counts = single[single.notna()].value_counts()
+    assert len(counts) and counts.min() >= MIN_ID_COUNT and single.isna().any()
+
+
 def test_synthetic_ctr_cardinalities_default_and_temporal(tmp_path: Path) -> None:
     meta = prepare(
         tiny_prepare(
