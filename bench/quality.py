@@ -169,7 +169,13 @@ def movielens_retrieval(work: Path) -> None:
     report(section, "most-popular", f"recall@{K}", pop[0])
     report(section, "most-popular", f"ndcg@{K}", pop[1])
     params = tuned_als(tr, n_users, n_items, items)
-    als = eval_scores(als_scores(tr, users, items, n_users, n_items, **params), users, items, tr, te)
+    als = eval_scores(
+        als_scores(tr, users, items, n_users, n_items, int(params["factors"]), params["reg"], params["alpha"]),
+        users,
+        items,
+        tr,
+        te,
+    )
     report(section, f"ALS (implicit) {params}", f"recall@{K}", als[0])
     report(section, f"ALS (implicit) {params}", f"ndcg@{K}", als[1])
     m = run(

@@ -265,9 +265,10 @@ def test_mixed_negatives_loss_matches_in_batch_softmax_without_extra_negatives(m
     torch.manual_seed(0)
     user, item = torch.randn(5, 8), torch.randn(5, 8)
     ids, labels = torch.tensor([3, 4, 3, 7, 9]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    item_log_q: torch.Tensor = task.item_log_q  # type: ignore[assignment]
     plain = task.softmax_loss(user, item, ids, labels)
     # by hand: positives 0..3, row 0 and row 2 share item 3 (masked), log-Q of the 4 in-batch candidates
-    log_q = task.item_log_q[ids[:4]]
+    log_q = item_log_q[ids[:4]]
     logits = user[:4] @ item[:4].t() / 0.5 - log_q.unsqueeze(0)
     logits[0, 2] = logits[2, 0] = -1e9
     assert plain == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.arange(4))), rel=1e-5)
@@ -275,7 +276,7 @@ def test_mixed_negatives_loss_matches_in_batch_softmax_without_extra_negatives(m
     neg, neg_ids, n = torch.randn(2, 8), torch.tensor([4, 11]), 50
     mixed = task.softmax_loss(user, item, ids, labels, (neg, neg_ids, n))
     cand_ids = torch.cat([ids[:4], neg_ids])
-    count = 4 * task.item_log_q[cand_ids].exp() + 2 / n
+    count = 4 * item_log_q[cand_ids].exp() + 2 / n
     logits = user[:4] @ torch.cat([item[:4], neg]).t() / 0.5 - count.log().unsqueeze(0)
     logits[0, 2] = logits[2, 0] = logits[1, 4] = -1e9
     assert mixed == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.arange(4))), rel=1e-5)
