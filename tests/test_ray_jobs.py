@@ -132,43 +132,40 @@ def test_job_server_requires_the_token(ray_head: dict[str, str], tmp_path: Path)
     assert "token" in (proc.stdout + proc.stderr).lower()
 
 
-def test_recsys_submit_streams_logs_and_exits_with_the_job_status(
-    ray_head: dict[str, str],
-    ctr_wide_dataset: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    for key, value in ray_head.items():
-        if key.startswith("RAY_"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.setenv("PATH", ray_head["PATH"])
-    submit = ["submit", "--address", ray_head["url"], "--working-dir", str(ROOT), "--"]
-
-    assert main([*submit, *train_args(ctr_wide_dataset, tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "test/auroc" in out and "succeeded" in out  # the job's own output came through
-    assert len(finished_runs(tmp_path)) == 1
-
-    # a job that fails exits 1 with one line naming the job and its exit code, after its logs
-    assert main([*submit, "train", "--model", "dlrm", "--data", str(tmp_path / "missing")]) == 1
-    captured = capsys.readouterr()
-    assert "no such dataset directory" in captured.out
-    err = captured.err.strip().splitlines()
-    assert len(err) == 1 and "failed" in err[0] and "exit code 2" in err[0]
-
-    # without the token the submission is refused before anything runs (a fresh process: Ray's SDK
-    # loads the token once per process)
-    env = {k: v for k, v in ray_head.items() if k not in ("url", "RAY_AUTH_TOKEN_PATH")}
-    env["HOME"] = str(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", *submit, "train", "--data", "x"],
+def recsys_submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``recsys submit ...`` as a user runs it: a fresh process (Ray's SDK loads the token once per process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "submit", *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         check=False,
     )
+
+
+def test_recsys_submit_streams_logs_and_exits_with_the_job_status(
+    ray_head: dict[str, str], ctr_wide_dataset: Path, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in ray_head.items() if k != "url"}
+    submit = ["--address", ray_head["url"], "--working-dir", str(ROOT), "--"]
+
+    proc = recsys_submit(env, *submit, *train_args(ctr_wide_dataset, tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "test/auroc" in proc.stdout and "succeeded" in proc.stdout  # the job's own output came through
+    assert len(finished_runs(tmp_path)) == 1
+
+    # a job that fails exits 1 with one line naming the job and its exit code, after its logs
+    proc = recsys_submit(env, *submit, "train", "--model", "dlrm", "--data", str(tmp_path / "missing"))
+    assert proc.returncode == 1
+    assert "no such dataset directory" in proc.stdout
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "failed" in err[0] and "exit code 2" in err[0], proc.stderr
+
+    # without the token the submission is refused before anything runs
+    env = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
+    proc = recsys_submit(env, *submit, "train", "--data", "x")
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "refused" in err[0] and "token" in err[0], proc.stderr
