@@ -184,7 +184,7 @@ def movielens_retrieval(work: Path) -> None:
         work,
         ModelConfig(
             embedding_dim=64,
-            tower_layers=[128, 64],
+            tower_layers=[64],
             similarity="cosine",
             temperature=0.2,
             loss="softmax",
