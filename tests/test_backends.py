@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from app.cli import main
@@ -40,12 +42,11 @@ def local_ray() -> object:
     ray.shutdown()
 
 
-def _mlflow_runs(tmp: Path) -> list[object]:
-    from mlflow.tracking import MlflowClient
-
+def _mlflow_runs(tmp: Path) -> list[Run]:
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     exp = client.get_experiment_by_name("backends")
-    return client.search_runs([exp.experiment_id])
+    assert exp is not None
+    return list(client.search_runs([exp.experiment_id]))
 
 
 RESULTS: dict[str, dict[str, object]] = {}
@@ -53,7 +54,8 @@ RESULTS: dict[str, dict[str, object]] = {}
 
 def _check_run(name: str, metrics: dict[str, object], tmp: Path) -> None:
     assert metrics["world_size"] == 2
-    assert {r for ranks in metrics["table_ranks"].values() for r in ranks} == {0, 1}  # type: ignore[union-attr]
+    table_ranks: Any = metrics["table_ranks"]
+    assert {r for ranks in table_ranks.values() for r in ranks} == {0, 1}
     runs = _mlflow_runs(tmp)
     assert len(runs) == 1 and runs[0].info.run_id == metrics["run_id"]  # one run, written by rank 0
     assert "test/auroc" in runs[0].data.metrics

@@ -94,6 +94,7 @@ def test_train_logs_a_complete_run(
     assert code == 0, out
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("test-run-contents")
+    assert exp is not None
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1  # one run per training
     run = runs[0]
@@ -107,7 +108,9 @@ def test_train_logs_a_complete_run(
         assert key in run.data.metrics
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dataset", "checkpoints"} <= top
-    assert len(run.outputs.model_outputs) == 1  # MLflow 3 logs the packaged model as a LoggedModel of the run
+    assert (
+        run.outputs is not None and len(run.outputs.model_outputs) == 1
+    )  # MLflow 3 logs the packaged model as a LoggedModel of the run
     assert [a.path for a in client.list_artifacts(run.info.run_id, "dataset")] == ["dataset/metadata.json"]
     best = client.list_artifacts(run.info.run_id, "checkpoints/best")
     assert any(a.path.endswith("trainer.pt") for a in best) and any(a.path.endswith(".distcp") for a in best)

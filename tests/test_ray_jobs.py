@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Run
 
 from app.cli import main
 from cluster.local import free_port
@@ -92,7 +93,7 @@ def train_args(data: Path, tmp: Path) -> list[str]:
     ]
 
 
-def finished_runs(tmp: Path) -> list[object]:
+def finished_runs(tmp: Path) -> list[Run]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
