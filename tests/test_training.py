@@ -162,7 +162,14 @@ def test_sharded_training_on_two_processes(ctr_wide_dataset: Path, tmp_path: Pat
 
 
 def _evaluate_worker(cfg: RunConfig, checkpoint: str, out: str) -> None:
+    import os
+
     from app.evaluate import evaluate
+    from cluster.local import free_port
+
+    # a training run earlier in the pytest process (in-process, one device) left Lightning's
+    # MASTER_PORT in the environment, with its store still listening there
+    os.environ["MASTER_PORT"] = str(free_port())
 
     single = dataclasses.replace(cfg, cluster=ClusterConfig(num_workers=1))
     torch.save(evaluate(single, checkpoint), out + "/evaluated.pt")
