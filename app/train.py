@@ -82,10 +82,11 @@ def validate_run(cfg: RunConfig) -> Any:
             "use dlrm, dcn or deepfm"
         )
     resume = cfg.trainer.resume_from
-    if resume and "://" not in resume and not (Path(resume) / "trainer.pt").is_file():
-        raise RecsysError(f"--resume-from {resume}: not a recsys checkpoint directory (no trainer.pt in it)")
-    if cfg.arch.temperature <= 0:
-        raise RecsysError(f"--arch.temperature: must be positive, got {cfg.arch.temperature}")
+    if resume and "://" not in resume:
+        from modules.sharding import TRAINER_STATE
+
+        if not (Path(resume) / TRAINER_STATE).is_file():
+            raise RecsysError(f"--resume-from {resume}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
     if cfg.tracking.enabled:
         check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
     return meta
