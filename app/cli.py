@@ -25,7 +25,7 @@ from app.config import (
     TrackingConfig,
     TrainerConfig,
 )
-from app.errors import RecsysError
+from core.errors import RecsysError
 
 T = TypeVar("T")
 

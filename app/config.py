@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from app.errors import require
+from core.errors import require
 
 DATASETS = ("sets2019", "movielens-100k", "interactions", "synthetic-retrieval", "synthetic-ctr")
 

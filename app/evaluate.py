@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import RunConfig, TrackingConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from app.train import build_task, resolve_tracking_uri, validate_run
 
 

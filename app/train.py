@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from app.config import RunConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from cluster.runtime import WorkerRuntime
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from app.config import RunConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 
 BACKENDS = {"local": "cluster.local", "ray": "cluster.ray_train", "spark": "cluster.spark_distributor"}
 

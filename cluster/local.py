@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from app.config import RunConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from cluster.runtime import WorkerRuntime
 
 

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from app.errors import RecsysError
+from core.errors import RecsysError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 COMMANDS = ("train", "evaluate", "data")  # what may follow ``--``

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import RunConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from cluster.runtime import WorkerRuntime
 
 CHECKPOINT = "checkpoint.ckpt"  # the name RayTrainReportCallback gives Lightning's checkpoint

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from app.config import RunConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from cluster.runtime import WorkerRuntime
 
 

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from app.errors import RecsysError
+from core.errors import RecsysError
 from datamodules.sources import (
     DEFAULT_CACHE,
     MOVIELENS_100K_URL,

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from app.config import DATASETS, PrepareConfig
-from app.errors import RecsysError, require
+from core.errors import RecsysError, require
 from datamodules.blocks import encode_block, mds_columns
 from datamodules.schema import (
     SPLITS,

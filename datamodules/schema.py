@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import RecsysError
+from core.errors import RecsysError
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from app.config import PrepareConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from datamodules.blocks import mds_columns
 from datamodules.prepare import (
     SPLIT_CODES,

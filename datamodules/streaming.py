@@ -23,7 +23,7 @@ from typing import Any
 import lightning as L
 
 from app.config import DataConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from datamodules.blocks import BlockCollate
 from datamodules.schema import METADATA_FILE, DatasetMetadata, read_metadata
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from app.config import PrepareConfig
-from app.errors import require
+from core.errors import require
 from datamodules.blocks import mds_columns
 from datamodules.schema import DatasetMetadata, DenseFeature, SparseFeature, SplitInfo, write_metadata
 from datamodules.sources import FeatureSpec, RawTable

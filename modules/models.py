@@ -16,7 +16,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from app.config import ModelConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from datamodules.schema import DatasetMetadata
 
 MODELS = ("two-tower", "dlrm", "dcn", "deepfm")

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from app.cli import main
 from app.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrackingConfig, TrainerConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from cluster.launch import run_training
 
 pytestmark = pytest.mark.cluster

@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_prepare
 
 from app.config import DataConfig, SyntheticConfig
-from app.errors import RecsysError
+from core.errors import RecsysError
 from cluster.local import free_port
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
