@@ -5,27 +5,24 @@
     recsys data summary data/ctr
 
 Flags may be written with dashes or underscores (``--val-frac`` or ``--val_frac``). Every user-facing
-problem ends as one line on stderr and exit status 2.
+problem ends as one line on stderr and exit status 2. ``--verbose`` (anywhere) shows the libraries'
+warnings and info lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from app.config import (
-    ClusterConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    PrepareConfig,
-    RunConfig,
-    TrackingConfig,
-    TrainerConfig,
-)
+from app.config import RunConfig, TrackingConfig, TrainerConfig
+from cluster.config import ClusterConfig
 from core.errors import RecsysError
+from core.logs import setup_logging
+from datamodules.config import DataConfig, PrepareConfig
+from modules.config import ModelConfig, OptimConfig
 
 T = TypeVar("T")
 
@@ -39,7 +36,7 @@ TRAIN_ALIASES = {
     "--seed": "--trainer.seed",
     "--backend": "--cluster.backend",
     "--num_workers": "--cluster.num_workers",
-    "--use_gpu": "--cluster.use_gpu",
+    "--accelerator": "--cluster.accelerator",
     "--ray_address": "--cluster.ray_address",
     "--spark_master": "--cluster.spark_master",
     "--tracking_uri": "--tracking.tracking_uri",
@@ -50,6 +47,7 @@ TRAIN_ALIASES = {
 RUN_SECTIONS = (DataConfig, ModelConfig, OptimConfig, TrainerConfig, TrackingConfig, ClusterConfig)
 
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0"}
+VERBOSE_FLAGS = ("--verbose", "-v")
 
 
 def bool_flags(*classes: type) -> set[str]:
@@ -171,7 +169,7 @@ def load_run_config(path: str | Any, overrides: Sequence[str] = ()) -> RunConfig
     return to_config(RunConfig, ns)
 
 
-def run(argv: Sequence[str]) -> int:
+def run(argv: Sequence[str], verbose: bool = False) -> int:
     """Parse ``argv`` and run the command; raises RecsysError for user-facing problems."""
     import argparse
 
@@ -208,9 +206,9 @@ def run(argv: Sequence[str]) -> int:
             print(summarize(read_metadata(sub.summary.path), sub.summary.path))
     elif ns.command == "train":
         from app.evaluate import format_metrics
-        from cluster.launch import run_training
+        from app.train import run_training
 
-        cfg = to_config(RunConfig, ns.train)
+        cfg = dataclasses.replace(to_config(RunConfig, ns.train), verbose=verbose)
         metrics = run_training(cfg)
         print(format_metrics(metrics))
         if "run_id" in metrics:
@@ -225,7 +223,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def tracking_uri_of(cfg: RunConfig) -> str:
-    from app.train import resolve_tracking_uri
+    from app.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg.tracking.tracking_uri)
 
@@ -247,11 +245,17 @@ def run_evaluate(ns: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recsys`` script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    cut = args.index("--") if "--" in args else len(args)  # after --: a submitted command's own flags
+    verbose = any(a in VERBOSE_FLAGS for a in args[:cut])
+    args = [a for a in args[:cut] if a not in VERBOSE_FLAGS] + args[cut:]
+    if not verbose:  # torch's C++ warnings (gloo, c10d) bypass Python's warnings; set before torch loads
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    setup_logging(verbose)
     if not args or args[0] in ("-h", "--help"):
         build_parser().print_help()
         return 0
     try:
-        return run(args)
+        return run(args, verbose)
     except RecsysError as e:
         print(f"recsys: error: {e}", file=sys.stderr)
         return int(getattr(e, "exit_code", 2))

@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from app.config import RunConfig, TrackingConfig
+from app.resolve import resolve_run
+from app.tracking import resolve_tracking_uri
+from app.train import build_task
 from core.errors import RecsysError
-from app.train import build_task, resolve_tracking_uri, validate_run
+from core.logs import setup_logging
 
 
 def fetch_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, Path]:
@@ -29,8 +32,8 @@ def fetch_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
 def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, float]:
     """Metrics of the checkpoint on ``split`` (val or test), in this process."""
     import lightning as L
-    import torch
 
+    from cluster.launch import local_accelerator
     from datamodules.streaming import StreamingDataModule
     from modules.sharding import make_strategy
 
@@ -38,11 +41,12 @@ def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, 
         raise RecsysError(f"--split: must be val or test, got {split!r}")
     if not Path(checkpoint).is_dir():
         raise RecsysError(f"--checkpoint {checkpoint}: not a checkpoint directory")
-    cfg = dataclasses.replace(cfg, tracking=TrackingConfig(enabled=False))
-    validate_run(cfg)
+    trainer = dataclasses.replace(cfg.trainer, resume_from=None)
+    cfg = resolve_run(dataclasses.replace(cfg, trainer=trainer, tracking=TrackingConfig(enabled=False)))
+    setup_logging(cfg.verbose)
     dm = StreamingDataModule(cfg.data)
-    task = build_task(cfg, dm.meta)
-    gpu = cfg.trainer.accelerator == "gpu" or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    task = build_task(cfg, dm)
+    gpu = local_accelerator(cfg.cluster.accelerator) == "gpu"
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=1,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from app.config import DataConfig, PrepareConfig
+from datamodules.config import DataConfig, PrepareConfig
 from datamodules.prepare import prepare
 from datamodules.streaming import StreamingDataModule
 
@@ -45,7 +45,7 @@ def in_memory_rows_per_s(dm: StreamingDataModule, batch: int) -> float:
 
 
 def datamodule_rows_per_s(path: Path, batch: int, workers: int, cache: Path) -> float:
-    dm = StreamingDataModule(DataConfig(path=str(path), batch_size=batch, num_workers=workers, cache_dir=str(cache)))
+    dm = StreamingDataModule(DataConfig(path=str(path), batch_size=batch, loader_workers=workers, cache_dir=str(cache)))
     loader = dm.train_dataloader()
     n = 0
     start = time.perf_counter()

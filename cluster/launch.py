@@ -1,25 +1,52 @@
-"""The one place that resolves ``--backend``: each backend is a module with ``launch(cfg)``."""
+"""The one place that resolves ``--backend``: each backend is a module with
+``launch(fn, payload, cluster, name)`` that runs ``fn(payload, runtime)`` in every training process
+and returns rank 0's result. A new backend is a new module and one entry here."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from app.config import RunConfig
+from cluster.config import ClusterConfig
+from cluster.runtime import WorkerFn
 from core.errors import RecsysError
 
 BACKENDS = {"local": "cluster.local", "ray": "cluster.ray_train", "spark": "cluster.spark_distributor"}
 
 
-def run_training(cfg: RunConfig) -> dict[str, Any]:
-    """Train ``cfg`` on the backend it names; returns rank 0's metrics."""
-    backend = cfg.cluster.backend
-    if backend not in BACKENDS:
+def check_cluster(cluster: ClusterConfig) -> None:
+    """Reject a bad backend choice before anything starts."""
+    if cluster.backend not in BACKENDS:
         known = ", ".join(BACKENDS)
-        raise RecsysError(f"--backend: {backend!r} is not available (available: {known})")
-    from app.train import prepare_tracking, validate_run
+        raise RecsysError(f"--backend: {cluster.backend!r} is not available (available: {known})")
+    if cluster.num_workers < 1:
+        raise RecsysError(f"--num-workers: must be at least 1, got {cluster.num_workers}")
+    if cluster.accelerator == "gpu":
+        import torch
 
-    validate_run(cfg)  # fail fast, before any worker starts
-    prepare_tracking(cfg)
-    module = importlib.import_module(BACKENDS[backend])
-    return dict(module.launch(cfg))
+        if cluster.backend != "ray" and not torch.cuda.is_available():
+            raise RecsysError("--accelerator gpu: no CUDA GPU on this host (use --accelerator cpu or auto)")
+
+
+def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
+    """Run ``fn(payload, runtime)`` on the backend ``cluster`` names; returns rank 0's result."""
+    check_cluster(cluster)
+    module = importlib.import_module(BACKENDS[cluster.backend])
+    return dict(module.launch(fn, payload, cluster, name))
+
+
+def local_accelerator(choice: str) -> str:
+    """cpu or gpu for processes on this host."""
+    if choice == "auto":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def one_line(error: BaseException) -> str:
+    """A worker's error as one line: its message, or its type and first line when it is not ours."""
+    if isinstance(error, RecsysError):
+        return " ".join(str(error).split())
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first}"[:400]

@@ -1,8 +1,8 @@
 """``--backend local``: one process, or ``--num-workers N`` processes on this machine.
 
 The processes get torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...), so
-Lightning sees a torchelastic-style launch and each runs the same ``train(cfg)``; gloo on CPU, one
-GPU per process on a GPU host.
+Lightning sees a torchelastic-style launch and each runs the same function; gloo on CPU, one GPU per
+process on a GPU host. A worker's error comes back to this process as one line.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import traceback
 import uuid
 from typing import Any
 
-from app.config import RunConfig
+from cluster.config import ClusterConfig
+from cluster.launch import local_accelerator, one_line
+from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
-from cluster.runtime import WorkerRuntime
 
 
 def free_port() -> int:
@@ -39,38 +41,68 @@ def torchrun_env(rank: int, world: int, port: int, run_id: str) -> dict[str, str
     }
 
 
-def _worker(rank: int, world: int, port: int, run_id: str, cfg: RunConfig, results: Any) -> None:
-    from app.train import train
+def _worker(fn: WorkerFn, payload: Any, runtime: WorkerRuntime, port: int, run_id: str, results: Any) -> None:
+    os.environ.update(torchrun_env(runtime.rank, runtime.world_size, port, run_id))
+    try:
+        metrics = fn(payload, runtime)
+    except BaseException as e:  # report it to the launcher once, as one line
+        if not isinstance(e, RecsysError | KeyboardInterrupt):
+            traceback.print_exc()  # not a user error: keep the trace for the bug report
+        results.put(("error", runtime.rank, one_line(e)))
+        raise SystemExit(2) from None
+    if runtime.rank == 0:
+        results.put(("ok", 0, metrics))
 
-    os.environ.update(torchrun_env(rank, world, port, run_id))
-    metrics = train(cfg, WorkerRuntime(rank=rank, devices=world))
-    if rank == 0:
-        results.put(metrics)
 
-
-def launch(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``train(cfg)`` here: in this process, or in ``cfg.cluster.num_workers`` spawned ones."""
-    from app.train import train
-
-    n = cfg.cluster.num_workers
-    if n < 1:
-        raise RecsysError(f"--num-workers: must be at least 1, got {n}")
+def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
+    """Run ``fn`` here: in this process, or in ``cluster.num_workers`` spawned ones."""
+    n = cluster.num_workers
+    accelerator = local_accelerator(cluster.accelerator)
     if n == 1:
-        return train(cfg, WorkerRuntime(devices=1))
+        return fn(payload, WorkerRuntime(devices=1, accelerator=accelerator))
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port, run_id = free_port(), uuid.uuid4().hex[:8]
-    procs = [ctx.Process(target=_worker, args=(r, n, port, run_id, cfg, results)) for r in range(n)]
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(
+                fn,
+                payload,
+                WorkerRuntime(rank=r, world_size=n, devices=n, accelerator=accelerator),
+                port,
+                run_id,
+                results,
+            ),
+        )
+        for r in range(n)
+    ]
     for p in procs:
         p.start()
-    failed = None
-    for r, p in enumerate(procs):
-        p.join()
-        if p.exitcode != 0 and failed is None:
-            failed = (r, p.exitcode)
-            for q in procs:  # one rank died: the others would wait on it forever
-                if q.is_alive():
-                    q.terminate()
-    if failed is not None:
-        raise RecsysError(f"--backend local: worker rank {failed[0]} exited with code {failed[1]} (see its log above)")
-    return results.get()
+    outcome: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        while outcome is None and error is None:
+            if not results.empty():
+                kind, rank, value = results.get()
+                if kind == "error":
+                    error = f"worker rank {rank}: {value}"
+                else:
+                    outcome = value
+            elif any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                bad = next(p for p in procs if p.exitcode not in (None, 0))
+                error = f"worker rank {procs.index(bad)} exited with code {bad.exitcode}"
+            elif all(p.exitcode is not None for p in procs) and results.empty():
+                error = "the workers exited without a result"
+            else:
+                for p in procs:
+                    p.join(0.2)
+    finally:
+        for p in procs:  # one rank failed (or we were interrupted): the others would wait on it forever
+            if (error is not None or outcome is None) and p.is_alive():
+                p.terminate()
+            p.join()
+    if error is not None:
+        raise RecsysError(error)
+    assert outcome is not None
+    return outcome

@@ -1,4 +1,4 @@
-"""``--backend ray``: Ray Train's TorchTrainer runs ``train(cfg)`` on ``--num-workers`` workers.
+"""``--backend ray``: Ray Train's TorchTrainer runs the training function on ``--num-workers`` workers.
 
 Connects to ``--ray-address``, else to the cluster of the Ray job this runs in (``RAY_ADDRESS``, set
 by ``ray job submit``), else starts a local Ray. The TorchRec strategy is built on Ray's own
@@ -16,19 +16,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.config import RunConfig
+from cluster.config import ClusterConfig
+from cluster.launch import one_line
+from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
-from cluster.runtime import WorkerRuntime
 
 CHECKPOINT = "checkpoint.ckpt"  # the name RayTrainReportCallback gives Lightning's checkpoint
 METRICS = "final_metrics.json"
 
 
-def connect(cfg: RunConfig) -> None:
+def connect(cluster: ClusterConfig) -> None:
     """Attach to (or start) Ray; an unreachable address fails fast with one line."""
     import ray
 
-    address = cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")
+    address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
     if ray.is_initialized():
@@ -37,7 +38,7 @@ def connect(cfg: RunConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker),
+            num_cpus=max(os.cpu_count() or 1, cluster.num_workers * cluster.cpus_per_worker),
             include_dashboard=False,
             log_to_driver=True,
         )
@@ -58,25 +59,24 @@ def check_reachable(address: str) -> None:
         raise RecsysError(f"--ray-address {address}: unreachable ({e.strerror or e})") from None
 
 
-def check_capacity(cfg: RunConfig) -> None:
-    """Refuse a worker group the cluster cannot place (Ray would wait for resources forever)."""
+def use_gpu(cluster: ClusterConfig) -> bool:
+    """--accelerator against the cluster's resources; a worker group Ray cannot place is refused
+    (Ray would wait for resources forever)."""
     import ray
 
     total = ray.cluster_resources()
-    need_cpu = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise RecsysError(
-            f"--num-workers {cfg.cluster.num_workers}: needs {need_cpu} CPUs, the Ray cluster has "
-            f"{int(total.get('CPU', 0))}"
-        )
-    if cfg.cluster.use_gpu and total.get("GPU", 0) < cfg.cluster.num_workers:
-        raise RecsysError(
-            f"--num-workers {cfg.cluster.num_workers} --use-gpu: the Ray cluster has {int(total.get('GPU', 0))} GPUs"
-        )
+    need_cpu = cluster.num_workers * cluster.cpus_per_worker
+    cpus = int(total.get("CPU", 0))
+    if cpus < need_cpu:
+        raise RecsysError(f"--num-workers {cluster.num_workers}: needs {need_cpu} CPUs, the Ray cluster has {cpus}")
+    gpus = int(total.get("GPU", 0))
+    if cluster.accelerator == "gpu" and gpus < cluster.num_workers:
+        raise RecsysError(f"--num-workers {cluster.num_workers} --accelerator gpu: the Ray cluster has {gpus} GPUs")
+    return cluster.accelerator == "gpu" or (cluster.accelerator == "auto" and gpus >= cluster.num_workers)
 
 
 def worker(config: dict[str, Any]) -> None:
-    """The per-worker loop: resume from Ray's latest checkpoint if there is one, then ``train``."""
+    """The per-worker loop: resume from Ray's latest checkpoint if there is one, then run the function."""
     import ray.train
     from ray.train.lightning import (
         RayDDPStrategy,
@@ -85,15 +85,13 @@ def worker(config: dict[str, Any]) -> None:
         prepare_trainer,
     )
 
-    from app.train import train
-
-    cfg: RunConfig = config["cfg"]
+    context = ray.train.get_context()
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group after a failure
     resume = str(Path(latest.to_directory()) / CHECKPOINT) if latest is not None else None
 
     def report(metrics: dict[str, Any]) -> None:
         # Ray Train returns only metrics reported with a checkpoint: rank 0 ships them as one.
-        if ray.train.get_context().get_world_rank() != 0:
+        if context.get_world_rank() != 0:
             ray.train.report({"done": 1}, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +99,9 @@ def worker(config: dict[str, Any]) -> None:
             ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     runtime = WorkerRuntime(
-        rank=ray.train.get_context().get_world_rank(),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        accelerator="gpu" if config["use_gpu"] else "cpu",
         devices="auto",
         plugins=[RayLightningEnvironment()],
         strategy_base=RayDDPStrategy,
@@ -110,35 +110,49 @@ def worker(config: dict[str, Any]) -> None:
         report=report,
         resume_from=resume,
     )
-    train(cfg, runtime)
+    fn: WorkerFn = config["fn"]
+    fn(config["payload"], runtime)
 
 
-def launch(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg`` with Ray Train; returns rank 0's final metrics."""
+def worker_error(error: BaseException) -> str:
+    """The first worker's own error inside Ray's wrapper, as one line."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in failures.values() if isinstance(failures, dict) else failures:
+        return one_line(getattr(failure, "cause", None) or failure)
+    cause = error.__cause__ or getattr(error, "cause", None)
+    if isinstance(cause, BaseException) and cause is not error:
+        return worker_error(cause)
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.endswith("worker errors:")] or lines
+    return lines[-1][:400] if lines else type(error).__name__
+
+
+def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
+    """Run ``fn`` with Ray Train; returns rank 0's final metrics."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    connect(cfg)
-    check_capacity(cfg)
+    connect(cluster)
+    gpu = use_gpu(cluster)
     trainer = TorchTrainer(
         worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"fn": fn, "payload": payload, "use_gpu": gpu},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
-            use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+            num_workers=cluster.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.tracking.run_name or f"recsys-{cfg.model}",
-            storage_path=str(Path(cfg.cluster.storage_path).resolve()),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
+            name=name,
+            storage_path=str(Path(cluster.storage_path).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
         ),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # Ray wraps worker errors in its own types
-        raise RecsysError(f"--backend ray: training failed ({str(e).splitlines()[0]})") from None
+        raise RecsysError(f"--backend ray: training failed ({worker_error(e)})") from None
     if result.checkpoint is None:
         raise RecsysError("--backend ray: the run finished without reporting its metrics")
     with result.checkpoint.as_directory() as d:

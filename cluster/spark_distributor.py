@@ -1,4 +1,4 @@
-"""``--backend spark``: Spark's TorchDistributor runs ``train(cfg)`` on ``--num-workers`` processes.
+"""``--backend spark``: Spark's TorchDistributor runs the training function on ``--num-workers`` processes.
 
 ``--cluster.spark_local_mode true`` (default) starts the processes on the driver;
 ``false`` runs them as barrier tasks on the executors of ``--cluster.spark_master`` (any master URL;
@@ -9,11 +9,16 @@ slots than processes, so that is checked before it starts.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
-from app.config import RunConfig
+from cluster.config import ClusterConfig
+from cluster.launch import local_accelerator, one_line
+from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
-from cluster.runtime import WorkerRuntime
+from core.spark import spark_session
+
+ERROR_MARK = "recsys-worker-error: "
 
 
 def single_host(master: str) -> bool:
@@ -21,10 +26,8 @@ def single_host(master: str) -> bool:
     return master.startswith("local")
 
 
-def worker(cfg: RunConfig, colocated: bool = False) -> dict[str, Any]:
+def worker(fn: WorkerFn, payload: Any, accelerator: str, colocated: bool = False) -> Any:
     """Runs inside each process torchrun starts for TorchDistributor (torchrun's environment is set)."""
-    from app.train import train
-
     if colocated and os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):
         # Barrier tasks on executors of one machine each get a one-process torchrun "node"; they
         # really share a host (and /dev/shm, which StreamingDataset coordinates through), so
@@ -34,38 +37,54 @@ def worker(cfg: RunConfig, colocated: bool = False) -> dict[str, Any]:
         )
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return train(
-        cfg, WorkerRuntime(rank=int(os.environ.get("RANK", "0")), devices=local, num_nodes=max(world // local, 1))
+    runtime = WorkerRuntime(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        accelerator=accelerator,
+        devices=local,
+        num_nodes=max(world // local, 1),
     )
+    try:
+        return fn(payload, runtime)
+    except RecsysError as e:  # torchrun's failure log would bury it: mark the line the launcher shows
+        print(f"{ERROR_MARK}{one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
-def master_of(cfg: RunConfig) -> str:
-    return cfg.cluster.spark_master or f"local[{cfg.cluster.num_workers}]"
+def failure_line(log: str) -> str:
+    """The worker's own one-line error from torchrun's log, else the log's first line."""
+    for line in log.splitlines():
+        if ERROR_MARK in line:
+            return line.split(ERROR_MARK, 1)[1].strip()
+    return (log.splitlines() or [""])[0][:300]
 
 
-def launch(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg`` with TorchDistributor; returns rank 0's metrics."""
+def master_of(cluster: ClusterConfig) -> str:
+    return cluster.spark_master or f"local[{cluster.num_workers}]"
+
+
+def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
+    """Run ``fn`` with TorchDistributor; returns rank 0's metrics."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    from datamodules.spark_prepare import spark_session
-
-    master = master_of(cfg)
-    spark = spark_session(master, f"recsys-train-{cfg.model}", "--backend spark")
+    master = master_of(cluster)
+    accelerator = local_accelerator(cluster.accelerator)
+    spark = spark_session(master, f"recsys-{name}", "--backend spark")
     try:
-        n = cfg.cluster.num_workers
-        if not cfg.cluster.spark_local_mode:
+        n = cluster.num_workers
+        if not cluster.spark_local_mode:
             slots = spark.sparkContext.defaultParallelism
             if slots < n:
                 raise RecsysError(
                     f"--num-workers {n}: the Spark cluster has {slots} task slots (TorchDistributor would wait forever)"
                 )
         distributor = TorchDistributor(
-            num_processes=n, local_mode=cfg.cluster.spark_local_mode, use_gpu=cfg.cluster.use_gpu
+            num_processes=n, local_mode=cluster.spark_local_mode, use_gpu=accelerator == "gpu"
         )
         try:
-            result = distributor.run(worker, cfg, single_host(master))
+            result = distributor.run(worker, fn, payload, accelerator, single_host(master))
         except Exception as e:  # a failed torchrun surfaces as a RuntimeError with its whole log
-            raise RecsysError(f"--backend spark: training failed ({str(e).splitlines()[0][:300]})") from None
+            raise RecsysError(f"--backend spark: training failed ({failure_line(str(e))})") from None
         return dict(result or {})
     finally:
         spark.stop()

@@ -1,209 +1,36 @@
 """``recsys data prepare``: raw source -> split -> train vocabularies -> encoded blocks -> MDS shards.
 
-The row-level steps (keys, split assignment, encoding, packing into blocks) are plain functions over
-pandas frames, so the Spark engine runs the very same code inside ``applyInPandas``/``mapInPandas``
-and both engines produce the same dataset from the same input.
+This module picks the path for a dataset (the local pandas engine below, the Spark engine, or the
+synthetic-ctr generator); all of them encode and write through ``datamodules.encoding``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import shutil
+import logging
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from app.config import DATASETS, PrepareConfig
 from core.errors import RecsysError, require
-from datamodules.blocks import encode_block, mds_columns
-from datamodules.schema import (
-    SPLITS,
-    DatasetMetadata,
-    DenseFeature,
-    SparseFeature,
-    SplitInfo,
-    write_metadata,
+from datamodules.config import DATASETS, PrepareConfig
+from datamodules.encoding import (
+    SPLIT_CODES,
+    assign_split,
+    atomic_output,
+    build_metadata,
+    encode_frame,
+    finish_dataset,
+    fit_plan,
+    id_pairs,
+    label_frame,
+    make_plan,
+    row_keys,
+    write_split,
+    write_tables,
 )
-from datamodules.sources import READERS, FeatureSpec, RawTable
+from datamodules.schema import DatasetMetadata, SplitInfo
+from datamodules.sources import READERS, RawTable
 
-SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
-ID_FEATURES = [FeatureSpec("user_id", "sparse", "user"), FeatureSpec("item_id", "sparse", "item")]
-ID_COLUMNS = {"user_id": "user", "item_id": "item"}
-
-
-# -- output directory ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only when the body succeeds."""
-    if out.exists() and not overwrite:
-        raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            trash = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -- row-level steps shared with the Spark engine -----------------------------------------------------
-
-
-def hash_key(seed: int) -> str:
-    """The 16-character key of pandas' SipHash, derived from the seed."""
-    return hashlib.sha256(str(seed).encode()).hexdigest()[:16]
-
-
-def row_keys(frame: pd.DataFrame, seed: int) -> np.ndarray:
-    """A deterministic pseudo-random uint64 per row from its content (same in every engine)."""
-    cols = [c for c in ("user", "item", "timestamp", "rating", "label") if c in frame.columns]
-    return pd.util.hash_pandas_object(frame[cols], index=False, hash_key=hash_key(seed)).to_numpy(np.uint64)
-
-
-def assign_split(frame: pd.DataFrame, rule: str, val_frac: float, test_frac: float) -> np.ndarray:
-    """Split code per row (0 train, 1 val, 2 test), decided per user; ``frame`` needs user, key, timestamp.
-
-    random: a user's interactions in key order; the first round(n*test_frac) go to test, the next
-    round(n*val_frac) to val, the rest (always at least one) to train.
-    temporal: leave-last-out; the user's latest interaction goes to test and the one before to val
-    (users with fewer than 3 interactions keep theirs in train, except the latest of a pair -> test).
-    """
-    n_rows = len(frame)
-    if n_rows == 0:
-        return np.zeros(0, dtype=np.int8)
-    if rule == "temporal":
-        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), frame["user"].to_numpy()))
-    else:
-        order = np.lexsort((frame["key"].to_numpy(), frame["user"].to_numpy()))
-    users = frame["user"].to_numpy()[order]
-    starts = np.r_[True, users[1:] != users[:-1]]
-    group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    sizes = np.diff(np.r_[first, n_rows])
-    rank = np.arange(n_rows) - first[group]
-    n = sizes[group]
-    if rule == "temporal":
-        n_test = (n >= 2).astype(np.int64)
-        n_val = (n >= 3).astype(np.int64)
-    else:
-        n_test = np.floor(n * test_frac + 0.5).astype(np.int64)
-        n_val = np.floor(n * val_frac + 0.5).astype(np.int64)
-        n_test = np.minimum(n_test, n - 1)
-        n_val = np.minimum(n_val, n - 1 - n_test)
-    code = np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0)).astype(np.int8)
-    out = np.empty(n_rows, dtype=np.int8)
-    out[order] = code
-    return out
-
-
-@dataclass
-class EncodingPlan:
-    """How canonical columns become model inputs; vocabularies and statistics come from train."""
-
-    sparse: list[FeatureSpec]
-    dense: list[FeatureSpec]
-    vocabs: dict[str, list[str]] = field(default_factory=dict)
-    stats: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    @property
-    def single(self) -> list[FeatureSpec]:
-        return [f for f in self.sparse if f.kind == "sparse"]
-
-    @property
-    def multi(self) -> list[FeatureSpec]:
-        return [f for f in self.sparse if f.kind == "multi"]
-
-
-def column_of(feature: FeatureSpec) -> str:
-    return ID_COLUMNS.get(feature.name, feature.name)
-
-
-def make_plan(features: list[FeatureSpec]) -> EncodingPlan:
-    """Id features first, then side features; single-hot before multi-hot (the block layout)."""
-    sparse = [
-        *ID_FEATURES,
-        *[f for f in features if f.kind == "sparse"],
-        *[f for f in features if f.kind == "multi"],
-    ]
-    return EncodingPlan(sparse=sparse, dense=[f for f in features if f.kind == "dense"])
-
-
-def build_vocab(values: pd.Series, multi: bool) -> list[str]:
-    """Sorted distinct raw values (as strings) of a train column."""
-    if multi:
-        values = values.explode().dropna()
-    return sorted(set(values.astype(str).tolist()))
-
-
-def fit_plan(plan: EncodingPlan, train: pd.DataFrame) -> None:
-    """Build vocabularies and dense statistics from the train rows only."""
-    for f in plan.sparse:
-        plan.vocabs[f.name] = build_vocab(train[column_of(f)], f.kind == "multi")
-    for f in plan.dense:
-        col = pd.to_numeric(train[column_of(f)], errors="coerce").astype(np.float64)
-        mean = float(col.mean()) if col.notna().any() else 0.0
-        std = float(col.std(ddof=0)) if col.notna().sum() > 1 else 1.0
-        plan.stats[f.name] = (mean, std if std > 0 else 1.0)
-
-
-def encode_frame(frame: pd.DataFrame, plan: EncodingPlan) -> dict[str, Any]:
-    """Columns of model inputs for each row: dense, sparse indices, multi-hot (values, lengths), label."""
-    n = len(frame)
-    dense = np.zeros((n, len(plan.dense)), dtype=np.float32)
-    for j, f in enumerate(plan.dense):
-        mean, std = plan.stats[f.name]
-        col = pd.to_numeric(frame[column_of(f)], errors="coerce").to_numpy(np.float64)
-        dense[:, j] = np.nan_to_num((col - mean) / std, nan=0.0)
-    sparse = np.zeros((n, len(plan.single)), dtype=np.int64)
-    for j, f in enumerate(plan.single):
-        sparse[:, j] = pd.Index(plan.vocabs[f.name]).get_indexer(frame[column_of(f)].astype(str)) + 1
-    multi = []
-    for f in plan.multi:
-        lists = frame[column_of(f)]
-        lengths = lists.map(len).to_numpy(np.int32)
-        flat = lists.explode().dropna().astype(str)
-        values = pd.Index(plan.vocabs[f.name]).get_indexer(flat) + 1
-        multi.append((values.astype(np.int64), lengths))
-    return {"dense": dense, "sparse": sparse, "multi": multi, "label": frame["label"].to_numpy(np.float32)}
-
-
-def pack_blocks(enc: dict[str, Any], block_rows: int) -> Iterator[dict[str, Any]]:
-    """Cut encoded rows (already in their shuffled order) into MDS block samples."""
-    n = len(enc["label"])
-    offsets = [np.r_[0, np.cumsum(lengths, dtype=np.int64)] for _, lengths in enc["multi"]]
-    for lo in range(0, n, block_rows):
-        hi = min(lo + block_rows, n)
-        multi = [
-            (values[off[lo] : off[hi]], lengths[lo:hi])
-            for (values, lengths), off in zip(enc["multi"], offsets, strict=True)
-        ]
-        yield encode_block(enc["dense"][lo:hi], enc["sparse"][lo:hi], enc["label"][lo:hi], multi)
-
-
-def label_frame(frame: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Add ``label`` (rating >= threshold) where the source has ratings but no label."""
-    if "label" not in frame.columns:
-        frame = frame.assign(label=(frame["rating"] >= threshold).astype(np.float32))
-    return frame
+log = logging.getLogger(__name__)
 
 
 # -- the local engine ---------------------------------------------------------------------------------
@@ -281,110 +108,14 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
     write_tables(train.drop_duplicates("user"), train.drop_duplicates("item"), plan, tmp)
     from_rating = "label" not in raw.frame.columns
     meta = build_metadata(cfg, plan, raw, splits, engine="local", label_from_rating=from_rating)
-    write_vocabs(plan, tmp)
-    write_metadata(meta, tmp)
+    finish_dataset(meta, plan.vocabs, tmp)
     _report(meta, time.time() - started)
     return meta
 
 
-def id_pairs(enc: dict[str, Any]) -> pd.DataFrame:
-    """(user_id, item_id, label) of encoded rows: what retrieval evaluation reads."""
-    return pd.DataFrame({"user_id": enc["sparse"][:, 0], "item_id": enc["sparse"][:, 1], "label": enc["label"]})
-
-
-def write_split(enc: dict[str, Any], directory: Path, block_rows: int, num_multi: int) -> SplitInfo:
-    """Write one split's encoded rows as MDS block shards."""
-    from streaming import MDSWriter
-    from tqdm import tqdm
-
-    n = len(enc["label"])
-    blocks = 0
-    with MDSWriter(out=str(directory), columns=mds_columns(num_multi), compression="zstd", progress_bar=False) as w:
-        for sample in tqdm(
-            pack_blocks(enc, block_rows),
-            total=-(-n // block_rows),
-            desc=f"write {directory.name}",
-            unit="block",
-            leave=False,
-            disable=n < 100_000,
-        ):
-            w.write(sample)
-            blocks += 1
-    rate = float(enc["label"].astype(np.float64).mean()) if n else 0.0
-    return SplitInfo(rows=n, blocks=blocks, label_rate=rate)
-
-
-def write_tables(user_rows: pd.DataFrame, item_rows: pd.DataFrame, plan: EncodingPlan, tmp: Path) -> None:
-    """``users.parquet`` / ``items.parquet``: encoded features of each train user / item, by index.
-
-    ``user_rows`` / ``item_rows`` hold one train row per user / item (side features are per entity).
-    """
-    for tower, rows in (("user", user_rows), ("item", item_rows)):
-        rows = rows.assign(label=0.0)
-        enc = encode_frame(rows, plan)
-        table = tower_table(enc, plan, tower)
-        table.sort_values(f"{tower}_id").reset_index(drop=True).to_parquet(tmp / f"{tower}s.parquet")
-
-
-def tower_table(enc: dict[str, Any], plan: EncodingPlan, tower: str) -> pd.DataFrame:
-    """The columns of one tower's features from encoded rows."""
-    cols: dict[str, Any] = {}
-    for j, f in enumerate(plan.single):
-        if f.tower == tower:
-            cols[f.name] = enc["sparse"][:, j]
-    for (values, lengths), f in zip(enc["multi"], plan.multi, strict=True):
-        if f.tower == tower:
-            cols[f.name] = list(np.split(values, np.cumsum(lengths)[:-1])) if len(lengths) else []
-    for j, f in enumerate(plan.dense):
-        if f.tower == tower:
-            cols[f.name] = enc["dense"][:, j]
-    return pd.DataFrame(cols)
-
-
-def write_vocabs(plan: EncodingPlan, tmp: Path) -> None:
-    (tmp / "vocab").mkdir(exist_ok=True)
-    for name, vocab in plan.vocabs.items():
-        (tmp / "vocab" / f"{name}.json").write_text(json.dumps(vocab))
-
-
-def build_metadata(
-    cfg: PrepareConfig,
-    plan: EncodingPlan,
-    raw: RawTable,
-    splits: dict[str, SplitInfo],
-    engine: str,
-    label_from_rating: bool,
-) -> DatasetMetadata:
-    """Assemble metadata.json from the fitted plan and the written splits."""
-    rule: dict[str, Any] = {"rule": cfg.split, "seed": cfg.seed, "engine": engine, "per": "user"}
-    if cfg.split == "random":
-        rule.update(val_frac=cfg.val_frac, test_frac=cfg.test_frac)
-    label: dict[str, Any] = (
-        {"name": "label", "definition": f"rating >= {cfg.label_threshold}", "threshold": cfg.label_threshold}
-        if label_from_rating
-        else {"name": "label", "definition": raw.label_definition or "label column of the source"}
-    )
-    return DatasetMetadata(
-        dataset=cfg.dataset,
-        task="retrieval",
-        block_rows=cfg.block_rows,
-        dense_features=tuple(DenseFeature(f.name, f.tower, *plan.stats[f.name]) for f in plan.dense),
-        sparse_features=tuple(
-            SparseFeature(f.name, len(plan.vocabs[f.name]) + 1, f.tower, f.kind == "multi", f"vocab/{f.name}.json")
-            for f in plan.sparse
-        ),
-        label=label,
-        splits=splits,
-        split_rule=rule,
-        source={**raw.source, "rows_cap": cfg.rows},
-        user_id_feature="user_id",
-        item_id_feature="item_id",
-    )
-
-
 def _report(meta: DatasetMetadata, seconds: float) -> None:
     rows = ", ".join(f"{k} {v.rows:,}" for k, v in meta.splits.items())
-    print(f"[prepare] {meta.dataset}: {rows} rows in {seconds:.1f}s", flush=True)
+    log.info("prepared %s: %s rows in %.1fs", meta.dataset, rows, seconds)
 
 
 def summarize(meta: DatasetMetadata, out: str) -> str:

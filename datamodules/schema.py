@@ -67,6 +67,9 @@ class DatasetMetadata:
     source: dict[str, Any]
     user_id_feature: str | None = None
     item_id_feature: str | None = None
+    corpus: dict[str, Any] = field(default_factory=dict)
+    """Retrieval datasets: relative paths of the corpus Parquet files, ``{"users": [...], "items": [...],
+    "pairs": {split: [...]}}`` (a Spark writer leaves several part files per table)."""
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -96,28 +99,46 @@ class DatasetMetadata:
         return cls(**d)
 
 
+def default_corpus() -> dict[str, Any]:
+    """The corpus layout the local engine writes (and that datasets prepared before the field had)."""
+    return {
+        "users": ["users.parquet"],
+        "items": ["items.parquet"],
+        "pairs": {split: [f"pairs/{split}.parquet"] for split in SPLITS},
+    }
+
+
+def corpus_files(meta: DatasetMetadata) -> dict[str, Any]:
+    """The corpus files of a retrieval dataset, by table."""
+    if meta.task != "retrieval":
+        raise RecsysError(f"dataset {meta.dataset!r} has no retrieval corpus (task {meta.task})")
+    return meta.corpus or default_corpus()
+
+
 def write_metadata(meta: DatasetMetadata, directory: Path) -> None:
     """Write ``metadata.json`` into ``directory``."""
     (directory / METADATA_FILE).write_text(json.dumps(meta.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def read_metadata(directory: str | Path) -> DatasetMetadata:
-    """Read ``metadata.json`` from a prepared dataset directory (local path)."""
+def read_metadata(directory: str | Path, shown_as: str | None = None) -> DatasetMetadata:
+    """Read ``metadata.json`` from a prepared dataset directory (local path; ``shown_as`` names a
+    remote dataset's copy in errors)."""
     path = Path(directory) / METADATA_FILE
+    shown = f"{shown_as.rstrip('/')}/{METADATA_FILE}" if shown_as else str(path)
     if not path.is_file():
-        raise RecsysError(f"{path}: not a prepared dataset (no {METADATA_FILE}; run `recsys data prepare`)")
+        raise RecsysError(f"{shown}: not a prepared dataset (no {METADATA_FILE}; run `recsys data prepare`)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise RecsysError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        raise RecsysError(f"{shown}: invalid JSON ({e.msg} at line {e.lineno})") from None
     if raw.get("format_version") != FORMAT_VERSION:
         raise RecsysError(
-            f"{path}: format_version {raw.get('format_version')} is not {FORMAT_VERSION}; prepare it again"
+            f"{shown}: format_version {raw.get('format_version')} is not {FORMAT_VERSION}; prepare it again"
         )
     try:
         return DatasetMetadata.from_dict(raw)
     except (TypeError, KeyError) as e:
-        raise RecsysError(f"{path}: malformed metadata ({e})") from None
+        raise RecsysError(f"{shown}: malformed metadata ({e})") from None
 
 
 def read_vocab(directory: str | Path, feature: SparseFeature) -> list[str]:

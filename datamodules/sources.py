@@ -225,13 +225,19 @@ def canonical_interactions(df: pd.DataFrame, where: str, *, need_rating: bool = 
 # -- sets2019 ---------------------------------------------------------------------------------------
 
 
-def read_sets2019(source: str | None, rows: int | None) -> RawTable:
-    """GroupLens "Learning from Sets of Items" (2019): ``item_ratings.csv`` from a zip, csv or URL."""
+def locate_sets2019(source: str | None) -> tuple[Path, SourceFiles, str]:
+    """The sets2019 source (zip, directory, csv or URL), its files and the name of item_ratings.csv."""
     path = _local_or_download(source or SETS2019_URL, "learning-from-sets-2019.zip")
     files = SourceFiles(path)
     name = files.find("item_ratings.csv") if files.zip is not None or path.is_dir() else path.name
     if name is None:
         raise RecsysError(f"{path}: no item_ratings.csv inside")
+    return path, files, name
+
+
+def read_sets2019(source: str | None, rows: int | None) -> RawTable:
+    """GroupLens "Learning from Sets of Items" (2019): ``item_ratings.csv`` from a zip, csv or URL."""
+    path, files, name = locate_sets2019(source)
     where = files.display(name)
     df = read_delimited(files.read(name), where)
     if rows is not None:
@@ -239,13 +245,19 @@ def read_sets2019(source: str | None, rows: int | None) -> RawTable:
     return RawTable(canonical_interactions(df, where), [], {"path": str(path), "sha256": sha256_of(path)})
 
 
-def read_interactions(source: str | None, rows: int | None) -> RawTable:
-    """The user's own interactions: CSV or Parquet with user/item ids, rating or label, timestamp."""
+def interactions_path(source: str | None) -> Path:
+    """The user's interaction file named by --source."""
     if source is None:
         raise RecsysError("--source is required for --dataset interactions (a .csv or .parquet file)")
     path = Path(source)
     if not path.exists():
         raise RecsysError(f"{path}: no such file or directory")
+    return path
+
+
+def read_interactions(source: str | None, rows: int | None) -> RawTable:
+    """The user's own interactions: CSV or Parquet with user/item ids, rating or label, timestamp."""
+    path = interactions_path(source)
     where = str(path)
     if path.suffix.lower() in (".parquet", ".pq"):
         try:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,57 +18,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from app.config import PrepareConfig
 from core.errors import RecsysError
+from core.spark import spark_session
 from datamodules.blocks import mds_columns
-from datamodules.prepare import (
+from datamodules.config import PrepareConfig
+from datamodules.encoding import (
     SPLIT_CODES,
     EncodingPlan,
+    SplitWriter,
     assign_split,
     build_metadata,
     column_of,
     encode_frame,
+    finish_dataset,
     id_pairs,
     make_plan,
     pack_blocks,
     row_keys,
     write_tables,
-    write_vocabs,
 )
-from datamodules.schema import SplitInfo, write_metadata
+from datamodules.schema import SPLITS, SplitInfo
 from datamodules.sources import (
-    SETS2019_URL,
     RawTable,
-    SourceFiles,
-    _local_or_download,
     interaction_columns,
+    interactions_path,
+    locate_sets2019,
     read_movielens_100k,
     sha256_of,
 )
 
-
-def spark_session(master: str, app_name: str = "recsys-prepare", flag: str = "--engine spark") -> Any:
-    """A SparkSession on ``master`` bound to loopback, with executors using this interpreter."""
-    if shutil.which("java") is None:
-        raise RecsysError(f"{flag}: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)")
-    from pyspark.sql import SparkSession
-
-    # Python workers start from PYSPARK_PYTHON (the spark.pyspark.python conf is not read in local
-    # mode); without it executors run the system python3, which lacks this environment's packages.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.ui.enabled", "false")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.pyspark.driver.python", sys.executable)
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.shuffle.partitions", "8")
-        .config("spark.ui.showConsoleProgress", "false")
-        .getOrCreate()
-    )
+log = logging.getLogger(__name__)
 
 
 def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
@@ -106,14 +83,23 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         user_rows = train.dropDuplicates(["user"]).drop("key", "split").toPandas()
         item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
         write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
-        meta = build_metadata(cfg, plan, raw, splits, engine="spark", label_from_rating=from_rating)
-        write_vocabs(plan, tmp)
-        write_metadata(meta, tmp)
+        corpus = {
+            "users": ["users.parquet"],
+            "items": ["items.parquet"],
+            "pairs": {
+                s: sorted(str(p.relative_to(tmp)) for p in (tmp / "pairs" / f"{s}.parquet").glob("*.parquet"))
+                for s in SPLITS
+            },
+        }
+        meta = build_metadata(cfg, plan, raw, splits, engine="spark", label_from_rating=from_rating, corpus=corpus)
         shutil.rmtree(tmp / "_source", ignore_errors=True)
-        print(
-            f"[prepare] {cfg.dataset} with Spark ({cfg.spark_master}): "
-            + ", ".join(f"{k} {v.rows:,}" for k, v in splits.items())
-            + f" rows in {time.time() - started:.1f}s"
+        finish_dataset(meta, plan.vocabs, tmp)
+        log.info(
+            "prepared %s with Spark (%s): %s rows in %.1fs",
+            cfg.dataset,
+            cfg.spark_master,
+            ", ".join(f"{k} {v.rows:,}" for k, v in splits.items()),
+            time.time() - started,
         )
         return meta
     finally:
@@ -129,22 +115,14 @@ def read_with_spark(cfg: PrepareConfig, spark: Any, tmp: Path) -> tuple[Any, Raw
         frame["item_year"] = frame["item_year"].astype("float64")
         return spark.createDataFrame(frame), raw
     if cfg.dataset == "sets2019":
-        path = _local_or_download(cfg.source or SETS2019_URL, "learning-from-sets-2019.zip")
-        files = SourceFiles(path)
-        name = files.find("item_ratings.csv") if (files.zip is not None or path.is_dir()) else path.name
-        if name is None:
-            raise RecsysError(f"{path}: no item_ratings.csv inside")
+        path, files, name = locate_sets2019(cfg.source)
         csv = path if files.zip is None and path.is_file() else tmp / "_source" / "item_ratings.csv"
         if csv != path:
             csv.parent.mkdir(parents=True, exist_ok=True)
             csv.write_bytes(files.read(name))
         where = files.display(name)
     else:
-        if cfg.source is None:
-            raise RecsysError("--source is required for --dataset interactions (a .csv or .parquet file)")
-        path = csv = Path(cfg.source)
-        if not path.exists():
-            raise RecsysError(f"{path}: no such file or directory")
+        path = csv = interactions_path(cfg.source)
         where = str(path)
     df = read_table_spark(spark, csv, where)
     if cfg.rows is not None:
@@ -264,9 +242,7 @@ def write_pairs_spark(part: Any, plan: EncodingPlan, out: Path) -> None:
 
 def write_empty_split(out: Path, num_multi: int) -> None:
     """An empty split still gets an (empty) MDS index so loaders can open it."""
-    from streaming import MDSWriter
-
-    with MDSWriter(out=str(out), columns=mds_columns(num_multi), compression="zstd", progress_bar=False):
+    with SplitWriter(out, num_multi):
         pass
 
 

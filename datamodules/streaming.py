@@ -22,28 +22,19 @@ from typing import Any
 
 import lightning as L
 
-from app.config import DataConfig
 from core.errors import RecsysError
 from datamodules.blocks import BlockCollate
+from datamodules.config import DataConfig
+from datamodules.corpus import RetrievalCorpus
 from datamodules.schema import METADATA_FILE, DatasetMetadata, read_metadata
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
+from datamodules.storage import fetch_file, is_remote
 
 
 def fetch_metadata(path: str, cache: Path) -> DatasetMetadata:
     """Read ``metadata.json`` of a local or remote prepared dataset."""
     if not is_remote(path):
         return read_metadata(path)
-    from streaming.base.storage import CloudDownloader
-
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        CloudDownloader.direct_download(f"{path.rstrip('/')}/{METADATA_FILE}", str(cache / METADATA_FILE), 60)
-    except Exception as e:  # the storage backends raise their own types
-        raise RecsysError(f"{path}: cannot read {METADATA_FILE} ({str(e).splitlines()[0]})") from None
-    return read_metadata(cache)
+    return read_metadata(fetch_file(path, METADATA_FILE, cache).parent, shown_as=path)
 
 
 SHM_DIR = Path("/dev/shm")
@@ -137,7 +128,9 @@ class StreamingDataModule(L.LightningDataModule):
         self._own_cache = cfg.cache_dir is None
         self.cache_root = Path(cfg.cache_dir or tempfile.gettempdir()) / "recsys-streaming"
         self._token = uuid.uuid4().hex[:12]
-        self.meta = fetch_metadata(cfg.path, self.cache_root / f"meta-{self._token}")
+        self._files_cache = self.cache_root / f"meta-{self._token}"  # metadata and corpus of a remote dataset
+        self.meta = fetch_metadata(cfg.path, self._files_cache)
+        self.seed = 0 if cfg.seed is None else cfg.seed
         self.train_blocks = blocks_per_batch(cfg.batch_size, self.meta.block_rows, "--data.batch_size")
         self.eval_blocks = blocks_per_batch(
             cfg.eval_batch_size or cfg.batch_size, self.meta.block_rows, "--data.eval_batch_size"
@@ -177,6 +170,10 @@ class StreamingDataModule(L.LightningDataModule):
     def test_dataloader(self) -> Any:
         return self._loader("test", shuffle=False, blocks=self.eval_blocks)
 
+    def corpus(self) -> RetrievalCorpus:
+        """The retrieval corpus (users, items, pairs) of the dataset, local or remote."""
+        return RetrievalCorpus.load(self.cfg.path, self.meta, self._files_cache)
+
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position in its epoch (StreamingDataset's resumption state)."""
         if self._train_loader is None:
@@ -190,7 +187,7 @@ class StreamingDataModule(L.LightningDataModule):
         self._datasets.clear()
         if self._own_cache:
             shutil.rmtree(self.cache_root / self._token, ignore_errors=True)
-            shutil.rmtree(self.cache_root / f"meta-{self._token}", ignore_errors=True)
+            shutil.rmtree(self._files_cache, ignore_errors=True)
 
     # -- building --------------------------------------------------------------------------------
 
@@ -209,7 +206,7 @@ class StreamingDataModule(L.LightningDataModule):
                 remote=remote if is_remote(remote) else str(Path(remote).resolve()),
                 local=str(self.cache_root / self._token / f"node{world.node}" / split),
                 shuffle=shuffle,
-                shuffle_seed=self.cfg.seed,
+                shuffle_seed=self.seed,
                 shuffle_algo="py1e",
                 batch_size=blocks or self.train_blocks,
                 allow_unsafe_types=False,
@@ -222,7 +219,7 @@ class StreamingDataModule(L.LightningDataModule):
             self.dataset(split, shuffle, blocks),
             batch_size=blocks,
             collate_fn=collate,
-            num_workers=self.cfg.num_workers,
+            num_workers=self.cfg.loader_workers,
             persistent_workers=False,
             drop_last=False,
         )

@@ -16,7 +16,7 @@ memory that depends on the chunk size and cardinalities, never on the row count.
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +25,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from app.config import PrepareConfig
 from core.errors import require
-from datamodules.blocks import mds_columns
-from datamodules.schema import DatasetMetadata, DenseFeature, SparseFeature, SplitInfo, write_metadata
+from datamodules.blocks import encode_block
+from datamodules.config import PrepareConfig
+from datamodules.encoding import SplitWriter, finish_dataset, sparse_feature
+from datamodules.schema import SPLITS, DatasetMetadata, DenseFeature
 from datamodules.sources import FeatureSpec, RawTable
+
+log = logging.getLogger(__name__)
 
 # -- synthetic-retrieval ----------------------------------------------------------------------------
 
@@ -251,7 +254,6 @@ class WeightedAuc:
 
 def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
     """Generate and write synthetic-ctr in two chunked passes (vocabulary, then shards)."""
-    from streaming import MDSWriter
     from tqdm import tqdm
 
     started = time.time()
@@ -277,14 +279,8 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
     seen = [n >= MIN_ID_COUNT for n in train_counts]
     maps = [np.where(s, np.cumsum(s), 0).astype(np.int64) for s in seen]  # raw id -> index (0 = OOV)
     n_single = len(cards) - model.multi
-    writers = {
-        name: MDSWriter(out=str(tmp / name), columns=mds_columns(model.multi), compression="zstd", progress_bar=False)
-        for name in ("train", "val", "test")
-    }
-    counts = {name: [0, 0, 0.0] for name in writers}  # rows, blocks, positives
+    writers = {name: SplitWriter(tmp / name, model.multi) for name in SPLITS}
     best = WeightedAuc()
-    from datamodules.blocks import encode_block
-
     try:
         for i, lo, m in tqdm(chunks, desc="write", unit="chunk", disable=len(chunks) < 4):
             g = model.generate(cfg.seed, i, m)
@@ -293,7 +289,7 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
             single = np.zeros((m, n_single), np.int64)
             for f in range(n_single):
                 single[:, f] = maps[f][g["ids"][f][0]]
-            for c, name in enumerate(("train", "val", "test")):
+            for c, name in enumerate(SPLITS):
                 sel = np.flatnonzero(code == c)
                 if name == "test":
                     best.update(g["prob"][sel])
@@ -314,20 +310,12 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
                             [(v[o[b] : o[e]], ln[b:e]) for (v, ln), o in zip(multi, offs, strict=True)],
                         )
                     )
-                    counts[name][1] += 1
-                counts[name][0] += len(sel)
-                counts[name][2] += float(g["label"][sel].sum())
     finally:
         for w in writers.values():
-            w.finish()
-    vocab_dir = tmp / "vocab"
-    vocab_dir.mkdir()
-    sparse = []
-    for f, s in enumerate(seen):
-        name = f"C{f + 1}"
-        (vocab_dir / f"{name}.json").write_text(json.dumps([str(v) for v in np.flatnonzero(s)]))
-        sparse.append(SparseFeature(name, int(s.sum()) + 1, "context", f >= n_single, f"vocab/{name}.json"))
-    splits = {k: SplitInfo(int(v[0]), int(v[1]), float(v[2] / v[0]) if v[0] else 0.0) for k, v in counts.items()}
+            w.__exit__()
+    vocabs = {f"C{f + 1}": [str(v) for v in np.flatnonzero(s)] for f, s in enumerate(seen)}
+    sparse = [sparse_feature(name, vocab, "context", f >= n_single) for f, (name, vocab) in enumerate(vocabs.items())]
+    splits = {name: w.info() for name, w in writers.items()}
     rule: dict[str, Any] = {
         "rule": cfg.split,
         "seed": cfg.seed,
@@ -361,10 +349,11 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
             "planted_test_logloss": round(best.entropy / max(best.n, 1), 6),
         },
     )
-    write_metadata(meta, tmp)
-    print(
-        f"[prepare] synthetic-ctr: {rows:,} rows in {time.time() - started:.1f}s; "
-        f"planted optimum test AUC {meta.extra['planted_test_auc']:.4f}",
-        flush=True,
+    finish_dataset(meta, vocabs, tmp)
+    log.info(
+        "prepared synthetic-ctr: %s rows in %.1fs; planted optimum test AUC %.4f",
+        f"{rows:,}",
+        time.time() - started,
+        meta.extra["planted_test_auc"],
     )
     return meta

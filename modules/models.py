@@ -8,6 +8,7 @@ on the ``meta`` device (``build_model(..., device="meta")``) and materialised by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,11 +16,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from app.config import ModelConfig
-from core.errors import RecsysError
 from datamodules.schema import DatasetMetadata
-
-MODELS = ("two-tower", "dlrm", "dcn", "deepfm")
+from modules.config import ModelConfig
 
 
 def table_configs(meta: DatasetMetadata, dim: int) -> list[EmbeddingBagConfig]:
@@ -144,31 +142,46 @@ def tower_spec(meta: DatasetMetadata, tower: str, ids_only: bool = False) -> Tow
     )
 
 
-def build_model(kind: str, meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
-    """The plain TorchRec model ``kind`` for a dataset; embedding tables on ``device``."""
-    if kind not in MODELS:
-        raise RecsysError(f"--model: unknown model {kind!r} (choose from {', '.join(MODELS)})")
-    dim = cfg.embedding_dim
-    ebc = EmbeddingBagCollection(tables=table_configs(meta, dim), device=torch.device(device))
-    num_dense = len(meta.dense_features)
-    if kind == "two-tower":
-        if meta.user_id_feature is None or meta.item_id_feature is None:
-            raise RecsysError(
-                f"--model two-tower: dataset {meta.dataset!r} has no user/item ids (task {meta.task}); "
-                "use a ranking model"
-            )
-        ids_only = cfg.tower_features == "ids"
-        user, item = tower_spec(meta, "user", ids_only), tower_spec(meta, "item", ids_only)
-        return TwoTower(ebc, user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
-    if kind == "deepfm":
-        return DeepFM(ebc, num_dense, list(cfg.deepfm_hidden))
-    from torchrec.models.dlrm import DLRM, DLRM_DCN
+def new_collection(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device) -> EmbeddingBagCollection:
+    """One EmbeddingBagCollection with a table per sparse feature of the dataset, on ``device``."""
+    return EmbeddingBagCollection(tables=table_configs(meta, cfg.embedding_dim), device=torch.device(device))
 
-    dense_arch = [*cfg.dense_arch, dim]  # DLRM's dense arch must end in the embedding dimension
-    over_arch = [*cfg.over_arch, 1]
-    dense_in = max(num_dense, 1)
-    if kind == "dlrm":
-        model: nn.Module = DLRM(ebc, dense_in, dense_arch, over_arch)
-    else:
-        model = DLRM_DCN(ebc, dense_in, dense_arch, over_arch, cfg.dcn_layers, cfg.dcn_low_rank)
+
+def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """A two-tower model; the towers read their side's features (or only the ids)."""
+    ids_only = cfg.tower_features == "ids"
+    user, item = tower_spec(meta, "user", ids_only), tower_spec(meta, "item", ids_only)
+    return TwoTower(new_collection(meta, cfg, device), user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
+
+
+def build_deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """DeepFM over every sparse feature plus the dense ones as one field."""
+    return DeepFM(new_collection(meta, cfg, device), len(meta.dense_features), list(cfg.deepfm_hidden))
+
+
+def build_dlrm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """torchrec's DLRM (dot interaction)."""
+    from torchrec.models.dlrm import DLRM
+
+    return _with_dense(
+        meta, lambda dense_in, dense, over: DLRM(new_collection(meta, cfg, device), dense_in, dense, over), cfg
+    )
+
+
+def build_dcn(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
+    """torchrec's DLRM_DCN (low-rank DCN-v2 cross layers as the interaction)."""
+    from torchrec.models.dlrm import DLRM_DCN
+
+    def make(dense_in: int, dense: list[int], over: list[int]) -> nn.Module:
+        ebc = new_collection(meta, cfg, device)
+        return DLRM_DCN(ebc, dense_in, dense, over, cfg.dcn_layers, cfg.dcn_low_rank)
+
+    return _with_dense(meta, make, cfg)
+
+
+def _with_dense(meta: DatasetMetadata, make: Any, cfg: ModelConfig) -> nn.Module:
+    """A DLRM-family model; datasets without dense features feed its dense arch one zero column."""
+    num_dense = len(meta.dense_features)
+    dense_arch = [*cfg.dense_arch, cfg.embedding_dim]  # DLRM's dense arch must end in the embedding dimension
+    model: nn.Module = make(max(num_dense, 1), dense_arch, [*cfg.over_arch, 1])
     return model if num_dense else DenseOrZero(model)

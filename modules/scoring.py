@@ -30,8 +30,3 @@ class PairScorer(nn.Module):
     def forward(self, dense_features: torch.Tensor, sparse_features: Any) -> torch.Tensor:
         user, item = self.model(dense_features, sparse_features)
         return torch.sigmoid((user * item).sum(-1) / self.temperature)
-
-
-def build_scorer(kind: str, model: nn.Module, temperature: float) -> nn.Module:
-    """The scorer for a model of ``kind``."""
-    return PairScorer(model, temperature) if kind == "two-tower" else RankingScorer(model)

@@ -8,8 +8,6 @@ parameters by the optimizer returned from ``configure_optimizers()``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,8 +18,9 @@ import torchmetrics
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from app.config import ModelConfig, OptimConfig
+from datamodules.corpus import RetrievalCorpus, tower_inputs
 from datamodules.schema import DatasetMetadata
+from modules.config import ModelConfig, OptimConfig
 from modules.sharding import sparse_optimizer_class
 
 DENSE_OPTIMIZERS: dict[str, Any] = {
@@ -108,61 +107,6 @@ class RankingTask(RecTask):
 
 
 # -- retrieval ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class RetrievalCorpus:
-    """What full-corpus evaluation needs, read from a prepared retrieval dataset."""
-
-    items: pd.DataFrame
-    users: pd.DataFrame
-    pairs: dict[str, pd.DataFrame]
-    item_log_q: torch.Tensor
-    """log of each item's share of train positives (index = item id), for the log-Q correction."""
-
-    @classmethod
-    def load(cls, path: str | Path, meta: DatasetMetadata) -> RetrievalCorpus:
-        root = Path(path)
-        pairs = {s: pd.read_parquet(root / "pairs" / f"{s}.parquet") for s in ("train", "val", "test")}
-        n_items = meta.feature(meta.item_id_feature or "item_id").cardinality
-        train = pairs["train"]
-        pos = train[train.label > 0.5]
-        counts = np.bincount(pos.item_id.to_numpy(), minlength=n_items).astype(np.float64) + 1.0
-        log_q = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
-        return cls(pd.read_parquet(root / "items.parquet"), pd.read_parquet(root / "users.parquet"), pairs, log_q)
-
-
-def tower_inputs(table: pd.DataFrame, meta: DatasetMetadata) -> tuple[torch.Tensor, KeyedJaggedTensor]:
-    """Dense matrix and KJT (all dataset keys) for rows of users.parquet / items.parquet.
-
-    Features the table lacks (the other tower's) get empty bags and zero dense values.
-    """
-    n = len(table)
-    dense = torch.zeros(n, len(meta.dense_features))
-    for j, d in enumerate(meta.dense_features):
-        if d.name in table.columns:
-            dense[:, j] = torch.as_tensor(table[d.name].to_numpy(np.float32))
-    values, lengths = [], []
-    for f in meta.sparse_features:
-        if f.name not in table.columns:
-            lengths.append(torch.zeros(n, dtype=torch.int32))
-        elif f.multi_hot:
-            lists = table[f.name].to_list()
-            lengths.append(torch.tensor([len(x) for x in lists], dtype=torch.int32))
-            values.append(
-                torch.as_tensor(
-                    np.concatenate([np.asarray(x, np.int64) for x in lists]) if n else np.zeros(0, np.int64)
-                )
-            )
-        else:
-            lengths.append(torch.ones(n, dtype=torch.int32))
-            values.append(torch.as_tensor(table[f.name].to_numpy(np.int64)))
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=[f.name for f in meta.sparse_features],
-        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
-        lengths=torch.cat(lengths),
-    )
-    return dense, kjt
 
 
 def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor:

@@ -1,4 +1,5 @@
-"""Fixtures: tiny generated files in the real source formats, and prepared tiny datasets."""
+"""Fixtures: tiny generated files in the real source formats, prepared tiny datasets, and the shipped
+presets shrunk for CPU (``tiny_run``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.config import PrepareConfig, SyntheticConfig
+from app.config import RunConfig
+from datamodules.config import PrepareConfig, SyntheticConfig
 from datamodules.prepare import prepare
 from datamodules.sources import ML_GENRES
 
@@ -137,3 +139,43 @@ def ml_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = base / "data"
     prepare(tiny_prepare(out, "movielens-100k", source=str(src), block_rows=16))
     return out
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+SHRINK = [
+    "--max-epochs=2",
+    "--batch-size=64",
+    "--arch.embedding_dim=8",
+    "--arch.tower_layers=[16, 8]",
+    "--arch.dense_arch=[8]",
+    "--arch.over_arch=[16]",
+    "--arch.deepfm_hidden=[16]",
+    "--arch.uniform_negatives=16",
+    "--trainer.patience=0",
+    "--trainer.progress_bar=false",
+    "--trainer.log_every_n_steps=1",
+]
+"""Flags that shrink any shipped preset to seconds on a CPU (tiny tables, towers and batches)."""
+
+
+def shrunk_flags(tmp: Path, data: Path, tracking: bool = False) -> list[str]:
+    """``SHRINK`` plus where the run reads and writes (MLflow off unless ``tracking``)."""
+    flags = [*SHRINK, f"--data={data}", f"--trainer.output_dir={tmp / 'runs'}"]
+    return flags + ([f"--tracking-uri=sqlite:///{tmp}/mlflow.db"] if tracking else ["--tracking.enabled=false"])
+
+
+def shrink(preset: str, data: Path, tmp: Path, *overrides: str, tracking: bool = False) -> RunConfig:
+    """The shipped preset ``configs/PRESET.yaml`` shrunk for CPU, with ``overrides`` (CLI flags) last."""
+    from app.cli import load_run_config
+
+    return load_run_config(CONFIGS / f"{preset}.yaml", [*shrunk_flags(tmp, data, tracking), *overrides])
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> object:
+    """``tiny_run(preset, data, *flags, tracking=False) -> RunConfig`` writing under this test's tmp dir."""
+
+    def make(preset: str, data: Path, *overrides: str, tracking: bool = False) -> RunConfig:
+        return shrink(preset, data, tmp_path, *overrides, tracking=tracking)
+
+    return make

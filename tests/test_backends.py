@@ -2,44 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import shrink
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from app.cli import main
-from app.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrackingConfig, TrainerConfig
+from app.config import RunConfig
+from app.train import run_training
+from cluster.config import ClusterConfig
 from core.errors import RecsysError
-from cluster.launch import run_training
 
 pytestmark = pytest.mark.cluster
 
 
 def cfg_for(path: Path, tmp: Path, **cluster: object) -> RunConfig:
-    return RunConfig(
-        model="dlrm",
-        data=DataConfig(path=str(path), batch_size=64),
-        arch=ModelConfig(embedding_dim=8, dense_arch=[8], over_arch=[16]),
-        trainer=TrainerConfig(max_epochs=2, patience=0, output_dir=str(tmp / "runs"), progress_bar=False, seed=3),
-        tracking=TrackingConfig(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment="backends"),
-        cluster=ClusterConfig(**cluster),  # type: ignore[arg-type]
-    )
+    """The shipped MovieLens DLRM preset shrunk for CPU, tracked in a SQLite store under ``tmp``."""
+    cfg = shrink("dlrm-movielens", path, tmp, "--seed=3", "--experiment=backends", tracking=True)
+    return dataclasses.replace(cfg, cluster=ClusterConfig(**cluster))  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def local_ray() -> object:
-    """A local Ray for one test: a connected Ray driver must not live on while Spark tests fork."""
+@contextlib.contextmanager
+def local_ray_session() -> Iterator[None]:
+    """A local Ray for one run: a connected Ray driver must not live on while Spark tests fork."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    with local_ray_session():
+        yield
 
 
 def _mlflow_runs(tmp: Path) -> list[Run]:
@@ -49,43 +57,54 @@ def _mlflow_runs(tmp: Path) -> list[Run]:
     return list(client.search_runs([exp.experiment_id]))
 
 
-RESULTS: dict[str, dict[str, object]] = {}
+BACKENDS: dict[str, dict[str, object]] = {
+    "local": {},
+    "ray": {"backend": "ray"},
+    "spark": {"backend": "spark", "spark_local_mode": True},
+    "spark-executors": {"backend": "spark", "spark_local_mode": False, "spark_master": "local-cluster[2,1,1024]"},
+}
+_RUNS: dict[str, tuple[dict[str, Any], Path]] = {}
 
 
-def _check_run(name: str, metrics: dict[str, object], tmp: Path) -> None:
+@pytest.fixture(scope="module")
+def backend_run(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``backend_run(name) -> (metrics, tmp)``: the same 2-worker training on one backend, run once per
+    module and shared by the test of that backend and ``test_backends_agree``."""
+
+    def run(name: str) -> tuple[dict[str, Any], Path]:
+        if name not in _RUNS:
+            tmp = tmp_path_factory.mktemp(name)
+            cluster = {**BACKENDS[name], "num_workers": 2}
+            if name == "ray":
+                cluster["storage_path"] = str(tmp / "ray")
+                with local_ray_session():
+                    _RUNS[name] = (run_training(cfg_for(ml_dataset, tmp, **cluster)), tmp)
+            else:
+                _RUNS[name] = (run_training(cfg_for(ml_dataset, tmp, **cluster)), tmp)
+        return _RUNS[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_two_workers_on_backend(name: str, backend_run: Any) -> None:
+    """One MLflow run written by rank 0, tables placed on both ranks."""
+    metrics, tmp = backend_run(name)
     assert metrics["world_size"] == 2
     table_ranks: Any = metrics["table_ranks"]
     assert {r for ranks in table_ranks.values() for r in ranks} == {0, 1}
     runs = _mlflow_runs(tmp)
     assert len(runs) == 1 and runs[0].info.run_id == metrics["run_id"]  # one run, written by rank 0
     assert "test/auroc" in runs[0].data.metrics
-    RESULTS[name] = metrics
 
 
-def test_local_two_processes(ml_dataset: Path, tmp_path: Path) -> None:
-    _check_run("local", run_training(cfg_for(ml_dataset, tmp_path, num_workers=2)), tmp_path)
-
-
-def test_ray_two_workers(ml_dataset: Path, tmp_path: Path, local_ray: object) -> None:
-    cfg = cfg_for(ml_dataset, tmp_path, backend="ray", num_workers=2, storage_path=str(tmp_path / "ray"))
-    _check_run("ray", run_training(cfg), tmp_path)
-
-
-def test_spark_local_mode(ml_dataset: Path, tmp_path: Path) -> None:
-    cfg = cfg_for(ml_dataset, tmp_path, backend="spark", num_workers=2, spark_local_mode=True)
-    _check_run("spark", run_training(cfg), tmp_path)
-
-
-def test_spark_on_executors(ml_dataset: Path, tmp_path: Path) -> None:
-    cfg = cfg_for(
-        ml_dataset,
-        tmp_path,
-        backend="spark",
-        num_workers=2,
-        spark_local_mode=False,
-        spark_master="local-cluster[2,1,1024]",
-    )
-    _check_run("spark-executors", run_training(cfg), tmp_path)
+def test_backends_agree(backend_run: Any) -> None:
+    """Same config and seed on 2 workers: test metrics agree within 0.01 AUROC / 0.01 logloss."""
+    results = {name: backend_run(name)[0] for name in BACKENDS}
+    aurocs = [float(m["test/auroc"]) for m in results.values()]
+    loglosses = [float(m["test/logloss"]) for m in results.values()]
+    assert max(aurocs) - min(aurocs) < 0.01, results
+    assert max(loglosses) - min(loglosses) < 0.01, results
 
 
 def registered_checkpoints(storage: Path) -> int:
@@ -107,7 +126,6 @@ def test_ray_worker_killed_mid_run_resumes_from_its_checkpoint(
     """SIGKILL one Ray Train worker once Ray registered a checkpoint: Ray restarts the worker group
     from that checkpoint and the run completes, as one MLflow run, with the metrics of an
     uninterrupted run (within 0.01)."""
-    import dataclasses
     import threading
 
     import psutil
@@ -157,16 +175,6 @@ def test_ray_worker_killed_mid_run_resumes_from_its_checkpoint(
     )
     for key in ("test/auroc", "test/logloss"):
         assert abs(float(faulty[key]) - float(clean[key])) < 0.01, (key, faulty[key], clean[key])
-
-
-def test_backends_agree(ml_dataset: Path) -> None:
-    """Same config and seed on 2 workers: test metrics agree within 0.01 AUROC / 0.01 logloss."""
-    if len(RESULTS) < 2:
-        pytest.skip("needs the backend runs above in the same session")
-    aurocs = [float(m["test/auroc"]) for m in RESULTS.values()]  # type: ignore[arg-type]
-    loglosses = [float(m["test/logloss"]) for m in RESULTS.values()]  # type: ignore[arg-type]
-    assert max(aurocs) - min(aurocs) < 0.01, RESULTS
-    assert max(loglosses) - min(loglosses) < 0.01, RESULTS
 
 
 def test_unknown_backend(ml_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:

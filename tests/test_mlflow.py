@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from app.cli import main
-from app.config import DataConfig
 from cluster.local import free_port
+from datamodules.config import DataConfig
 from datamodules.streaming import StreamingDataModule
 
 pytestmark = pytest.mark.cluster

@@ -12,7 +12,7 @@ import pytest
 from conftest import ratings_frame, tiny_prepare, write_ml100k, write_sets2019_zip
 
 from app.cli import main
-from app.config import DataConfig, SyntheticConfig
+from datamodules.config import DataConfig, SyntheticConfig
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata, read_vocab
 from datamodules.streaming import StreamingDataModule
@@ -189,7 +189,7 @@ def test_synthetic_ctr_metadata(ctr_dataset: Path) -> None:
 
 
 def test_synthetic_ctr_signal_sits_in_popular_ids(ctr_dataset: Path, tmp_path: Path) -> None:
-    from app.config import PrepareConfig
+    from datamodules.config import PrepareConfig
     from datamodules.synthetic import MIN_ID_COUNT, PlantedCtr
 
     planted = PlantedCtr.create(PrepareConfig(dataset="synthetic-ctr", out=str(tmp_path)))

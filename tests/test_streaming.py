@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import tiny_prepare
 
-from app.config import DataConfig, SyntheticConfig
-from core.errors import RecsysError
 from cluster.local import free_port
+from core.errors import RecsysError
+from datamodules.config import DataConfig, SyntheticConfig
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
 from datamodules.streaming import StreamingDataModule
@@ -88,7 +88,7 @@ def test_seeded_shuffle_is_reproducible(ctr_dataset: Path, tmp_path: Path) -> No
 
 def test_workers_deliver_the_same_rows(ctr_dataset: Path, tmp_path: Path) -> None:
     base = sorted(flat(epoch(module(ctr_dataset, tmp_path / "a"))))
-    with_workers = sorted(flat(epoch(module(ctr_dataset, tmp_path / "b", num_workers=2))))
+    with_workers = sorted(flat(epoch(module(ctr_dataset, tmp_path / "b", loader_workers=2))))
     assert base == with_workers
 
 

@@ -9,34 +9,29 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import shrink
 
 from app.cli import load_run_config, main
-from app.config import (
-    ClusterConfig,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TrackingConfig,
-    TrainerConfig,
-)
+from app.config import RunConfig
+from app.train import run_training
+from cluster.config import ClusterConfig
+from datamodules.config import DataConfig
 from datamodules.schema import read_metadata
 from datamodules.streaming import StreamingDataModule
-from modules.models import MODELS, build_model
+from modules.config import ModelConfig, OptimConfig
+from modules.registry import MODELS, model_kind
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+PRESET = {"dlrm": "dlrm-synthetic-ctr", "two-tower": "two-tower-movielens"}
 
 
-def run_cfg(path: Path, model: str, tmp: Path, **trainer: Any) -> RunConfig:
-    trainer.setdefault("max_epochs", 2)
-    trainer.setdefault("patience", 0)
-    return RunConfig(
-        model=model,
-        data=DataConfig(path=str(path), batch_size=64),
-        arch=ModelConfig(embedding_dim=8, tower_layers=[16, 8], dense_arch=[8], over_arch=[16], deepfm_hidden=[16]),
-        trainer=TrainerConfig(output_dir=str(tmp / "runs"), progress_bar=False, log_every_n_steps=1, **trainer),
-        tracking=TrackingConfig(enabled=False),
-    )
+def run_cfg(path: Path, model: str, tmp: Path, *flags: str, **trainer: Any) -> RunConfig:
+    """The shipped preset of ``model`` shrunk for CPU, with flags and trainer overrides."""
+    return shrink(PRESET[model], path, tmp, *flags, *[f"--trainer.{k}={v}" for k, v in trainer.items()])
+
+
+def build_model(kind: str, meta: Any, arch: ModelConfig, device: str) -> torch.nn.Module:
+    return model_kind(kind).build_model(meta, arch, device)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -64,14 +59,15 @@ def _parity_worker(path: str, out: str) -> None:
     import lightning as L
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+    from app.resolve import complete_defaults
     from app.train import build_task
     from cluster.local import free_port, torchrun_env
     from modules.sharding import TorchRecStrategy, shard_model
 
     os.environ.update(torchrun_env(0, 1, free_port(), "parity"))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    cfg = run_cfg(Path(path), "dlrm", Path(out))
-    meta = read_metadata(path)
+    cfg = complete_defaults(run_cfg(Path(path), "dlrm", Path(out)))
+    data = StreamingDataModule(dataclasses.replace(cfg.data, cache_dir=out + "/meta"))
 
     def batches() -> list[Any]:
         dm = StreamingDataModule(dataclasses.replace(cfg.data, cache_dir=out + f"/c{len(os.listdir(out))}"))
@@ -79,7 +75,7 @@ def _parity_worker(path: str, out: str) -> None:
         return [next(it) for _ in range(5)]
 
     torch.manual_seed(0)
-    manual = build_task(cfg, meta)
+    manual = build_task(cfg, data)
     manual.model, _ = shard_model(manual.model, torch.device("cpu"), manual.sparse_optimizer(), 1)
     initial = {
         k: (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).clone()
@@ -98,7 +94,7 @@ def _parity_worker(path: str, out: str) -> None:
                 for k, v in pl_module.model.state_dict().items():
                     (v.local_shards()[0].tensor if isinstance(v, ShardedTensor) else v).copy_(initial[k])
 
-    task = build_task(cfg, meta)
+    task = build_task(cfg, data)
     dm = StreamingDataModule(dataclasses.replace(cfg.data, cache_dir=out + "/lightning"))
     trainer = L.Trainer(
         accelerator="cpu",
@@ -138,12 +134,10 @@ def test_lightning_matches_a_manual_loop(ctr_dataset: Path, tmp_path: Path) -> N
 
 
 def test_sharded_training_on_two_processes(ctr_wide_dataset: Path, tmp_path: Path) -> None:
-    from cluster.local import launch
-
     cfg = dataclasses.replace(
         run_cfg(ctr_wide_dataset, "dlrm", tmp_path, max_epochs=3), cluster=ClusterConfig(num_workers=2)
     )
-    metrics = launch(cfg)
+    metrics = run_training(cfg)
     assert metrics["world_size"] == 2
     ranks = {r for placed in metrics["table_ranks"].values() for r in placed}
     assert ranks == {0, 1}, metrics["table_ranks"]  # the planner put tables on both ranks
@@ -176,17 +170,20 @@ def _evaluate_worker(cfg: RunConfig, checkpoint: str, out: str) -> None:
 
 
 def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, tmp_path: Path) -> None:
-    from cluster.local import launch
-
+    # pointwise BCE: uniform negatives would draw from an RNG state the checkpoint does not hold
+    bce = ("--arch.loss=bce", "--arch.uniform_negatives=0")
+    launch = run_training
     two = ClusterConfig(num_workers=2)
     full = launch(
         dataclasses.replace(
-            run_cfg(ml_dataset, "two-tower", tmp_path / "a", max_epochs=2, monitor="train/loss_epoch"), cluster=two
+            run_cfg(ml_dataset, "two-tower", tmp_path / "a", *bce, max_epochs=2, monitor="train/loss_epoch"),
+            cluster=two,
         )
     )
     first = launch(
         dataclasses.replace(
-            run_cfg(ml_dataset, "two-tower", tmp_path / "b", max_epochs=1, monitor="train/loss_epoch"), cluster=two
+            run_cfg(ml_dataset, "two-tower", tmp_path / "b", *bce, max_epochs=1, monitor="train/loss_epoch"),
+            cluster=two,
         )
     )
     resumed = launch(
@@ -195,6 +192,7 @@ def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, 
                 ml_dataset,
                 "two-tower",
                 tmp_path / "c",
+                *bce,
                 max_epochs=2,
                 monitor="train/loss_epoch",
                 resume_from=first["best_checkpoint"],
@@ -210,14 +208,16 @@ def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_shipped_configs_load_and_validate(config: Path, ml_dataset: Path, ctr_dataset: Path) -> None:
-    from app.train import build_task, validate_run
+    from app.resolve import resolve_run
+    from app.train import build_task
 
     cfg = load_run_config(config)
-    data = ml_dataset if cfg.model == "two-tower" or "movielens" in config.stem else ctr_dataset
-    cfg = load_run_config(config, ["--data", str(data), "--tracking.enabled", "false"])
-    meta = validate_run(cfg)
-    task = build_task(cfg, meta)
+    data = ml_dataset if model_kind(cfg.model).needs_corpus or "movielens" in config.stem else ctr_dataset
+    cfg = resolve_run(load_run_config(config, ["--data", str(data), "--tracking.enabled", "false"]))
+    dm = StreamingDataModule(cfg.data)
+    task = build_task(cfg, dm)
     assert task.model is not None and cfg.model in MODELS
+    dm.teardown()
 
 
 BAD_CONFIGS = {
@@ -263,7 +263,8 @@ def test_kjt_row_selection_and_append() -> None:
 
 
 def test_mixed_negatives_loss_matches_in_batch_softmax_without_extra_negatives(ml_dataset: Path) -> None:
-    from modules.tasks import RetrievalCorpus, RetrievalTask
+    from datamodules.corpus import RetrievalCorpus
+    from modules.tasks import RetrievalTask
 
     meta = read_metadata(ml_dataset)
     arch = ModelConfig(embedding_dim=8, tower_layers=[8], loss="softmax", temperature=0.5, uniform_negatives=4)

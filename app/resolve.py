@@ -1,0 +1,82 @@
+"""Check and resolve a run's configuration once, in the launching process, before any worker starts.
+
+Workers receive the resolved config: the tracking URI, the dataset path and the other local paths
+made absolute, the monitored metric, the data seed and the run name filled in. A problem is one
+``RecsysError`` line here, never an error in every worker after a wasted start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from pathlib import Path
+
+from app.config import RunConfig
+from core.errors import RecsysError
+
+log = logging.getLogger(__name__)
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (workers may run elsewhere); remote URIs pass unchanged."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def complete_defaults(cfg: RunConfig) -> RunConfig:
+    """Fill what the config leaves to defaults: the data seed (the run's --seed) and the monitored
+    metric (the model kind's). Cheap and idempotent: ``train`` applies it too, for direct callers."""
+    from modules.registry import model_kind
+
+    data, trainer = cfg.data, cfg.trainer
+    if data.seed is None:
+        data = dataclasses.replace(data, seed=trainer.seed)
+    if trainer.monitor is None:
+        trainer = dataclasses.replace(trainer, monitor=model_kind(cfg.model).monitor(trainer.k))
+    return dataclasses.replace(cfg, data=data, trainer=trainer)
+
+
+def resolve_run(cfg: RunConfig) -> RunConfig:
+    """The checked, resolved configuration of a run (raises RecsysError with one line)."""
+    from app.tracking import check_tracking_uri, new_run_name, resolve_tracking_uri
+    from datamodules.streaming import fetch_metadata
+    from modules.registry import model_kind
+
+    kind = model_kind(cfg.model)
+    if cfg.trainer.k < 1:
+        raise RecsysError(f"--trainer.k: must be at least 1, got {cfg.trainer.k}")
+    if cfg.trainer.max_epochs < 1 and cfg.trainer.max_steps < 1:
+        raise RecsysError(f"--max-epochs: must be at least 1, got {cfg.trainer.max_epochs}")
+    path = absolute(cfg.data.path)
+    if "://" not in path and not Path(path).exists():
+        raise RecsysError(f"--data {cfg.data.path}: no such dataset directory (run `recsys data prepare`)")
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = fetch_metadata(path, Path(tmp))
+    kind.check_dataset(meta)
+    cfg = complete_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)))
+    trainer = cfg.trainer
+    known = kind.metrics(trainer.k)
+    if trainer.monitor not in known:
+        raise RecsysError(
+            f"--trainer.monitor: {trainer.monitor!r} is not a metric of {kind.name} (one of {', '.join(known)})"
+        )
+    if str(trainer.monitor).startswith("val/") and meta.splits["val"].rows == 0:
+        log.info("%s has no validation split: monitoring train/loss_epoch instead of %s", path, trainer.monitor)
+        trainer = dataclasses.replace(trainer, monitor="train/loss_epoch")
+    resume = trainer.resume_from
+    if resume:
+        from modules.sharding import TRAINER_STATE
+
+        resume = absolute(resume)
+        if "://" not in resume and not (Path(resume) / TRAINER_STATE).is_file():
+            raise RecsysError(f"--resume-from {resume}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
+    trainer = dataclasses.replace(trainer, resume_from=resume, output_dir=absolute(trainer.output_dir))
+    tracking = cfg.tracking
+    if tracking.enabled:
+        uri = resolve_tracking_uri(tracking.tracking_uri)
+        check_tracking_uri(uri)
+        tracking = dataclasses.replace(
+            tracking, tracking_uri=uri, run_name=tracking.run_name or new_run_name(cfg.model)
+        )
+    cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
+    return dataclasses.replace(cfg, trainer=trainer, tracking=tracking, cluster=cluster)

@@ -1,0 +1,148 @@
+"""MLflow tracking of a training run: the store, the run (created, or continued on resume), its
+parameters, artifacts and the packaged model. Rank 0 alone writes; the other ranks get no tracker."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.config import RunConfig
+from core.errors import RecsysError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The tracking URI in force: the flag, else $MLFLOW_TRACKING_URI, else a SQLite file here
+    (a relative SQLite path is made absolute, so that workers elsewhere write the same file)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast when an MLflow server cannot be reached (before any training starts)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RecsysError(f"--tracking-uri {uri}: MLflow server unreachable ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///") :]).parent
+        if not parent.is_dir():
+            raise RecsysError(f"--tracking-uri {uri}: directory {parent} does not exist")
+
+
+def prepare_store(uri: str) -> None:
+    """Create the tracking store once, in the launching process, before workers race to migrate it."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments(max_results=1)
+
+
+def new_run_name(model: str) -> str:
+    """A distinct default run name (MLflow's own is drawn from the seeded RNG: every run got the same)."""
+    return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def previous_run_id(uri: str, checkpoint: str | None) -> str | None:
+    """The MLflow run a checkpoint was written by, when it is in this tracking store: resuming
+    continues that run (one run per training, also across a Ray restart)."""
+    if not checkpoint:
+        return None
+    from modules.callbacks import RunIdInCheckpoint
+    from modules.sharding import read_trainer_state
+
+    run_id = read_trainer_state(checkpoint).get(RunIdInCheckpoint.KEY)
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        return None  # another store: start a new run
+    return str(run_id)
+
+
+class Tracker:
+    """The MLflow run of a training (rank 0): a Lightning logger plus what is published at the end."""
+
+    def __init__(self, cfg: RunConfig, resume_from: str | None) -> None:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        self.cfg = cfg
+        self.uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+        self.resume_from = resume_from
+        self.continued = previous_run_id(self.uri, resume_from)
+        self.logger = MLFlowLogger(
+            experiment_name=cfg.tracking.experiment,
+            run_name=cfg.tracking.run_name,
+            tracking_uri=self.uri,
+            log_model=False,
+            run_id=self.continued,
+        )
+
+    @property
+    def run_id(self) -> str:
+        return str(self.logger.run_id)
+
+    def log_params(self, world_size: int) -> None:
+        """The configuration as dotted params, with the global batch (params are immutable: a
+        continued run gets a tag instead)."""
+        if self.continued:
+            self.logger.experiment.set_tag(self.run_id, "recsys.resumed_from", self.resume_from)
+            return
+        params = flatten(dataclasses.asdict(self.cfg))
+        params["world_size"] = world_size
+        params["data.global_batch_size"] = self.cfg.data.batch_size * world_size
+        self.logger.log_hyperparams(params)
+
+    def publish(self, best_path: str, scorer: Any) -> None:
+        """Config, dataset metadata, best checkpoint and the packaged model into the run."""
+        import mlflow
+
+        cfg, client, run_id = self.cfg, self.logger.experiment, self.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(config_yaml(cfg))
+            client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        if "://" not in cfg.data.path:
+            client.log_artifact(run_id, str(Path(cfg.data.path) / "metadata.json"), "dataset")
+        if best_path:
+            client.log_artifacts(run_id, best_path, "checkpoints/best")
+        if scorer is not None:
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=run_id):
+                # pickle, not the default pt2 graph: a KeyedJaggedTensor input does not trace from an example
+                mlflow.pytorch.log_model(scorer, name="model", serialization_format="pickle")
+                mlflow.log_text(json.dumps({"model": cfg.model, "dataset": cfg.data.path}), "model_info.json")

@@ -1,0 +1,31 @@
+"""Configuration of where the training processes run (resolved in ``cluster/`` only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the training processes run (resolved in cluster/ only)."""
+
+    backend: Literal["local", "ray", "spark"] = "local"
+    num_workers: int = 1
+    """Training processes (one per GPU on a GPU host)."""
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    """The one GPU switch of every backend: gpu (one GPU per process), cpu, or auto (GPUs when the
+    processes' hosts have them: CUDA here for local/spark, GPUs in the cluster for ray)."""
+    cpus_per_worker: int = 1
+    """ray: CPUs reserved for each training worker."""
+    ray_address: str | None = None
+    """ray: address of a running cluster (host:port or ray://...); default: the cluster of the Ray job
+    this runs in, else a local Ray started for the run."""
+    max_failures: int = 2
+    """ray: restarts of the worker group (from the last reported checkpoint) before giving up."""
+    storage_path: str = "runs/ray"
+    """ray: where Ray Train keeps run state and reported checkpoints."""
+    spark_master: str | None = None
+    """spark: master URL (default local[num_workers])."""
+    spark_local_mode: bool = True
+    """spark: True runs the processes on the driver; False runs them as barrier tasks on executors."""

@@ -1,0 +1,71 @@
+"""One logging setup per process (the CLI and every training worker).
+
+Every line is printed once, by one handler on the root logger (libraries that install their own, such
+as Lightning or fbgemm_gpu at import, are folded into it); on multi-process runs each line carries its
+rank. The project's own loggers (``app``, ``cluster``, ``core``, ``datamodules``, ``modules``) speak at
+INFO; the libraries' info lines and Python warnings (planner notes, deprecations, Lightning's tips)
+are shown only with ``--verbose``, where they appear once per place in the code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+PROJECT_LOGGERS = ("app", "cluster", "core", "datamodules", "modules", "bench")
+# Loggers that attach handlers of their own or turn propagation off: routed through the root handler.
+LIBRARY_LOGGERS = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "pytorch_lightning",
+    "torchrec",
+    "fbgemm_gpu",
+    "mlflow",
+)
+
+
+class LineFormatter(logging.Formatter):
+    """``[rank N] message`` for the project's lines, ``[rank N] LEVEL logger: message`` for the rest."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        ours = record.name.split(".", 1)[0] in PROJECT_LOGGERS and record.levelno == logging.INFO
+        head = "" if ours else f"{record.levelname} {record.name}: "
+        return "\n".join(
+            f"{self.prefix}{head}{line}" if i == 0 else f"{self.prefix}  {line}"
+            for i, line in enumerate(message.splitlines() or [""])
+        )
+
+
+def setup_logging(verbose: bool = False, rank: int = 0, world_size: int = 1) -> None:
+    """Configure this process's logging (idempotent: a second call replaces the first)."""
+    # MLflow gives its loggers a handler of their own when imported (later than this, usually).
+    os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+    prefix = f"[rank {rank}] " if world_size > 1 else ""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter(prefix))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.ERROR)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        for h in list(lib.handlers):
+            lib.removeHandler(h)
+        lib.propagate = True
+        lib.setLevel(logging.NOTSET)
+    logging.captureWarnings(verbose)
+    warnings.resetwarnings()
+    warnings.simplefilter("default" if verbose else "ignore")

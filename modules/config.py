@@ -1,0 +1,64 @@
+"""Configuration of the models (architecture and objective) and of their optimizers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from core.errors import require
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Table sizes and feature lists come from the dataset's metadata.json."""
+
+    embedding_dim: int = 32
+    """Dimension of every embedding table."""
+    tower_layers: list[int] = field(default_factory=lambda: [128, 64])
+    """two-tower: MLP sizes of each tower (the last is the output embedding size)."""
+    similarity: Literal["dot", "cosine"] = "dot"
+    """two-tower: how user and item embeddings are compared."""
+    temperature: float = 1.0
+    """two-tower: logits = similarity / temperature."""
+    loss: Literal["bce", "softmax"] = "bce"
+    """two-tower: pointwise BCE on the label, or in-batch sampled softmax (positives only, log-Q corrected)."""
+    logq_correction: bool = True
+    """two-tower softmax: subtract log(expected count of the candidate among the negatives) from its
+    logit (the sampled-softmax / log-Q correction; with mixed negatives the count is that of the mixture)."""
+    uniform_negatives: int = 0
+    """two-tower softmax: corpus items sampled uniformly per batch and scored as extra negatives next
+    to the in-batch ones (mixed negative sampling, Yang et al. 2020); 0 = in-batch negatives only."""
+    tower_features: Literal["all", "ids"] = "all"
+    """two-tower: all: each tower sees its side's sparse and dense features; ids: the user/item id only."""
+    dense_arch: list[int] = field(default_factory=lambda: [64])
+    """dlrm/dcn: dense MLP hidden sizes (the embedding dimension is appended)."""
+    over_arch: list[int] = field(default_factory=lambda: [128, 64])
+    """dlrm/dcn: over-arch hidden sizes (the output logit is appended)."""
+    dcn_layers: int = 3
+    """dcn: cross layers."""
+    dcn_low_rank: int = 16
+    """dcn: rank of each cross layer."""
+    deepfm_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    """deepfm: deep-part MLP hidden sizes."""
+
+    def __post_init__(self) -> None:
+        require(self.embedding_dim >= 1, f"--arch.embedding_dim: must be positive, got {self.embedding_dim}")
+        require(self.temperature > 0, f"--arch.temperature: must be positive, got {self.temperature}")
+        require(self.uniform_negatives >= 0, f"--arch.uniform_negatives: must be >= 0, got {self.uniform_negatives}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Embedding tables: a fused in-backward sparse optimizer; the rest: a dense optimizer."""
+
+    sparse: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    dense: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    """L2 penalty of the dense optimizer (MLP weights)."""
+
+    def __post_init__(self) -> None:
+        require(self.sparse_lr > 0, f"--optim.sparse_lr: must be positive, got {self.sparse_lr}")
+        require(self.dense_lr > 0, f"--optim.dense_lr: must be positive, got {self.dense_lr}")
+        require(self.weight_decay >= 0, f"--optim.weight_decay: must be >= 0, got {self.weight_decay}")
