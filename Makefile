@@ -1,5 +1,6 @@
 # Quick start:  make demo   (sets up ./.venv, prepares a dataset, prints its summary)
-#               make test   (sets up ./.venv, runs ruff, mypy and the full test suite)
+#               make test   (sets up ./.venv, runs ruff, mypy, the import contracts and the full test suite)
+#               make fast   (the fast tests only: what plain `pytest` runs)
 # RECSYS_CUDA=1 make ...    installs fbgemm-gpu (CUDA) instead of fbgemm-gpu-cpu (auto-detected).
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,12 +16,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
+# Everything, the slow and cluster tests too (plain `pytest` runs only the fast ones: see pyproject.toml).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m ""
 
 fast: setup
-	$(PY) -m pytest -q -m "not slow and not cluster"
+	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) bench/loader.py

@@ -41,8 +41,8 @@ def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, 
         raise RecsysError(f"--split: must be val or test, got {split!r}")
     if not Path(checkpoint).is_dir():
         raise RecsysError(f"--checkpoint {checkpoint}: not a checkpoint directory")
-    trainer = dataclasses.replace(cfg.trainer, resume_from=None)
-    cfg = resolve_run(dataclasses.replace(cfg, trainer=trainer, tracking=TrackingConfig(enabled=False)))
+    loop = dataclasses.replace(cfg.trainer, resume_from=None)
+    cfg = resolve_run(dataclasses.replace(cfg, trainer=loop, tracking=TrackingConfig(enabled=False)))
     setup_logging(cfg.verbose)
     dm = StreamingDataModule(cfg.data)
     task = build_task(cfg, dm)

@@ -24,21 +24,15 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from app.config import (
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    PrepareConfig,
-    RunConfig,
-    TrackingConfig,
-    TrainerConfig,
-)
+from app.config import RunConfig, TrackingConfig, TrainerConfig
 from app.train import train
+from datamodules.config import DataConfig, PrepareConfig
 from datamodules.download import download_dataset
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
 from datamodules.sources import default_movielens_dir
 from datamodules.streaming import StreamingDataModule
+from modules.config import ModelConfig, OptimConfig
 from modules.tasks import corpus_metrics
 
 K = 10

@@ -25,22 +25,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from app.config import (
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    PrepareConfig,
-    RunConfig,
-    TrackingConfig,
-    TrainerConfig,
-)
+from app.config import RunConfig, TrackingConfig, TrainerConfig
 from app.train import build_task, train
 from cluster.local import free_port, torchrun_env
 from cluster.runtime import WorkerRuntime
+from datamodules.config import DataConfig, PrepareConfig
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
 from datamodules.streaming import StreamingDataModule
-from modules.models import build_model
+from modules.config import ModelConfig, OptimConfig
+from modules.registry import model_kind
 from modules.sharding import shard_model
 
 WARMUP = 5
@@ -108,7 +102,7 @@ def hand_loop(cfg: RunConfig, model: torch.nn.Module, optimizers: list[Any], ste
 def plain_pytorch(cfg: RunConfig, steps: int) -> float:
     """The unsharded model: tables are nn.EmbeddingBag; Adagrad on them, Adam on the rest."""
     torch.manual_seed(0)
-    model = build_model("dlrm", read_metadata(cfg.data.path), cfg.arch, device="cpu")
+    model = model_kind("dlrm").build_model(read_metadata(cfg.data.path), cfg.arch, "cpu")
     tables = [p for n, p in model.named_parameters() if "embedding_bags" in n]
     dense = [p for n, p in model.named_parameters() if "embedding_bags" not in n]
     opts = [torch.optim.Adagrad(tables, lr=cfg.optim.sparse_lr), torch.optim.Adam(dense, lr=cfg.optim.dense_lr)]
@@ -121,7 +115,8 @@ def torchrec_by_hand(cfg: RunConfig, steps: int) -> float:
         os.environ.update(torchrun_env(0, 1, free_port(), "bench"))
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     torch.manual_seed(0)
-    task = build_task(cfg, read_metadata(cfg.data.path))
+    data = StreamingDataModule(cfg.data)
+    task = build_task(cfg, data)
     task.model, _ = shard_model(task.model, torch.device("cpu"), task.sparse_optimizer(), 1)
     rate = hand_loop(cfg, task.model, [task.configure_optimizers()], steps)
     torch.distributed.destroy_process_group()
