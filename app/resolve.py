@@ -39,10 +39,12 @@ def complete_defaults(cfg: RunConfig) -> RunConfig:
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """The checked, resolved configuration of a run (raises RecsysError with one line)."""
     from app.tracking import check_tracking_uri, new_run_name, resolve_tracking_uri
-    from datamodules.streaming import fetch_metadata
+    from cluster.launch import check_cluster
+    from datamodules.streaming import blocks_per_batch, fetch_metadata
     from modules.registry import model_kind
 
     kind = model_kind(cfg.model)
+    check_cluster(cfg.cluster)
     if cfg.trainer.k < 1:
         raise RecsysError(f"--trainer.k: must be at least 1, got {cfg.trainer.k}")
     if cfg.trainer.max_epochs < 1 and cfg.trainer.max_steps < 1:
@@ -53,6 +55,8 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     with tempfile.TemporaryDirectory() as tmp:
         meta = fetch_metadata(path, Path(tmp))
     kind.check_dataset(meta)
+    blocks_per_batch(cfg.data.batch_size, meta.block_rows, "--data.batch_size")
+    blocks_per_batch(cfg.data.eval_batch_size or cfg.data.batch_size, meta.block_rows, "--data.eval_batch_size")
     cfg = complete_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)))
     trainer = cfg.trainer
     known = kind.metrics(trainer.k)
@@ -60,8 +64,8 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         raise RecsysError(
             f"--trainer.monitor: {trainer.monitor!r} is not a metric of {kind.name} (one of {', '.join(known)})"
         )
-    if str(trainer.monitor).startswith("val/") and meta.splits["val"].rows == 0:
-        log.info("%s has no validation split: monitoring train/loss_epoch instead of %s", path, trainer.monitor)
+    no_val = str(trainer.monitor).startswith("val/") and meta.splits["val"].rows == 0
+    if no_val:
         trainer = dataclasses.replace(trainer, monitor="train/loss_epoch")
     resume = trainer.resume_from
     if resume:
@@ -79,4 +83,6 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
             tracking, tracking_uri=uri, run_name=tracking.run_name or new_run_name(cfg.model)
         )
     cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
+    if no_val:
+        log.info("%s has no validation split: monitoring train/loss_epoch instead of %s", path, cfg.trainer.monitor)
     return dataclasses.replace(cfg, trainer=trainer, tracking=tracking, cluster=cluster)

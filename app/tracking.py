@@ -31,8 +31,17 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+TRACKING_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def check_tracking_uri(uri: str) -> None:
-    """Fail fast when an MLflow server cannot be reached (before any training starts)."""
+    """Fail fast when the tracking store cannot work (before any training starts): an unknown scheme,
+    an unreachable server, a SQLite path that is a directory, not a database, or in no directory."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in TRACKING_SCHEMES:
+        known = ", ".join(s for s in TRACKING_SCHEMES if s)
+        raise RecsysError(f"--tracking-uri {uri}: unknown scheme {scheme!r} (MLflow takes {known} or a path)")
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
@@ -41,9 +50,15 @@ def check_tracking_uri(uri: str) -> None:
             reason = getattr(e, "reason", e)
             raise RecsysError(f"--tracking-uri {uri}: MLflow server unreachable ({reason})") from None
     elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).parent
-        if not parent.is_dir():
-            raise RecsysError(f"--tracking-uri {uri}: directory {parent} does not exist")
+        path = Path(uri[len("sqlite:///") :])
+        if not path.parent.is_dir():
+            raise RecsysError(f"--tracking-uri {uri}: directory {path.parent} does not exist")
+        if path.is_dir():
+            raise RecsysError(f"--tracking-uri {uri}: {path} is a directory, not a SQLite database file")
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise RecsysError(f"--tracking-uri {uri}: {path} is not a SQLite database")
 
 
 def prepare_store(uri: str) -> None:

@@ -65,7 +65,11 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     # fit and test
     trainer.fit(task, datamodule=data, ckpt_path=resume_from)
     best_path = trainer.strategy.broadcast(observers["best"].best_model_path)
-    tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
+    tested: list[dict[str, Any]] = []
+    if data.meta.splits["test"].rows:
+        tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
+    elif runtime.rank == 0:
+        log.info("%s has no test split: no test metrics", cfg.data.path)
     metrics = run_metrics(trainer, tested, best_path, observers)
     mine = sorted(t for t, ranks in metrics["table_ranks"].items() if runtime.rank in ranks)
     log.info("trained %d epoch(s); tables held here: %s", metrics["epochs"], ", ".join(mine) or "none")

@@ -5,6 +5,7 @@ and returns rank 0's result. A new backend is a new module and one entry here.""
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 from cluster.config import ClusterConfig
@@ -44,9 +45,14 @@ def local_accelerator(choice: str) -> str:
     return choice
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def one_line(error: BaseException) -> str:
-    """A worker's error as one line: its message, or its type and first line when it is not ours."""
+    """A worker's error as one line without terminal colours: its message, or its type and first line
+    when it is not ours."""
+    text = ANSI.sub("", str(error))
     if isinstance(error, RecsysError):
-        return " ".join(str(error).split())
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        return " ".join(text.split())
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {first}"[:400]

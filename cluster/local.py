@@ -7,10 +7,10 @@ process on a GPU host. A worker's error comes back to this process as one line.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import socket
-import traceback
 import uuid
 from typing import Any
 
@@ -18,6 +18,8 @@ from cluster.config import ClusterConfig
 from cluster.launch import local_accelerator, one_line
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -46,8 +48,8 @@ def _worker(fn: WorkerFn, payload: Any, runtime: WorkerRuntime, port: int, run_i
     try:
         metrics = fn(payload, runtime)
     except BaseException as e:  # report it to the launcher once, as one line
-        if not isinstance(e, RecsysError | KeyboardInterrupt):
-            traceback.print_exc()  # not a user error: keep the trace for the bug report
+        if not isinstance(e, RecsysError | KeyboardInterrupt):  # not a user error: the trace with --verbose
+            log.debug("worker rank %d failed", runtime.rank, exc_info=True)
         results.put(("error", runtime.rank, one_line(e)))
         raise SystemExit(2) from None
     if runtime.rank == 0:

@@ -58,8 +58,8 @@ def setup_logging(verbose: bool = False, rank: int = 0, world_size: int = 1) -> 
     handler.setFormatter(LineFormatter(prefix))
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.ERROR)
-    for name in PROJECT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
+    for name in PROJECT_LOGGERS:  # with --verbose also the project's debug lines (a failed worker's trace)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in LIBRARY_LOGGERS:
         lib = logging.getLogger(name)
         for h in list(lib.handlers):

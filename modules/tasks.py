@@ -40,7 +40,11 @@ class RecTask(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {
                 split: nn.ModuleDict(
-                    {"auroc": torchmetrics.classification.BinaryAUROC(), "logloss": torchmetrics.MeanMetric()}
+                    {
+                        "auroc": torchmetrics.classification.BinaryAUROC(),
+                        "logloss": torchmetrics.MeanMetric(),
+                        "label_rate": torchmetrics.MeanMetric(),
+                    }
                 )
                 for split in ("val", "test")
             }
@@ -74,6 +78,7 @@ class RecTask(L.LightningModule):
         m: Any = self.metrics[split]
         m["auroc"].update(torch.sigmoid(logits), labels.long())
         m["logloss"].update(nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        m["label_rate"].update(labels)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._score(batch, "val")
@@ -83,7 +88,12 @@ class RecTask(L.LightningModule):
 
     def _log_split(self, split: str) -> None:
         metrics: Any = self.metrics[split]
+        rate = float(metrics["label_rate"].compute())  # a collective on several ranks: every rank computes it
         for name, metric in metrics.items():
+            # AUROC is undefined when every label is the same (e.g. retrieval data of positives only)
+            if name == "label_rate" or (name == "auroc" and rate in (0.0, 1.0)):
+                metric.reset()
+                continue
             self.log(f"{split}/{name}", metric.compute(), sync_dist=False)
             metric.reset()
 

@@ -231,3 +231,44 @@ def test_spark_without_java(ml_dataset: Path, tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         "recsys: error: --backend spark: Java not found on PATH (Spark needs Java 17, e.g. openjdk-17-jre-headless)"
     ]
+
+
+def test_relative_paths_on_ray_land_where_the_user_is(
+    ml_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    local_ray: None,
+) -> None:
+    """`--data data/ml` with Ray workers (whose working directory is Ray's): the data is found, and the
+    run and its checkpoints land in ./mlflow.db and ./runs, where the user looks."""
+    import shutil
+
+    from conftest import SHRINK
+
+    shutil.copytree(ml_dataset, tmp_path / "data" / "ml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["train", "--model", "dlrm", *SHRINK, "--data", "data/ml", "--backend", "ray", "--num-workers", "2"]
+    assert main([*args, "--experiment", "relative"]) == 0, capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("relative")
+    assert exp is not None and len(client.search_runs([exp.experiment_id])) == 1
+    assert list((tmp_path / "runs").rglob("trainer.pt"))  # the checkpoints are under ./runs
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_worker_error_comes_back_once_as_one_line(
+    backend: str, ml_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import SHRINK
+
+    (tmp_path / "a-file").write_text("not a directory\n")
+    args = ["train", "--model", "dlrm", *SHRINK, "--data", str(ml_dataset), "--tracking.enabled=false"]
+    args += ["--backend", backend, "--num-workers", "2", "--cluster.max_failures", "0"]
+    args += ["--data.cache_dir", str(tmp_path / "a-file"), "--trainer.output_dir", str(tmp_path / "runs")]
+    with local_ray_session() if backend == "ray" else contextlib.nullcontext():
+        code = main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("recsys: error:")]
+    assert code == 2 and len(err) == 1, err
+    assert "a-file" in err[0] and "\x1b[" not in err[0], err
