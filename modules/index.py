@@ -1,0 +1,515 @@
+"""Vector index over item embeddings (FAISS, inner product): build, search with exclusions, save, load.
+
+An index SPEC is what users type on the command line: a structure, then optional ``:name=value``
+parameters (case-insensitive)::
+
+    spec      := structure [":" param ("," param)*]
+    structure := "flat"                                     exact search
+               | "hnsw" M                                   HNSW graph, M links per node
+               | "ivf" [NLIST] "," coding ["," "rflat"]     inverted lists (NLIST omitted: chosen from
+                                                            the corpus size); rflat re-scores the
+                                                            candidates of a compressed coding exactly
+    coding    := "flat" | "sq8" | "pq" M ["x" BITS] ["fs"]  product quantiser of M sub-vectors with
+                                                            BITS-bit codes (fs: 4-bit fast scan)
+    param     := hnsw: ef_search (64), ef_construction (40); ivf: nprobe (16); rflat: k_factor (4)
+
+    flat    hnsw32:ef_search=128    ivf1024,flat:nprobe=16    ivf1024,pq32x4fs,rflat:nprobe=32,k_factor=4
+
+The metric is always inner product, the two-tower's score: ``cosine`` vectors (and queries) are
+L2-normalised first. FAISS positions 0..n-1 are the labels; the raw item ids live beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from core.errors import RecsysError, require
+
+Similarity = Literal["dot", "cosine"]
+SIMILARITIES: tuple[str, ...] = ("dot", "cosine")
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.parquet"
+FORMAT = "recsys-vector-index"
+FORMAT_VERSION = 1
+
+MIN_POINTS_PER_CENTROID = 39
+"""k-means training points per centroid below which FAISS warns that its clustering is unreliable."""
+TRAIN_POINTS_PER_LIST = 64
+"""IVF: k-means trains on at most this many sampled vectors per list (FAISS would take 256 per list:
+four times the work for no measurable recall on these corpora)."""
+PROGRESS_MIN_ITEMS = 200_000
+"""build_index shows a progress bar from this many vectors on (unless told otherwise)."""
+
+STRUCTURE_HELP = "expected flat, hnsw<M>, or ivf[<nlist>],<flat|sq8|pq<M>[x<bits>][fs]>[,rflat]"
+DEFAULTS = {"ef_construction": 40, "ef_search": 64, "nprobe": 16, "k_factor": 4}
+PARAM_ORDER = ("ef_construction", "ef_search", "nprobe", "k_factor")
+BUILD_PARAMS = frozenset({"ef_construction"})
+# faiss.ParameterSpace names of the search parameters
+FAISS_PARAMS = {"ef_search": "efSearch", "nprobe": "nprobe", "k_factor": "k_factor_rf"}
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A parsed index spec; ``str(spec)`` is its canonical form, with every parameter spelled out."""
+
+    kind: Literal["flat", "hnsw", "ivf"]
+    hnsw_m: int = 0
+    nlist: int | None = None
+    """ivf: number of inverted lists; None until chosen from the corpus size by build_index."""
+    coding: Literal["flat", "sq8", "pq"] = "flat"
+    pq_m: int = 0
+    pq_bits: int = 8
+    fast_scan: bool = False
+    refine: bool = False
+    params: tuple[tuple[str, int], ...] = ()
+    """Every parameter that applies to this structure (defaults filled in), in PARAM_ORDER."""
+
+    def param(self, name: str) -> int:
+        return dict(self.params)[name]
+
+    def structure(self) -> str:
+        if self.kind == "flat":
+            return "flat"
+        if self.kind == "hnsw":
+            return f"hnsw{self.hnsw_m}"
+        coding = self.coding if self.coding != "pq" else f"pq{self.pq_m}x{self.pq_bits}{'fs' if self.fast_scan else ''}"
+        return f"ivf{self.nlist or ''},{coding}{',rflat' if self.refine else ''}"
+
+    def factory(self) -> str:
+        """The ``faiss.index_factory`` string (an ivf spec needs its nlist resolved)."""
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "hnsw":
+            return f"HNSW{self.hnsw_m}"
+        require(self.nlist is not None, f"index spec {str(self)!r}: nlist not resolved")
+        coding = {"flat": "Flat", "sq8": "SQ8"}.get(self.coding) or (
+            f"PQ{self.pq_m}x{self.pq_bits}{'fs' if self.fast_scan else ''}"
+        )
+        return f"IVF{self.nlist},{coding}{',RFlat' if self.refine else ''}"
+
+    def __str__(self) -> str:
+        params = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.structure()}:{params}" if params else self.structure()
+
+
+def allowed_params(kind: str, refine: bool) -> tuple[str, ...]:
+    """The parameter names a structure takes."""
+    names = {"flat": (), "hnsw": ("ef_construction", "ef_search"), "ivf": ("nprobe",)}[kind]
+    return names + (("k_factor",) if refine else ())
+
+
+def parse_params(text: str, spec: str, allowed: Sequence[str]) -> dict[str, int]:
+    """``name=value,...`` -> {name: value}; values are positive integers."""
+    out: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not value:
+            raise RecsysError(f"index spec {spec!r}: parameter {item!r} is not name=value")
+        if name not in allowed:
+            takes = ", ".join(allowed) if allowed else "no parameters"
+            raise RecsysError(f"index spec {spec!r}: unknown parameter {name!r} (this index takes {takes})")
+        if name in out:
+            raise RecsysError(f"index spec {spec!r}: parameter {name!r} given twice")
+        if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
+            raise RecsysError(f"index spec {spec!r}: {name}={value} must be a positive integer")
+        out[name] = int(value)
+    return out
+
+
+def parse_spec(text: str) -> IndexSpec:
+    """Parse an index spec (grammar in the module docstring); a bad one raises a one-line RecsysError."""
+    require(isinstance(text, str) and text.strip() != "", f"index spec {text!r}: empty ({STRUCTURE_HELP})")
+    spec = text.strip().lower()
+    structure, _, param_text = spec.partition(":")
+    parts = [p.strip() for p in structure.split(",")]
+    if "" in parts:
+        raise RecsysError(f"index spec {text!r}: empty component ({STRUCTURE_HELP})")
+    kind: Literal["flat", "hnsw", "ivf"]
+    fields: dict[str, Any] = {}
+    if parts == ["flat"]:
+        kind = "flat"
+    elif parts[0] == "hnsw":
+        raise RecsysError(f"index spec {text!r}: hnsw needs its M (links per node), e.g. hnsw32 ({STRUCTURE_HELP})")
+    elif m := re.fullmatch(r"hnsw([0-9]+)", parts[0]):
+        kind = "hnsw"
+        fields["hnsw_m"] = int(m.group(1))
+        require(2 <= fields["hnsw_m"] <= 256, f"index spec {text!r}: hnsw M must be between 2 and 256")
+        require(len(parts) == 1, f"index spec {text!r}: hnsw takes no coding ({STRUCTURE_HELP})")
+    elif m := re.fullmatch(r"ivf([0-9]*)", parts[0]):
+        kind = "ivf"
+        if m.group(1):
+            fields["nlist"] = int(m.group(1))
+            require(fields["nlist"] >= 1, f"index spec {text!r}: ivf needs at least 1 list")
+        require(len(parts) in (2, 3), f"index spec {text!r}: ivf needs a coding ({STRUCTURE_HELP})")
+        coding = parts[1]
+        if coding in ("flat", "sq8"):
+            fields["coding"] = coding
+        elif pq := re.fullmatch(r"pq([0-9]+)(?:x([0-9]+))?(fs)?", coding):
+            fast = pq.group(3) is not None
+            bits = int(pq.group(2)) if pq.group(2) else (4 if fast else 8)
+            fields.update(coding="pq", pq_m=int(pq.group(1)), pq_bits=bits, fast_scan=fast)
+            require(fields["pq_m"] >= 1, f"index spec {text!r}: pq needs at least 1 sub-vector")
+            require(1 <= bits <= 16, f"index spec {text!r}: pq codes must have 1 to 16 bits")
+            require(not fast or bits == 4, f"index spec {text!r}: fast scan (fs) needs 4-bit codes (pq<M>x4fs)")
+        else:
+            raise RecsysError(f"index spec {text!r}: unknown ivf coding {coding!r} ({STRUCTURE_HELP})")
+        if len(parts) == 3:
+            require(parts[2] == "rflat", f"index spec {text!r}: unknown component {parts[2]!r} ({STRUCTURE_HELP})")
+            require(
+                fields["coding"] != "flat",
+                f"index spec {text!r}: rflat re-scores a compressed coding (pq, sq8); ivf…,flat is already exact",
+            )
+            fields["refine"] = True
+    else:
+        raise RecsysError(f"index spec {text!r}: unknown structure {parts[0]!r} ({STRUCTURE_HELP})")
+    allowed = allowed_params(kind, fields.get("refine", False))
+    given = parse_params(param_text, text, allowed)
+    nlist = fields.get("nlist")
+    if nlist is not None and given.get("nprobe", 0) > nlist:
+        raise RecsysError(f"index spec {text!r}: nprobe={given['nprobe']} exceeds the {nlist} lists")
+    params = tuple((n, given.get(n, DEFAULTS[n])) for n in PARAM_ORDER if n in allowed)
+    return IndexSpec(kind=kind, params=params, **fields)
+
+
+def auto_nlist(count: int) -> int:
+    """IVF lists for ``count`` vectors: the power of two nearest 4·sqrt(count), capped by the training minimum."""
+    target = round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    cap = math.floor(math.log2(max(1, count // MIN_POINTS_PER_CENTROID)))
+    return int(2 ** min(target, cap))
+
+
+def resolve_spec(spec: IndexSpec, count: int, dim: int) -> IndexSpec:
+    """Fix what depends on the corpus (nlist) and refuse what it cannot train."""
+    if spec.kind != "ivf":
+        return spec
+    nlist = spec.nlist
+    if nlist is None:
+        nlist = auto_nlist(count)
+        params = tuple((k, min(v, nlist) if k == "nprobe" else v) for k, v in spec.params)
+        spec = replace(spec, nlist=nlist, params=params)
+    need = nlist * MIN_POINTS_PER_CENTROID
+    if count < need:
+        raise RecsysError(
+            f"index spec {str(spec)!r}: {nlist} lists need at least {need} vectors to train "
+            f"({MIN_POINTS_PER_CENTROID} per list), the corpus has {count}; "
+            f"use ivf{auto_nlist(count)} or leave nlist out (ivf,…) to choose it from the corpus size"
+        )
+    if spec.coding == "pq":
+        require(
+            dim % spec.pq_m == 0,
+            f"index spec {str(spec)!r}: pq{spec.pq_m} needs the dimension ({dim}) to be a multiple of {spec.pq_m}",
+        )
+        need = (2**spec.pq_bits) * MIN_POINTS_PER_CENTROID
+        require(
+            count >= need,
+            f"index spec {str(spec)!r}: {spec.pq_bits}-bit pq codes need at least {need} vectors to train, "
+            f"the corpus has {count}",
+        )
+    return spec
+
+
+@dataclass
+class VectorIndex:
+    """A built FAISS index with the raw ids and vectors it was built from (labels are row positions)."""
+
+    faiss_index: Any
+    """The ``faiss.Index`` (inner-product metric)."""
+    ids: np.ndarray
+    """Raw item ids: int64 (non-negative) or str, unique; ``ids[label]`` is FAISS label's item."""
+    vectors: np.ndarray
+    """float32 (count, dim), as indexed: L2-normalised when ``similarity`` is cosine."""
+    spec: IndexSpec
+    similarity: Similarity
+    _positions: dict[Any, int] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def positions(self) -> dict[Any, int]:
+        """Raw id -> label (built on first use)."""
+        if self._positions is None:
+            self._positions = {v: i for i, v in enumerate(self.ids.tolist())}
+        return self._positions
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - faiss-cpu is a declared dependency
+        raise RecsysError("the vector index needs faiss: pip install 'faiss-cpu>=1.15,<1.16'") from e
+    return faiss
+
+
+def as_matrix(values: Any, name: str, dim: int | None = None) -> np.ndarray:
+    """A C-contiguous float32 (n, dim) array of finite values."""
+    x = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+    require(x.ndim == 2, f"{name}: expected a 2-D array (rows, dim), got shape {x.shape}")
+    require(x.shape[1] >= 1, f"{name}: vectors have no dimensions")
+    require(dim is None or x.shape[1] == dim, f"{name}: dimension {x.shape[1]}, the index has {dim}")
+    require(bool(np.isfinite(x).all()), f"{name}: contains NaN or infinite values")
+    return x
+
+
+def as_ids(ids: Any, count: int) -> np.ndarray:
+    """Raw ids as a unique int64 (non-negative) or str array of length ``count``."""
+    arr = np.asarray(ids)
+    require(arr.ndim == 1, f"ids: expected one id per vector, got shape {arr.shape}")
+    require(len(arr) == count, f"ids: {len(arr)} ids for {count} vectors")
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(np.int64)
+        require(count == 0 or int(arr.min()) >= 0, "ids: integer ids must be non-negative")
+    elif arr.dtype.kind == "U" or (arr.dtype.kind == "O" and all(isinstance(v, str) for v in arr.tolist())):
+        arr = arr.astype(str)
+        require(bool((np.char.str_len(arr) > 0).all()), "ids: empty string id")
+    else:
+        raise RecsysError(f"ids: expected integers or strings, got {arr.dtype}")
+    unique, counts = np.unique(arr, return_counts=True)
+    if len(unique) != count:
+        raise RecsysError(f"ids: {count - len(unique)} duplicates, e.g. {unique[counts > 1][0]!r}")
+    return arr
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2-normalised copy (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def apply_search_params(faiss_index: Any, spec: IndexSpec) -> None:
+    """Set the spec's search parameters on the FAISS index through ``faiss.ParameterSpace``."""
+    space = import_faiss().ParameterSpace()
+    for name, value in spec.params:
+        if name in FAISS_PARAMS:
+            space.set_index_parameter(faiss_index, FAISS_PARAMS[name], value)
+
+
+def build_index(
+    vectors: Any,
+    ids: Any,
+    spec: str | IndexSpec,
+    similarity: Similarity = "dot",
+    *,
+    progress: bool | None = None,
+    batch_size: int = 65_536,
+    seed: int = 0,
+) -> VectorIndex:
+    """Index ``vectors`` (n, dim) under raw ``ids`` with the structure ``spec`` (inner product)."""
+    faiss = import_faiss()
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    require(similarity in SIMILARITIES, f"similarity {similarity!r}: expected one of {', '.join(SIMILARITIES)}")
+    x = as_matrix(vectors, "vectors")
+    count, dim = x.shape
+    require(count >= 1, "vectors: the corpus is empty")
+    raw_ids = as_ids(ids, count)
+    if similarity == "cosine":
+        x = normalise(x)
+    parsed = resolve_spec(parsed, count, dim)
+    index = faiss.index_factory(dim, parsed.factory(), faiss.METRIC_INNER_PRODUCT)
+    if parsed.kind == "hnsw":
+        index.hnsw.efConstruction = parsed.param("ef_construction")
+    if not index.is_trained:
+        # k-means cost grows with the sample: TRAIN_POINTS_PER_LIST per list (and enough for the pq
+        # codebooks) is as good as the whole corpus for the coarse quantiser.
+        lists = parsed.nlist or 1
+        want = max(lists * TRAIN_POINTS_PER_LIST, (2**parsed.pq_bits) * 256 if parsed.coding == "pq" else 0)
+        sample = x if count <= want else x[np.sort(np.random.default_rng(seed).choice(count, want, replace=False))]
+        index.train(np.ascontiguousarray(sample))
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else count >= PROGRESS_MIN_ITEMS
+    with tqdm(total=count, desc=f"index {parsed}", unit="vec", disable=not show) as bar:
+        for lo in range(0, count, batch_size):
+            index.add(x[lo : lo + batch_size])
+            bar.update(min(batch_size, count - lo))
+    apply_search_params(index, parsed)
+    return VectorIndex(index, raw_ids, x, parsed, similarity)
+
+
+def set_search_params(index: VectorIndex, params: str | Mapping[str, int]) -> None:
+    """Change search parameters in place, e.g. ``"ef_search=256"`` or ``{"nprobe": 32}``."""
+    spec_text = f"{index.spec.structure()}:{params}" if isinstance(params, str) else str(index.spec)
+    allowed = [n for n in allowed_params(index.spec.kind, index.spec.refine) if n not in BUILD_PARAMS]
+    if isinstance(params, str):
+        given = parse_params(params, spec_text, allowed)
+    else:
+        given = parse_params(",".join(f"{k}={v}" for k, v in params.items()), spec_text, allowed)
+    if index.spec.nlist is not None and given.get("nprobe", 0) > index.spec.nlist:
+        raise RecsysError(f"index spec {spec_text!r}: nprobe={given['nprobe']} exceeds the {index.spec.nlist} lists")
+    merged = tuple((k, given.get(k, v)) for k, v in index.spec.params)
+    index.spec = replace(index.spec, params=merged)
+    apply_search_params(index.faiss_index, index.spec)
+
+
+def search(
+    index: VectorIndex,
+    queries: Any,
+    k: int,
+    exclude: Sequence[Collection[Any]] | None = None,
+    *,
+    batch_size: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, raw ids), best first, of each query row; ``exclude[i]``: ids never returned for query i.
+
+    Rows the index cannot fill (an approximate index may find fewer than ``k`` candidates once the
+    exclusions are removed) end with score ``-inf`` and id ``-1`` (int ids) or ``""`` (str ids).
+    """
+    q = as_matrix(queries, "queries", index.dim)
+    require(1 <= k <= index.count, f"k={k}: must be between 1 and the index's {index.count} items")
+    require(batch_size >= 1, f"batch_size={batch_size}: must be positive")
+    if index.similarity == "cosine":
+        q = normalise(q)
+    n = len(q)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    labels = np.full((n, k), -1, dtype=np.int64)
+    if exclude is None:
+        for lo in range(0, n, batch_size):
+            d, i = index.faiss_index.search(q[lo : lo + batch_size], k)
+            scores[lo : lo + batch_size], labels[lo : lo + batch_size] = d, i
+    else:
+        # Over-fetch and filter, not faiss's IDSelector: a selector applies to a whole search call,
+        # so per-query exclusion sets would cost one FAISS call per query and lose the parallelism
+        # across a batch (and HNSW still walks the excluded nodes). Fetching k + |exclusions| is
+        # enough for an exact index (at most |exclusions| fetched items can be excluded); queries go
+        # in batches sorted by exclusion size so one heavy user does not inflate a whole batch's fetch.
+        require(len(exclude) == n, f"exclude: {len(exclude)} sets for {n} queries")
+        positions = index.positions()
+        banned = [np.fromiter((positions[i] for i in e if i in positions), dtype=np.int64) for e in exclude]
+        sizes = np.array([len(b) for b in banned], dtype=np.int64)
+        order = np.argsort(sizes, kind="stable")
+        for lo in range(0, n, batch_size):
+            rows = order[lo : lo + batch_size]
+            fetch = int(min(k + sizes[rows].max(), index.count))
+            d, i = index.faiss_index.search(q[rows], fetch)
+            for j, r in enumerate(rows):
+                keep = np.flatnonzero((i[j] >= 0) & ~np.isin(i[j], banned[r]))[:k]
+                scores[r, : len(keep)], labels[r, : len(keep)] = d[j, keep], i[j, keep]
+    missing = labels < 0
+    scores[missing] = -np.inf
+    ids = index.ids[np.where(missing, 0, labels)]
+    if missing.any():
+        ids[missing] = -1 if index.ids.dtype.kind == "i" else ""
+    return scores, ids
+
+
+def fingerprint_files(paths: Iterable[str | Path]) -> str:
+    """SHA-256 over the names and contents of files (e.g. model weights and vocabularies), in order."""
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        require(path.is_file(), f"fingerprint: {path} is not a file")
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def save_index(index: VectorIndex, directory: str | Path, fingerprint: str) -> Path:
+    """Write the FAISS index, the vectors (Parquet: ``item``, ``vector`` list<float>) and the manifest (last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    faiss = import_faiss()
+    require(isinstance(fingerprint, str) and fingerprint != "", "fingerprint: must be a non-empty string")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written directory has no manifest
+    faiss.write_index(index.faiss_index, str(out / INDEX_FILE))
+    values = pa.array(index.vectors.reshape(-1))
+    if len(values) < 2**31:  # list<float>; past 2^31 values the offsets need large_list<float>
+        vectors = pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, index.dim, dtype=np.int32)), values)
+    else:
+        vectors = pa.LargeListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, index.dim)), values)
+    table = pa.table({"item": pa.array(index.ids), "vector": vectors})
+    pq.write_table(table, out / VECTORS_FILE)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "spec": str(index.spec),
+        "similarity": index.similarity,
+        "metric": "inner_product",
+        "vectors_normalized": index.similarity == "cosine",
+        "dim": index.dim,
+        "count": index.count,
+        "id_type": "int64" if index.ids.dtype.kind == "i" else "string",
+        "fingerprint": fingerprint,
+        "faiss_version": faiss.__version__,
+        "files": {"index": INDEX_FILE, "vectors": VECTORS_FILE},
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    """The manifest of a saved index directory."""
+    path = Path(directory) / MANIFEST_FILE
+    require(path.is_file(), f"{directory}: not a vector index (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecsysError(f"{path}: not valid JSON ({e})") from None
+    require(
+        isinstance(manifest, dict) and manifest.get("format") == FORMAT,
+        f"{path}: not a {FORMAT} manifest",
+    )
+    require(
+        manifest.get("version") == FORMAT_VERSION,
+        f"{path}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION}",
+    )
+    return manifest
+
+
+def load_index(directory: str | Path, expected_fingerprint: str) -> VectorIndex:
+    """Load a saved index; refuse it unless it was built for ``expected_fingerprint``."""
+    import pyarrow.parquet as pq
+
+    faiss = import_faiss()
+    root = Path(directory)
+    manifest = read_manifest(root)
+    if manifest["fingerprint"] != expected_fingerprint:
+        raise RecsysError(
+            f"vector index {root} was built for fingerprint {manifest['fingerprint']}, "
+            f"expected {expected_fingerprint}: rebuild it for this model"
+        )
+    spec = parse_spec(manifest["spec"])
+    count, dim = int(manifest["count"]), int(manifest["dim"])
+    try:
+        index = faiss.read_index(str(root / manifest["files"]["index"]))
+    except RuntimeError as e:  # FAISS's message spans lines; its last one says what went wrong
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise RecsysError(f"{root / manifest['files']['index']}: unreadable FAISS index ({reason})") from None
+    require(
+        index.ntotal == count and index.d == dim and index.metric_type == faiss.METRIC_INNER_PRODUCT,
+        f"{root}: the FAISS index ({index.ntotal} x {index.d}) does not match its manifest ({count} x {dim})",
+    )
+    table = pq.read_table(root / manifest["files"]["vectors"], columns=["item", "vector"])
+    require(table.num_rows == count, f"{root}: {table.num_rows} vectors in Parquet, the manifest says {count}")
+    column = table.column("vector").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(column.offsets.to_numpy())
+    require(bool((lengths == dim).all()), f"{root}: Parquet vectors are not all of dimension {dim}")
+    ids = table.column("item").to_numpy()
+    ids = ids.astype(np.int64) if manifest["id_type"] == "int64" else ids.astype(str)
+    similarity: Similarity = manifest["similarity"]
+    require(similarity in SIMILARITIES, f"{root}: unknown similarity {similarity!r} in the manifest")
+    loaded = VectorIndex(
+        index, ids, np.ascontiguousarray(values.reshape(count, dim), dtype=np.float32), spec, similarity
+    )
+    apply_search_params(index, spec)
+    return loaded
