@@ -82,6 +82,14 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         tracking = dataclasses.replace(
             tracking, tracking_uri=uri, run_name=tracking.run_name or new_run_name(cfg.model)
         )
+    if cfg.cluster.memory_per_worker is not None:  # plan here: a model that fits no plan is one line now
+        from cluster.launch import local_accelerator
+        from modules.sharding import check_plan, parse_bytes
+
+        budget = parse_bytes(cfg.cluster.memory_per_worker)
+        device = "cuda" if local_accelerator(cfg.cluster.accelerator) == "gpu" else "cpu"
+        model = kind.build_model(meta, cfg.arch, "meta")
+        check_plan(model, cfg.cluster.num_workers, device, budget, cfg.data.batch_size)
     cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
     if no_val:
         log.info("%s has no validation split: monitoring train/loss_epoch instead of %s", path, cfg.trainer.monitor)

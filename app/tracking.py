@@ -143,6 +143,10 @@ class Tracker:
         params["data.global_batch_size"] = self.cfg.data.batch_size * world_size
         self.logger.log_hyperparams(params)
 
+    def log_text(self, text: str, name: str) -> None:
+        """A text artifact of the run (e.g. the sharding plan)."""
+        self.logger.experiment.log_text(self.run_id, text, name)
+
     def publish(self, best_path: str, scorer: Any) -> None:
         """Config, dataset metadata, best checkpoint and the packaged model into the run."""
         import mlflow

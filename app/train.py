@@ -71,8 +71,15 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     elif runtime.rank == 0:
         log.info("%s has no test split: no test metrics", cfg.data.path)
     metrics = run_metrics(trainer, tested, best_path, observers)
-    mine = sorted(t for t, ranks in metrics["table_ranks"].items() if runtime.rank in ranks)
-    log.info("trained %d epoch(s); tables held here: %s", metrics["epochs"], ", ".join(mine) or "none")
+    plan = getattr(trainer.strategy, "plan", None)
+    if runtime.rank == 0 and plan is not None:
+        from modules.sharding import format_plan, plan_rows
+
+        plan_text = format_plan(plan_rows(plan))
+        log.info("sharding plan:\n%s", plan_text)
+        if tracker is not None:
+            tracker.log_text(plan_text, "sharding_plan.txt")
+    log.info("trained %d epoch(s)", metrics["epochs"])
     # publish
     scorer = export_scorer(cfg, task, data.meta)  # a collective: every rank hands in its table shards
     if tracker is not None:
@@ -107,7 +114,7 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from modules.callbacks import EpochLosses, FirstStepTime, RunIdInCheckpoint
-    from modules.sharding import make_strategy
+    from modules.sharding import make_strategy, parse_bytes
 
     monitor = cfg.trainer.monitor or ""
     mode = "min" if "loss" in monitor else "max"
@@ -121,11 +128,18 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     if cfg.trainer.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     gpu = runtime.accelerator == "gpu"
+    budget = cfg.cluster.memory_per_worker
+    strategy = make_strategy(
+        runtime.strategy_base,
+        memory_per_worker=parse_bytes(budget) if budget else None,
+        batch_size=cfg.data.batch_size,
+        process_group_backend="nccl" if gpu else "gloo",
+    )
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=runtime.devices,
         num_nodes=runtime.num_nodes,
-        strategy=make_strategy(runtime.strategy_base, process_group_backend="nccl" if gpu else "gloo"),
+        strategy=strategy,
         plugins=runtime.plugins or None,
         max_epochs=cfg.trainer.max_epochs,
         max_steps=cfg.trainer.max_steps,

@@ -16,6 +16,10 @@ class ClusterConfig:
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     """The one GPU switch of every backend: gpu (one GPU per process), cpu, or auto (GPUs when the
     processes' hosts have them: CUDA here for local/spark, GPUs in the cluster for ray)."""
+    memory_per_worker: str | None = None
+    """Memory each training process may give its embedding tables and their optimizer state (GPU
+    memory on GPUs, host memory on CPUs), e.g. 512MB or 8GiB: the sharding planner splits a table
+    that does not fit one worker over several (row- or column-wise). Default: the planner's own."""
     cpus_per_worker: int = 1
     """ray: CPUs reserved for each training worker."""
     ray_address: str | None = None

@@ -11,6 +11,7 @@ The same strategy serves one process (CPU or one GPU) and many (gloo on CPU, NCC
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+
+from core.errors import RecsysError
 
 TRAINER_STATE = "trainer.pt"
 
@@ -41,10 +44,18 @@ def shard_model(
     device: torch.device,
     sparse_optimizer: tuple[type[torch.optim.Optimizer], dict[str, Any]],
     local_world_size: int,
+    memory_per_worker: int | None = None,
+    batch_size: int | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Wrap ``model`` (tables on ``meta``) in DistributedModelParallel over the default process group."""
+    """Wrap ``model`` (tables on ``meta``) in DistributedModelParallel over the default process group.
+
+    ``memory_per_worker`` (bytes) is each rank's budget for its tables and their optimizer state
+    (GPU memory on a GPU, host memory on a CPU): a table larger than one budget is split row- or
+    column-wise over ranks, and a model no plan fits is refused with one line.
+    """
     from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import PlannerError
     from torchrec.distributed.sharding_plan import get_default_sharders
     from torchrec.distributed.types import ShardingEnv
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -56,13 +67,108 @@ def shard_model(
             apply_optimizer_in_backward(cls, module.parameters(), kwargs)
     pg = dist.group.WORLD
     world = dist.get_world_size()
-    topology = Topology(world_size=world, compute_device=device.type, local_world_size=min(local_world_size, world))
+    topology = topology_of(world, device.type, min(local_world_size, world), memory_per_worker)
     sharders = get_default_sharders()
-    plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, sharders, pg)
+    try:
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size)
+        plan = planner.collective_plan(model, sharders, pg)
+    except PlannerError as e:
+        raise RecsysError(no_plan_message(model, world, memory_per_worker, e)) from None
     dmp = DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders, env=ShardingEnv.from_process_group(pg)
     )
     return dmp, plan
+
+
+def topology_of(world: int, device_type: str, local_world_size: int, memory_per_worker: int | None) -> Any:
+    """The planner's view of the workers: how many, which device kind, and each one's memory budget."""
+    from torchrec.distributed.planner import Topology
+
+    caps: dict[str, int] = {}
+    if memory_per_worker is not None:
+        caps["hbm_cap" if device_type == "cuda" else "ddr_cap"] = memory_per_worker
+    return Topology(world_size=world, compute_device=device_type, local_world_size=local_world_size, **caps)
+
+
+def check_plan(model: nn.Module, world: int, device_type: str, memory_per_worker: int, batch_size: int) -> Any:
+    """Plan ``model`` (tables on ``meta``) for ``world`` workers without a process group: run in the
+    launching process, so that a model no plan fits is refused before any worker starts."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import PlannerError
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    topology = topology_of(world, device_type, world, memory_per_worker)
+    try:
+        return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size).plan(model, get_default_sharders())
+    except PlannerError as e:
+        raise RecsysError(no_plan_message(model, world, memory_per_worker, e)) from None
+
+
+def parse_bytes(text: str, flag: str = "--cluster.memory_per_worker") -> int:
+    """``512MB``, ``2GiB``, ``1.5G`` or a plain number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise RecsysError(f"{flag}: {text!r} is not a size (e.g. 512MB, 2GiB)")
+    scale = 1024 ** "_kmgt".index(m.group(2) or "_") if m.group(2) else 1
+    return int(float(m.group(1)) * scale)
+
+
+def table_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of each embedding table's weights (from the configs, so it works on ``meta`` too)."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    out: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, EmbeddingBagCollection):
+            for c in module.embedding_bag_configs():
+                out[c.name] = c.num_embeddings * c.embedding_dim * 4
+    return out
+
+
+def no_plan_message(model: nn.Module, world: int, budget: int | None, error: Exception) -> str:
+    """Why no sharding plan fits: the largest table against the budget per worker."""
+    sizes = table_bytes(model)
+    name, size = max(sizes.items(), key=lambda kv: kv[1]) if sizes else ("?", 0)
+    limit = f"the budget of {budget / 2**20:.1f} MiB per worker" if budget else "the workers' memory"
+    return (
+        f"--cluster.memory_per_worker: no sharding plan fits {limit} on {world} worker(s) "
+        f"(largest table {name}: {size / 2**20:.1f} MiB of weights, plus optimizer state; "
+        f"all tables {sum(sizes.values()) / 2**20:.1f} MiB); add workers or raise the budget"
+    )
+
+
+def plan_rows(plan: Any) -> list[dict[str, Any]]:
+    """One row per table of a sharding plan: sharding type, ranks, bytes of weights per rank."""
+    rows = []
+    for module_plan in plan.plan.values():
+        for table, spec in module_plan.items():
+            per_rank: dict[int, int] = {}
+            shards = getattr(getattr(spec, "sharding_spec", None), "shards", None)
+            if shards:
+                for shard in shards:
+                    rank = shard.placement.rank()
+                    per_rank[rank] = per_rank.get(rank, 0) + math.prod(shard.shard_sizes) * 4
+            rows.append(
+                {
+                    "table": table,
+                    "sharding": str(spec.sharding_type),
+                    "ranks": sorted(spec.ranks or []),
+                    "bytes": per_rank,
+                }
+            )
+    return rows
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """The sharding plan as a text table (data-parallel tables are replicated whole on every rank)."""
+    lines = [f"{'table':<28} {'sharding':<14} {'ranks':<12} bytes per rank"]
+    for r in rows:
+        ranks = ",".join(map(str, r["ranks"])) or "all"
+        per = ", ".join(f"{k}: {v:,}" for k, v in sorted(r["bytes"].items())) or "replicated"
+        lines.append(f"{r['table']:<28} {r['sharding']:<14} {ranks:<12} {per}")
+    return "\n".join(lines)
 
 
 def table_placement(plan: Any) -> dict[str, list[int]]:
@@ -92,6 +198,9 @@ class TorchRecMixin:
     """
 
     plan: Any = None
+    memory_per_worker: int | None = None
+    batch_size: int | None = None
+    """Rows per batch per process: the planner sizes each table's input and output buffers from it."""
     lightning_module: Any
     root_device: torch.device
     num_processes: int
@@ -104,7 +213,12 @@ class TorchRecMixin:
 
         if not isinstance(lm.model, DistributedModelParallel):
             lm.model, self.plan = shard_model(
-                lm.model, self.root_device, lm.sparse_optimizer(), self.num_processes or 1
+                lm.model,
+                self.root_device,
+                lm.sparse_optimizer(),
+                self.num_processes or 1,
+                self.memory_per_worker,
+                self.batch_size,
             )
         for name, child in lm.named_children():
             if name != "model":
@@ -117,6 +231,12 @@ class TorchRecMixin:
         owned = {id(t) for t in lm.model.parameters()} | {id(t) for t in lm.model.buffers()}
         named = [*lm.named_parameters(), *lm.named_buffers()]
         lm._ddp_params_and_buffers_to_ignore = [n for n, t in named if id(t) in owned or n.startswith("model.")]
+
+    def teardown(self) -> None:
+        lm: Any = self.lightning_module
+        if lm is not None and any(p.is_meta for p in lm.parameters()):
+            lm.model = nn.Module()  # never sharded (setup failed): nothing to move off the meta device
+        super().teardown()  # type: ignore[misc]
 
     def _setup_model(self, model: nn.Module) -> Any:
         return model  # DMP already data-parallelises the dense part; no second DDP wrapper
@@ -175,12 +295,17 @@ class TorchRecStrategy(TorchRecMixin, DDPStrategy):
     strategy_name = "torchrec"
 
 
-def make_strategy(base: type | None = None, **kwargs: Any) -> Any:
+def make_strategy(
+    base: type | None = None, memory_per_worker: int | None = None, batch_size: int | None = None, **kwargs: Any
+) -> Any:
     """The TorchRec strategy on ``base`` (a DDPStrategy subclass; default Lightning's own)."""
     if base is None or base is DDPStrategy:
-        return TorchRecStrategy(**kwargs)
-    cls = type(f"TorchRec{base.__name__}", (TorchRecMixin, base), {})
-    return cls(**kwargs)
+        strategy: Any = TorchRecStrategy(**kwargs)
+    else:
+        strategy = type(f"TorchRec{base.__name__}", (TorchRecMixin, base), {})(**kwargs)
+    strategy.memory_per_worker = memory_per_worker
+    strategy.batch_size = batch_size
+    return strategy
 
 
 def gather_full_state(dmp: nn.Module) -> dict[str, torch.Tensor] | None:
