@@ -35,6 +35,8 @@ from datamodules.sources import default_movielens_dir
 from modules.tasks import corpus_metrics
 
 K = 10
+THREADS = 1
+"""Threads of ALS and LightGBM: on 2 shared, busy cores OpenMP's spin-waiting made 2 threads 2-13x slower than 1."""
 Params = dict[str, float]
 Objective = Callable[[Params], tuple[float, dict[str, float]]]
 
@@ -294,7 +296,7 @@ def popularity_scores(x: sp.csr_matrix) -> np.ndarray:
 
 
 def als_scores(
-    x: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int, threads: int = 2
+    x: sp.csr_matrix, factors: int, regularization: float, alpha: float, iterations: int, threads: int = THREADS
 ) -> np.ndarray:
     """Implicit-feedback ALS (Hu, Koren, Volinsky 2008) from the ``implicit`` package."""
     from implicit.als import AlternatingLeastSquares
@@ -316,9 +318,12 @@ def als_scores(
 
 def ease_weights(x: sp.csr_matrix, lam: float) -> np.ndarray:
     """EASE^R item-item weights (Steck 2019): B = I - P diag(1/diag(P)), P = (X^T X + lam I)^-1."""
+    from threadpoolctl import threadpool_limits
+
     gram = (x.T @ x).toarray().astype(np.float64)
     gram[np.diag_indices_from(gram)] += lam
-    p = np.linalg.inv(gram)
+    with threadpool_limits(THREADS, "blas"):
+        p = np.linalg.inv(gram)
     b = -p / np.diag(p)[None, :]
     b[np.diag_indices_from(b)] = 0.0
     return b
@@ -558,7 +563,7 @@ def lightgbm_fit(
     train: tuple[pd.DataFrame, np.ndarray],
     val: tuple[pd.DataFrame, np.ndarray],
     categorical: list[str],
-    threads: int = 2,
+    threads: int = THREADS,
 ) -> Any:
     """A binary LightGBM booster on train, early-stopped on val AUC (at most MAX_ROUNDS trees)."""
     import lightgbm as lgb
