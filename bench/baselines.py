@@ -135,7 +135,7 @@ def coordinate_search(
             steps = 0
             while True:
                 scores = {v: evaluate({**current, d.name: v}) for v in ladder}
-                best_v = max(ladder, key=lambda v: (scores[v], v == current[d.name]))
+                best_v = pick(scores, current[d.name])
                 at_edge = best_v in (ladder[0], ladder[-1]) and len(ladder) > 1
                 if not at_edge:
                     break
@@ -155,7 +155,7 @@ def coordinate_search(
         if not changed:
             break
     profile = {d.name: [(v, evaluate({**current, d.name: v})) for v in ladders[d.name]] for d in dims}
-    edges = {d.name: edge_flag(d, ladders[d.name], current[d.name], capped[d.name]) for d in dims}
+    edges = {d.name: edge_flag(d, profile[d.name], current[d.name], capped[d.name]) for d in dims}
     return SearchResult(
         dimensions=dims,
         explored={k: sorted(v) for k, v in ladders.items()},
@@ -168,6 +168,16 @@ def coordinate_search(
     )
 
 
+def pick(scores: Mapping[float, float], current: float) -> float:
+    """The best-scoring value; among ties the one nearest ``current`` (in log space), so plateaus don't drift."""
+
+    def distance(v: float) -> float:
+        return abs(math.log(v / current)) if v > 0 and current > 0 else abs(v - current)
+
+    top = max(scores.values())
+    return min((v for v, score in scores.items() if score == top), key=lambda v: (distance(v), v))
+
+
 def require_ladders(dims: Sequence[Dimension]) -> None:
     """Every ladder needs two distinct values (so it has a step to widen by)."""
     for d in dims:
@@ -175,10 +185,12 @@ def require_ladders(dims: Sequence[Dimension]) -> None:
             raise ValueError(f"{d.name}: a ladder needs at least two distinct values, got {d.values}")
 
 
-def edge_flag(dim: Dimension, ladder: list[float], chosen: float, capped: bool) -> str:
-    """Whether ``chosen`` is bracketed on ``ladder``, and if not, what stopped the widening."""
+def edge_flag(dim: Dimension, profile: list[tuple[float, float]], chosen: float, capped: bool) -> str:
+    """Whether ``chosen`` is bracketed on its profile, and if not, what stopped the widening."""
+    ladder, score = [v for v, _ in profile], dict(profile)
     if ladder[0] < chosen < ladder[-1]:
-        return "interior"
+        ties = [v for v in (ladder[0], ladder[-1]) if score[v] == score[chosen]]
+        return "interior" + "".join(f" (tied with the edge value {fmt(v)})" for v in ties)
     side, bound = ("lower", dim.lower) if chosen == ladder[0] else ("upper", dim.upper)
     if bound is not None and chosen == bound:
         return f"{side} edge (hard bound {fmt(bound)})"

@@ -99,7 +99,7 @@ def profile_lines(search: SearchResult, metric: str) -> list[str]:
 def chosen_lines(runs: Sequence[BaselineResult], metrics: Sequence[str]) -> list[str]:
     """Per seed: chosen parameters, configurations tried, validation and test metrics, edge flags."""
     names = " | ".join(f"val {m} | test {m}" for m in metrics)
-    lines = [f"| seed | chosen | configurations tried | {names} | on an edge | seconds |"]
+    lines = [f"| seed | chosen | configurations tried | {names} | edges, ties | seconds |"]
     lines.append("| --- | --- | ---: |" + " ---: | ---: |" * len(metrics) + " --- | ---: |")
     for r in runs:
         tried = len(r.search.trials) if r.search else 1

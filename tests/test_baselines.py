@@ -93,3 +93,10 @@ def test_retrieval_metrics_of_a_perfect_and_a_popularity_scorer(scores_of: str) 
         assert m == {"recall@10": 1.0, "ndcg@10": 1.0}
     else:
         assert 0 < m["ndcg@10"] <= 1.0
+
+
+def test_search_on_a_plateau_stays_near_the_start_and_says_the_edge_ties() -> None:
+    dims = (Dimension("g", (10, 100, 300), integer=True, lower=1),)
+    result = coordinate_search(lambda p: (1.0 if p["g"] <= 10 else 0.5, {}), dims, start={"g": 100})
+    assert result.best == {"g": 10.0}
+    assert result.edges["g"] == "interior (tied with the edge value 1)"
