@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from app.config import DataConfig, PrepareConfig
+from datamodules.config import DataConfig, PrepareConfig
 from datamodules.download import download_dataset
 from datamodules.prepare import prepare
 from datamodules.schema import DatasetMetadata, read_metadata
