@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from app.config import RunConfig
-from core.errors import RecsysError
 from cluster.runtime import WorkerRuntime
+from core.errors import RecsysError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -83,10 +83,12 @@ def validate_run(cfg: RunConfig) -> Any:
         )
     resume = cfg.trainer.resume_from
     if resume and "://" not in resume:
-        from modules.sharding import TRAINER_STATE
+        from modules.safe_checkpoint import check_checkpoint
 
-        if not (Path(resume) / TRAINER_STATE).is_file():
-            raise RecsysError(f"--resume-from {resume}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
+        try:
+            check_checkpoint(resume)  # loads its pickles as plain data only, before anything starts
+        except RecsysError as e:
+            raise RecsysError(f"--resume-from {e}") from None
     if cfg.tracking.enabled:
         check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
     return meta

@@ -1,0 +1,235 @@
+"""Safety: a checkpoint never runs code."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Lightning binds its log handler to the stderr of the moment it is first imported: at collection,
+# not inside a test whose capsys stream is closed afterwards ("Logging error" tracebacks later on)
+import lightning  # noqa: F401
+import pytest
+import torch
+
+from app.cli import main
+from app.config import DataConfig, ModelConfig, RunConfig, TrackingConfig, TrainerConfig
+from core.errors import RecsysError
+
+ROOT = Path(__file__).parent.parent
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The whole of stderr, which must be exactly one line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def run_config(data: Path, tmp: Path, **trainer: Any) -> RunConfig:
+    trainer.setdefault("max_epochs", 1)
+    trainer.setdefault("patience", 0)
+    return RunConfig(
+        model="dlrm",
+        data=DataConfig(path=str(data), batch_size=64, cache_dir=str(tmp / "cache")),
+        arch=ModelConfig(embedding_dim=8, dense_arch=[8], over_arch=[16]),
+        trainer=TrainerConfig(output_dir=str(tmp / "runs"), progress_bar=False, **trainer),
+        tracking=TrackingConfig(enabled=False),
+    )
+
+
+def train_args(data: Path, tmp: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        "dlrm",
+        "--data",
+        str(data),
+        "--batch-size",
+        "64",
+        "--max-epochs",
+        "1",
+        "--trainer.patience",
+        "0",
+        "--arch.embedding_dim",
+        "8",
+        "--tracking.enabled",
+        "false",
+        "--trainer.progress_bar",
+        "false",
+        "--trainer.output_dir",
+        str(tmp / "runs"),
+        "--data.cache_dir",
+        str(tmp / "cache"),
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def fresh_master_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an in-process training earlier in this pytest process leaves Lightning's MASTER_PORT in the
+    # environment with its store still bound
+    from cluster.local import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+# -- 1. a checkpoint never runs code --------------------------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickle_trainer_state(d: Path, marker: Path) -> None:
+    (d / "trainer.pt").write_bytes(pickle.dumps(Payload(marker)))
+
+
+def _torch_saved_trainer_state(d: Path, marker: Path) -> None:
+    torch.save({"epoch": 0, "global_step": 1, "loops": Payload(marker)}, d / "trainer.pt")
+
+
+def _dcp_metadata(d: Path, marker: Path) -> None:
+    torch.save({"epoch": 0, "global_step": 1}, d / "trainer.pt")  # plain: the payload is in the DCP index
+    (d / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+
+
+def _garbage_trainer_state(d: Path, marker: Path) -> None:
+    (d / "trainer.pt").write_bytes(b"\x00this is not a checkpoint\xff" * 10)
+
+
+def _empty(d: Path, marker: Path) -> None:
+    pass
+
+
+CHECKPOINTS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
+    "pickle payload in trainer.pt": (_pickle_trainer_state, "trainer.pt: refused to load"),
+    "torch.save payload in trainer.pt": (_torch_saved_trainer_state, "trainer.pt: refused to load"),
+    "pickle payload in the DCP .metadata": (_dcp_metadata, ".metadata: refused to load"),
+    "garbage trainer.pt": (_garbage_trainer_state, "trainer.pt: not a readable checkpoint file"),
+    "empty directory": (_empty, "not a recsys checkpoint directory (no trainer.pt in it)"),
+}
+ENTRY_POINTS = ["train --resume-from", "evaluate --checkpoint", "evaluate --run-id"]
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A local MLflow store (tracking URI, experiment id) whose artifacts live in a temp dir."""
+    from mlflow.tracking import MlflowClient
+
+    base = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    experiment = MlflowClient(uri).create_experiment("safety", artifact_location=str(base / "artifacts"))
+    return uri, experiment
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_a_checkpoint_never_runs_code(
+    case: str,
+    entry: str,
+    ctr_dataset: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.train import config_yaml
+
+    make, message = CHECKPOINTS[case]
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "PWNED"
+    ckpt.mkdir()
+    make(ckpt, marker)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(run_config(ctr_dataset, tmp_path)))
+    try:
+        if entry == "train --resume-from":
+            code = main(train_args(ctr_dataset, tmp_path, "--resume-from", str(ckpt)))
+        elif entry == "evaluate --checkpoint":
+            code = main(["evaluate", "--checkpoint", str(ckpt), "--config-file", str(config)])
+        else:
+            from mlflow.tracking import MlflowClient
+
+            uri, experiment = request.getfixturevalue("mlflow_store")
+            client = MlflowClient(uri)
+            run_id = client.create_run(experiment).info.run_id
+            client.log_artifact(run_id, str(config))
+            (ckpt / "placeholder").write_text("")  # MLflow logs no empty directory
+            client.log_artifacts(run_id, str(ckpt), "checkpoints/best")
+            client.set_terminated(run_id)
+            monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # MLflow's download bars on stderr
+            capsys.readouterr()  # the store's set-up logs
+            code = main(["evaluate", "--run-id", run_id, "--tracking-uri", uri])
+    finally:  # also when main() raised: the old loaders crashed after running the payload
+        assert not marker.exists(), "the checkpoint ran code"
+    line = one_line(capsys)
+    assert code == 2 and line.startswith("recsys: error:") and message in line, line
+
+
+def test_dcp_byte_items_load_as_plain_data_only(tmp_path: Path) -> None:
+    """Non-tensor entries of the DCP part (torch.save'd inside ``*.distcp``, which DCP itself loads
+    with weights_only=False) go through the strategy's loader as plain data only."""
+    import torch.distributed.checkpoint as dcp
+
+    from modules.sharding import TorchRecMixin
+
+    class Fused:  # the fused optimizer: its state is where a non-tensor item can land
+        def state_dict(self) -> dict[str, Any]:
+            return {"extra": None}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.loaded = state
+
+    class Task(torch.nn.Module):  # the LightningModule's shape that load_checkpoint relies on
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Linear(2, 1)
+            self.model.fused_optimizer = Fused()  # type: ignore[assignment]
+
+    strategy: Any = TorchRecMixin()
+    strategy.optimizers = []
+    strategy.lightning_module = Task()
+    marker = tmp_path / "PWNED"
+    weights = {k: torch.full_like(v, 3.0) for k, v in strategy.lightning_module.state_dict().items()}
+    for name, extra in (("good", 0.5), ("bad", Payload(marker))):
+        dcp.save({"model": weights, "fused": {"extra": extra}}, checkpoint_id=str(tmp_path / name))
+        torch.save({"epoch": 0}, tmp_path / name / "trainer.pt")
+    assert strategy.load_checkpoint(tmp_path / "good")["epoch"] == 0
+    assert strategy.lightning_module.model.fused_optimizer.loaded == {"extra": 0.5}
+    assert torch.equal(strategy.lightning_module.model.weight.detach(), torch.full((1, 2), 3.0))
+    with pytest.raises(RecsysError, match="refused to load") as err:
+        strategy.load_checkpoint(tmp_path / "bad")
+    assert len(str(err.value).splitlines()) == 1
+    assert not marker.exists(), "the checkpoint ran code"
+
+
+@pytest.mark.slow
+def test_a_real_checkpoint_still_resumes_and_evaluates(
+    ctr_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression guard for the allow-lists: Lightning's state and the DCP index of a real
+    checkpoint load as plain data (this test also passed before the fix)."""
+    from app.train import config_yaml, train
+    from cluster.local import free_port
+
+    cfg = run_config(ctr_dataset, tmp_path)
+    best = train(cfg)["best_checkpoint"]
+    state = torch.load(Path(best) / "trainer.pt", weights_only=True)
+    assert state["epoch"] == 0 and "loops" in state
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(cfg))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert main(["evaluate", "--checkpoint", best, "--config-file", str(config)]) == 0
+    assert "test/auroc" in capsys.readouterr().out
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    resumed = train(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_epochs=2, resume_from=best)))
+    assert resumed["epochs"] == 2 and len(resumed["train_loss_per_epoch"]) == 1
