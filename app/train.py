@@ -76,6 +76,10 @@ def validate_run(cfg: RunConfig) -> Any:
     if "://" not in cfg.data.path and not Path(cfg.data.path).exists():
         raise RecsysError(f"--data {cfg.data.path}: no such dataset directory (run `recsys data prepare`)")
     meta = read_metadata(cfg.data.path) if "://" not in cfg.data.path else None
+    if meta is not None:  # every shard there with its size: fail here, once, before any worker starts
+        from datamodules.integrity import check_dataset
+
+        check_dataset(cfg.data.path, meta.splits)
     if meta is not None and cfg.model == "two-tower" and meta.task != "retrieval":
         raise RecsysError(
             f"--model two-tower: dataset {meta.dataset!r} has no users/items (task {meta.task}); "

@@ -45,6 +45,8 @@ ID_COLUMNS = {"user_id": "user", "item_id": "item"}
 @contextlib.contextmanager
 def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; rename it to ``out`` only when the body succeeds."""
+    from datamodules.integrity import record_shard_hashes
+
     if out.exists() and not overwrite:
         raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
     parent = out.resolve().parent
@@ -53,6 +55,7 @@ def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        record_shard_hashes(tmp)  # every engine's shards, checked when the dataset is opened
         if out.exists():
             trash = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(trash)

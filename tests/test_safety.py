@@ -1,10 +1,12 @@
-"""Safety: a checkpoint never runs code."""
+"""Safety: a checkpoint never runs code; missing or corrupted data fails the run."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,3 +235,87 @@ def test_a_real_checkpoint_still_resumes_and_evaluates(
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     resumed = train(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_epochs=2, resume_from=best)))
     assert resumed["epochs"] == 2 and len(resumed["train_loss_per_epoch"]) == 1
+
+
+# -- 2. missing or corrupted data fails the run ---------------------------------------------------
+
+
+def _shard(d: Path, split: str = "train") -> Path:
+    return d / split / json.loads((d / split / "index.json").read_text())["shards"][0]["zip_data"]["basename"]
+
+
+def _delete(d: Path) -> None:
+    _shard(d).unlink()
+
+
+def _truncate(d: Path) -> None:
+    shard = _shard(d)
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+
+def _overwrite(d: Path) -> None:
+    shard = _shard(d)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 400] = b"\xff" * 400  # same size: only the hash tells
+    shard.write_bytes(bytes(data))
+
+
+def _overwrite_without_hashes(d: Path) -> None:
+    """A dataset prepared before hashes were recorded: zstd's own checks are all there is."""
+    for split in ("train", "val", "test"):
+        index_path = d / split / "index.json"
+        index = json.loads(index_path.read_text())
+        for shard in index["shards"]:
+            shard["zip_data"]["hashes"] = {}
+        index_path.write_text(json.dumps(index))
+    shard = _shard(d)
+    data = bytearray(shard.read_bytes())
+    data[:8] = b"\x00" * 8  # the zstd frame header
+    shard.write_bytes(bytes(data))
+
+
+def _delete_index(d: Path) -> None:
+    (d / "val" / "index.json").unlink()
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "shard deleted": (_delete, "train/shard.00000.mds.zstd: shard missing"),
+    "shard truncated": (_truncate, "train/shard.00000.mds.zstd: shard has 1000 bytes"),
+    "bytes overwritten": (_overwrite, "train/shard.00000.mds.zstd: shard corrupted"),
+    "bytes overwritten, no hashes": (_overwrite_without_hashes, "train/shard.00000.mds.zstd: shard unreadable"),
+    "split index deleted": (_delete_index, "val/index.json: missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_missing_or_corrupted_data_fails_the_run(
+    case: str, ctr_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damage, message = DAMAGE[case]
+    data = tmp_path / "data"
+    shutil.copytree(ctr_dataset, data)
+    damage(data)
+    code = main(train_args(data, tmp_path))
+    line = one_line(capsys)
+    assert code == 2 and message in line, line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("case", ["shard deleted", "bytes overwritten", "bytes overwritten, no hashes"])
+def test_loader_thread_and_worker_errors_are_raised(case: str, workers: int, ctr_dataset: Path, tmp_path: Path) -> None:
+    """Damage after the dataset was opened: StreamingDataset's download thread (in this process or a
+    DataLoader worker) fails, and the loader raises it as one line instead of ending the epoch."""
+    from datamodules.streaming import StreamingDataModule
+
+    data = tmp_path / "data"
+    shutil.copytree(ctr_dataset, data)
+    dm = StreamingDataModule(DataConfig(path=str(data), batch_size=64, num_workers=workers, cache_dir=str(tmp_path)))
+    damage, message = DAMAGE[case]
+    damage(data)
+    batches = 0
+    with pytest.raises(RecsysError) as err:
+        for _ in dm.train_dataloader():
+            batches += 1
+    dm.teardown()
+    text = str(err.value)
+    assert batches == 0 and len(text.splitlines()) == 1 and message in text, text
