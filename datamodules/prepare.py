@@ -7,12 +7,9 @@ and both engines produce the same dataset from the same input.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from app.config import DATASETS, PrepareConfig
-from core.errors import RecsysError, require
+from core.errors import require
 from datamodules.blocks import encode_block, mds_columns
+from datamodules.output import atomic_output, check_output
 from datamodules.schema import (
     SPLITS,
     DatasetMetadata,
@@ -42,30 +40,8 @@ ID_COLUMNS = {"user_id": "user", "item_id": "item"}
 # -- output directory ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only when the body succeeds."""
-    from datamodules.integrity import record_shard_hashes
-
-    if out.exists() and not overwrite:
-        raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        record_shard_hashes(tmp)  # every engine's shards, checked when the dataset is opened
-        if out.exists():
-            trash = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+# ``atomic_output`` (a temporary sibling moved into place, with the --overwrite and concurrency guards)
+# lives in ``datamodules.output``; imported here under its old name for every preparation path.
 
 
 # -- row-level steps shared with the Spark engine -----------------------------------------------------
@@ -216,8 +192,7 @@ def prepare(cfg: PrepareConfig) -> DatasetMetadata:
     """Prepare ``cfg.dataset`` into ``cfg.out`` (atomically) and return its metadata."""
     validate(cfg)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
+    check_output(out, cfg.overwrite)  # before reading anything; atomic_output checks again at the end
     if cfg.dataset == "synthetic-ctr":
         from datamodules.synthetic import prepare_synthetic_ctr
 

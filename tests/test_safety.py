@@ -1,4 +1,5 @@
-"""Safety: a checkpoint never runs code; missing or corrupted data fails the run."""
+"""Safety: a checkpoint never runs code; missing or corrupted data fails the run; ``data prepare``
+deletes only what it should and concurrent prepares of one output cannot both win."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -319,3 +323,136 @@ def test_loader_thread_and_worker_errors_are_raised(case: str, workers: int, ctr
     dm.teardown()
     text = str(err.value)
     assert batches == 0 and len(text.splitlines()) == 1 and message in text, text
+
+
+# -- 3. data prepare deletes only what it should --------------------------------------------------
+
+
+def prepare_args(source: Path, out: str | Path, *extra: str) -> list[str]:
+    return ["data", "prepare", "--dataset", "sets2019", "--source", str(source), "--out", str(out), *extra]
+
+
+def _plain_directory(tmp: Path) -> tuple[str, Path]:
+    d = tmp / "photos"
+    d.mkdir()
+    (d / "holiday.jpg").write_text("precious")
+    return str(d), d / "holiday.jpg"
+
+
+def _empty_directory(tmp: Path) -> tuple[str, Path]:
+    d = tmp / "empty"
+    d.mkdir()
+    return str(d), d
+
+
+def _a_file(tmp: Path) -> tuple[str, Path]:
+    f = tmp / "notes.txt"
+    f.write_text("precious")
+    return str(f), f
+
+
+def _current_directory(tmp: Path) -> tuple[str, Path]:
+    (tmp / "work").mkdir()
+    (tmp / "work" / "code.py").write_text("precious")
+    os.chdir(tmp / "work")
+    return ".", tmp / "work" / "code.py"
+
+
+def _parent_of_cwd(tmp: Path) -> tuple[str, Path]:
+    (tmp / "work" / "sub").mkdir(parents=True)
+    (tmp / "work" / "code.py").write_text("precious")
+    os.chdir(tmp / "work" / "sub")
+    return "..", tmp / "work" / "code.py"
+
+
+OVERWRITE_REFUSED: dict[str, tuple[Callable[[Path], tuple[str, Path]], str]] = {
+    "directory that is no dataset": (_plain_directory, "not a prepared dataset (no metadata.json)"),
+    "empty directory": (_empty_directory, "not a prepared dataset (no metadata.json)"),
+    "a file": (_a_file, "not a prepared dataset (no metadata.json)"),
+    "the current directory": (_current_directory, "is the current directory or one of its parents"),
+    "a parent of the current directory": (_parent_of_cwd, "is the current directory or one of its parents"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERWRITE_REFUSED))
+def test_overwrite_refuses_what_is_not_a_dataset(
+    case: str, sets2019_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # restored after the test, also when a case changes directory
+    make, message = OVERWRITE_REFUSED[case]
+    out, kept = make(tmp_path)
+    code = main(prepare_args(sets2019_zip, out, "--block-rows", "8", "--overwrite"))
+    line = one_line(capsys)
+    assert code == 2 and message in line, line
+    assert kept.exists() and (kept.is_dir() or kept.read_text() == "precious")
+    assert not [p.name for p in tmp_path.rglob(".*tmp-*")]
+
+
+def test_overwrite_replaces_a_dataset_and_records_shard_hashes(sets2019_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(prepare_args(sets2019_zip, out, "--block-rows", "8")) == 0
+    (out / "stale-file").write_text("from the old dataset")
+    assert main(prepare_args(sets2019_zip, out, "--block-rows", "16", "--overwrite")) == 0
+    assert not (out / "stale-file").exists() and json.loads((out / "metadata.json").read_text())["block_rows"] == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sets.zip"]  # no temporary, no old copy
+    for split in ("train", "val", "test"):
+        shards = json.loads((out / split / "index.json").read_text())["shards"]
+        assert all("xxh64" in s["zip_data"]["hashes"] for s in shards)
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from datamodules.prepare import atomic_output
+with atomic_output(Path(sys.argv[1]), False) as tmp:
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_output(out: Path) -> subprocess.Popen[str]:
+    """A process inside ``atomic_output(out)``, as a prepare mid-way through writing."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_a_second_prepare_of_an_output_being_written_fails(
+    sets2019_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    holder = hold_output(out)
+    try:
+        for extra in ([], ["--overwrite"]):
+            code = main(prepare_args(sets2019_zip, out, "--block-rows", "8", *extra))
+            line = one_line(capsys)
+            assert code == 2 and f"another `recsys data prepare` (pid {holder.pid}) is writing it" in line, line
+            assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_prepare_leaves_nothing_behind(sets2019_zip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    holder = hold_output(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # what it left
+    assert main(prepare_args(sets2019_zip, out, "--block-rows", "8")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sets.zip"]
+
+
+def test_an_output_that_appeared_meanwhile_is_not_replaced(ctr_dataset: Path, tmp_path: Path) -> None:
+    """Two writers of one output: the one that finishes second fails (without --overwrite) and the
+    first one's dataset stays."""
+    from datamodules.prepare import atomic_output
+
+    out = tmp_path / "out"
+    with pytest.raises(RecsysError) as err, atomic_output(out, False) as tmp:
+        (tmp / "metadata.json").write_text("{}")
+        shutil.copytree(ctr_dataset, out)  # another prepare finished first
+    assert "appeared while this prepare ran" in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert (out / "metadata.json").read_text() == (ctr_dataset / "metadata.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
