@@ -84,8 +84,9 @@ def _require_dataset(target: Path, out: Path) -> None:
         )
 
 
-def check_output(out: Path, overwrite: bool) -> Path:
-    """Refuse an ``--out`` that prepare must not write; returns it as an absolute path."""
+def check_output(out: Path, overwrite: bool, source: str | None = None) -> Path:
+    """Refuse an ``--out`` that prepare must not write (``source``: the input, which replacing ``out``
+    must not delete); returns it as an absolute path."""
     target = Path(os.path.abspath(out))  # no symlink resolution: a link is replaced, not its target
     cwd = Path.cwd()
     if any(t == cwd or t in cwd.parents for t in (target, target.resolve())):
@@ -94,6 +95,8 @@ def check_output(out: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
         _require_dataset(target, out)
+        if source and target.resolve() in Path(source).resolve().parents:
+            raise RecsysError(f"--source {source}: lies inside --out {out}, which --overwrite would delete")
     return target
 
 

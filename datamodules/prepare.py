@@ -192,7 +192,7 @@ def prepare(cfg: PrepareConfig) -> DatasetMetadata:
     """Prepare ``cfg.dataset`` into ``cfg.out`` (atomically) and return its metadata."""
     validate(cfg)
     out = Path(cfg.out)
-    check_output(out, cfg.overwrite)  # before reading anything; atomic_output checks again at the end
+    check_output(out, cfg.overwrite, cfg.source)  # before reading anything; atomic_output checks again
     if cfg.dataset == "synthetic-ctr":
         from datamodules.synthetic import prepare_synthetic_ctr
 

@@ -365,12 +365,20 @@ def _parent_of_cwd(tmp: Path) -> tuple[str, Path]:
     return "..", tmp / "work" / "code.py"
 
 
+def _dataset_holding_the_source(tmp: Path) -> tuple[str, Path]:
+    out = tmp / "out"
+    assert main(prepare_args(tmp / "sets.zip", out, "--block-rows", "8")) == 0
+    shutil.copy(tmp / "sets.zip", out / "sets.zip")
+    return str(out), out / "sets.zip"
+
+
 OVERWRITE_REFUSED: dict[str, tuple[Callable[[Path], tuple[str, Path]], str]] = {
     "directory that is no dataset": (_plain_directory, "not a prepared dataset (no metadata.json)"),
     "empty directory": (_empty_directory, "not a prepared dataset (no metadata.json)"),
     "a file": (_a_file, "not a prepared dataset (no metadata.json)"),
     "the current directory": (_current_directory, "is the current directory or one of its parents"),
     "a parent of the current directory": (_parent_of_cwd, "is the current directory or one of its parents"),
+    "a dataset holding the source": (_dataset_holding_the_source, "lies inside --out"),
 }
 
 
@@ -381,10 +389,12 @@ def test_overwrite_refuses_what_is_not_a_dataset(
     monkeypatch.chdir(tmp_path)  # restored after the test, also when a case changes directory
     make, message = OVERWRITE_REFUSED[case]
     out, kept = make(tmp_path)
-    code = main(prepare_args(sets2019_zip, out, "--block-rows", "8", "--overwrite"))
+    source = kept if kept.suffix == ".zip" else sets2019_zip
+    capsys.readouterr()
+    code = main(prepare_args(source, out, "--block-rows", "8", "--overwrite"))
     line = one_line(capsys)
     assert code == 2 and message in line, line
-    assert kept.exists() and (kept.is_dir() or kept.read_text() == "precious")
+    assert kept.exists() and (kept.is_dir() or kept.suffix == ".zip" or kept.read_text() == "precious")
     assert not [p.name for p in tmp_path.rglob(".*tmp-*")]
 
 
