@@ -39,8 +39,12 @@ def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, 
 
     if split not in ("val", "test"):
         raise RecsysError(f"--split: must be val or test, got {split!r}")
-    if not Path(checkpoint).is_dir():
-        raise RecsysError(f"--checkpoint {checkpoint}: not a checkpoint directory")
+    from modules.safe_checkpoint import check_checkpoint
+
+    try:
+        check_checkpoint(checkpoint)  # loads its pickles as plain data only, before the model is built
+    except RecsysError as e:
+        raise RecsysError(f"--checkpoint {e}") from None
     loop = dataclasses.replace(cfg.trainer, resume_from=None)
     cfg = resolve_run(dataclasses.replace(cfg, trainer=loop, tracking=TrackingConfig(enabled=False)))
     setup_logging(cfg.verbose)
@@ -72,7 +76,13 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def evaluate_run(run_id: str, tracking_uri: str | None, split: str, load_config: Any) -> dict[str, float]:
     """Evaluate an MLflow run's best checkpoint with the config it was trained with."""
+    from modules.safe_checkpoint import check_checkpoint
+
     with tempfile.TemporaryDirectory() as tmp:
         config, checkpoint = fetch_run(run_id, tracking_uri, Path(tmp))
+        try:
+            check_checkpoint(checkpoint)  # artifacts are files from elsewhere: plain data only
+        except RecsysError as e:
+            raise RecsysError(f"--run-id {run_id}: {e}") from None
         cfg = load_config(config)
         return evaluate(cfg, str(checkpoint), split)

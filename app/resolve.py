@@ -54,6 +54,10 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         raise RecsysError(f"--data {cfg.data.path}: no such dataset directory (run `recsys data prepare`)")
     with tempfile.TemporaryDirectory() as tmp:
         meta = fetch_metadata(path, Path(tmp))
+    if "://" not in path:  # every shard there with its size: fail here, once, before any worker starts
+        from datamodules.integrity import check_dataset
+
+        check_dataset(path, meta.splits)
     kind.check_dataset(meta)
     blocks_per_batch(cfg.data.batch_size, meta.block_rows, "--data.batch_size")
     blocks_per_batch(cfg.data.eval_batch_size or cfg.data.batch_size, meta.block_rows, "--data.eval_batch_size")
@@ -69,11 +73,14 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         trainer = dataclasses.replace(trainer, monitor="train/loss_epoch")
     resume = trainer.resume_from
     if resume:
-        from modules.sharding import TRAINER_STATE
+        from modules.safe_checkpoint import check_checkpoint
 
         resume = absolute(resume)
-        if "://" not in resume and not (Path(resume) / TRAINER_STATE).is_file():
-            raise RecsysError(f"--resume-from {resume}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
+        if "://" not in resume:
+            try:
+                check_checkpoint(resume)  # loads its pickles as plain data only, before anything starts
+            except RecsysError as e:
+                raise RecsysError(f"--resume-from {e}") from None
     trainer = dataclasses.replace(trainer, resume_from=resume, output_dir=absolute(trainer.output_dir))
     tracking = cfg.tracking
     if tracking.enabled:

@@ -3,16 +3,13 @@
 The row-level steps (keys, split assignment, encoding, packing into blocks) are plain functions over
 pandas frames, so the Spark engine runs the very same code inside ``applyInPandas``/``mapInPandas``
 and both engines produce the same dataset from the same input. Shards go through ``SplitWriter``,
-vocabularies and metadata through ``finish_dataset``, the output directory through ``atomic_output``.
+vocabularies and metadata through ``finish_dataset``; the output directory is ``datamodules.output``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.errors import RecsysError
 from datamodules.blocks import encode_block, mds_columns
 from datamodules.config import PrepareConfig
 from datamodules.schema import (
@@ -39,32 +35,6 @@ SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 ID_FEATURES = [FeatureSpec("user_id", "sparse", "user"), FeatureSpec("item_id", "sparse", "item")]
 ID_COLUMNS = {"user_id": "user", "item_id": "item"}
 VOCAB_DIR = "vocab"
-
-
-# -- output directory ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only when the body succeeds."""
-    if out.exists() and not overwrite:
-        raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            trash = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- row-level steps shared with the Spark engine -----------------------------------------------------

@@ -10,12 +10,11 @@ import logging
 import time
 from pathlib import Path
 
-from core.errors import RecsysError, require
+from core.errors import require
 from datamodules.config import DATASETS, PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
     assign_split,
-    atomic_output,
     build_metadata,
     encode_frame,
     finish_dataset,
@@ -27,6 +26,7 @@ from datamodules.encoding import (
     write_split,
     write_tables,
 )
+from datamodules.output import atomic_output, check_output
 from datamodules.schema import DatasetMetadata, SplitInfo
 from datamodules.sources import READERS, RawTable
 
@@ -40,8 +40,7 @@ def prepare(cfg: PrepareConfig) -> DatasetMetadata:
     """Prepare ``cfg.dataset`` into ``cfg.out`` (atomically) and return its metadata."""
     validate(cfg)
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise RecsysError(f"{out}: output already exists (pass --overwrite to replace it)")
+    check_output(out, cfg.overwrite, cfg.source)  # before reading anything; atomic_output checks again
     if cfg.dataset == "synthetic-ctr":
         from datamodules.synthetic import prepare_synthetic_ctr
 

@@ -26,6 +26,7 @@ from core.errors import RecsysError
 from datamodules.blocks import BlockCollate
 from datamodules.config import DataConfig
 from datamodules.corpus import RetrievalCorpus
+from datamodules.integrity import check_dataset, one_line
 from datamodules.schema import METADATA_FILE, DatasetMetadata, read_metadata
 from datamodules.storage import fetch_file, is_remote
 
@@ -104,10 +105,13 @@ def _loader_class() -> type:
             # epoch counts as done once its last batch has been handed out.
             self.epoch_done = False
             total = len(self)
-            for i, batch in enumerate(super().__iter__()):
-                if i + 1 >= total:
-                    self.epoch_done = True
-                yield batch
+            try:
+                for i, batch in enumerate(super().__iter__()):
+                    if i + 1 >= total:
+                        self.epoch_done = True
+                    yield batch
+            except RecsysError as e:  # from a worker process, re-raised with its traceback in the message
+                raise type(e)(one_line(e)) from None
             self.epoch_done = True
 
         def state_dict(self) -> dict[str, Any] | None:
@@ -131,6 +135,9 @@ class StreamingDataModule(L.LightningDataModule):
         self._files_cache = self.cache_root / f"meta-{self._token}"  # metadata and corpus of a remote dataset
         self.meta = fetch_metadata(cfg.path, self._files_cache)
         self.seed = 0 if cfg.seed is None else cfg.seed
+        # every shard listed is there with its size, before any training starts; per split, the hash
+        # algorithm StreamingDataset validates each shard with as it reads it (None: no hashes recorded)
+        self._validate_hash = check_dataset(cfg.path, self.meta.splits, self._files_cache)
         self.train_blocks = blocks_per_batch(cfg.batch_size, self.meta.block_rows, "--data.batch_size")
         self.eval_blocks = blocks_per_batch(
             cfg.eval_batch_size or cfg.batch_size, self.meta.block_rows, "--data.eval_batch_size"
@@ -192,8 +199,9 @@ class StreamingDataModule(L.LightningDataModule):
     # -- building --------------------------------------------------------------------------------
 
     def dataset(self, split: str, shuffle: bool = False, blocks: int | None = None) -> Any:
-        """The StreamingDataset of one split (created once per DataModule)."""
-        from streaming import StreamingDataset
+        """The StreamingDataset of one split (created once per DataModule); a missing or corrupted shard
+        raises a RecsysError naming it (``datamodules.integrity``)."""
+        from datamodules.checked_dataset import CheckedStreamingDataset
 
         if split not in self.meta.splits:
             raise RecsysError(f"{self.cfg.path}: no split {split!r} (has {', '.join(self.meta.splits)})")
@@ -202,7 +210,7 @@ class StreamingDataModule(L.LightningDataModule):
 
             world = World.detect()
             remote = f"{self.cfg.path.rstrip('/')}/{split}"
-            self._datasets[split] = StreamingDataset(
+            self._datasets[split] = CheckedStreamingDataset(
                 remote=remote if is_remote(remote) else str(Path(remote).resolve()),
                 local=str(self.cache_root / self._token / f"node{world.node}" / split),
                 shuffle=shuffle,
@@ -210,6 +218,7 @@ class StreamingDataModule(L.LightningDataModule):
                 shuffle_algo="py1e",
                 batch_size=blocks or self.train_blocks,
                 allow_unsafe_types=False,
+                validate_hash=self._validate_hash.get(split),
             )
         return self._datasets[split]
 

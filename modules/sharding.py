@@ -22,8 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from core.errors import RecsysError
-
-TRAINER_STATE = "trainer.pt"
+from modules.safe_checkpoint import TRAINER_STATE, dcp_load, load_trainer_state
 
 
 def sparse_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -184,9 +183,9 @@ def table_placement(plan: Any) -> dict[str, list[int]]:
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The non-tensor part of a checkpoint directory (epoch, loops, callbacks, MLflow run id)."""
-    state: dict[str, Any] = torch.load(Path(checkpoint) / TRAINER_STATE, weights_only=False, map_location="cpu")
-    return state
+    """The non-tensor part of a checkpoint directory (epoch, loops, callbacks, MLflow run id), loaded as
+    plain data only: a checkpoint from elsewhere must never run code (see ``modules.safe_checkpoint``)."""
+    return load_trainer_state(checkpoint)
 
 
 class TorchRecMixin:
@@ -273,7 +272,7 @@ class TorchRecMixin:
         state: dict[str, Any] = {"model": lm.state_dict(), "fused": lm.model.fused_optimizer.state_dict()}
         if optimizers:  # fitting resumes them; testing or evaluating loads the weights only
             state["optimizers"] = [opt.state_dict() for opt in optimizers]
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)  # .metadata and byte items through allow-lists, unlike dcp.load
         lm.model.fused_optimizer.load_state_dict(state["fused"])
         checkpoint["state_dict"] = state["model"]
         checkpoint["optimizer_states"] = state.get("optimizers", [])

@@ -1,0 +1,223 @@
+"""Reading a checkpoint directory without running code from it.
+
+A recsys checkpoint is a directory: ``trainer.pt`` (Lightning's loop, callback and datamodule
+state) and a ``torch.distributed.checkpoint`` (DCP) folder (``.metadata`` plus ``*.distcp``). All
+three hold pickles, and unpickling runs whatever callable a pickle names. A checkpoint may come from
+anywhere (``--resume-from``, ``--checkpoint``, an MLflow run's artifacts), so every part is read
+with an allow-list instead:
+
+- ``trainer.pt``: ``torch.load(weights_only=True)``. Lightning's state is plain data (ints, floats,
+  strings, dicts, lists, tensors), so nothing needs adding to torch's allow-list.
+- ``.metadata``: DCP reads it with plain ``pickle.load``; here an unpickler that resolves only the
+  DCP metadata classes and torch's size/dtype/layout types.
+- byte items inside ``*.distcp`` (non-tensor state): DCP loads them with ``weights_only=False``;
+  here with ``weights_only=True``. Tensors are raw storage, which DCP already reads safely.
+
+Anything else fails as one RecsysError line naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import RecsysError
+
+TRAINER_STATE = "trainer.pt"
+DCP_METADATA = ".metadata"
+
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "MetadataIndex",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # layout name -> torch.layout (a lookup, no side effect)
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+def _refusal(path: Path, what: str) -> RecsysError:
+    return RecsysError(f"{path}: refused to load: it names code to run, not only plain data ({what})")
+
+
+def _pickle_globals(data: bytes) -> list[str] | None:
+    """The globals a raw pickle names, read without unpickling; None when ``data`` is no pickle."""
+    import pickletools
+
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]) or "a global")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # genops raises ValueError and others on bytes that are no pickle
+        return None
+    return names
+
+
+def _weights_only_failure(path: Path, error: Exception) -> RecsysError:
+    """The one-line error for a file torch's weights-only unpickler refused: a pickle naming code
+    (refused), or bytes that are no checkpoint at all (unreadable)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if found:
+        return _refusal(path, found.group(1))
+    names = _pickle_globals(path.read_bytes()) if path.stat().st_size < 1 << 26 else None
+    if names:
+        return _refusal(path, ", ".join(dict.fromkeys(names)))
+    return _unreadable(path, ValueError("not a torch checkpoint"))
+
+
+def _unreadable(path: Path, error: Exception) -> RecsysError:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return RecsysError(f"{path}: not a readable checkpoint file ({first})")
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """``trainer.pt`` of a checkpoint directory, loaded as plain data only."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        raise RecsysError(f"{checkpoint}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the file is refused or loaded anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise _weights_only_failure(path, e) from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint at all
+        raise _unreadable(path, e) from None
+    if not isinstance(state, dict):
+        raise RecsysError(f"{path}: not a recsys trainer state (a {type(state).__name__}, not a dict)")
+    return state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the classes a DCP ``.metadata`` file is made of."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"not allowed: {module}.{name}")
+
+
+def load_dcp_metadata(stream: Any, path: Path) -> Any:
+    """Unpickle a DCP ``.metadata`` stream with the allow-list."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        metadata = _MetadataUnpickler(stream).load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("not allowed: "):
+            raise _refusal(path, str(e)[len("not allowed: ") :]) from None
+        raise _unreadable(path, e) from None
+    except Exception as e:  # truncated or garbage bytes
+        raise _unreadable(path, e) from None
+    if not isinstance(metadata, Metadata):
+        raise RecsysError(f"{path}: not a checkpoint index (a {type(metadata).__name__})")
+    return metadata
+
+
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        """DCP's file reader with ``.metadata`` unpickled through the allow-list."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                stream = self.fs.create_stream(path, "rb")
+            except FileNotFoundError:
+                raise RecsysError(f"{path.parent}: not a recsys checkpoint directory (no {DCP_METADATA})") from None
+            with stream as f:
+                metadata = load_dcp_metadata(f, path)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader
+
+
+def _planner_class() -> type:
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        """DCP's load planner with non-tensor items loaded as plain data only."""
+
+        checkpoint: Path = Path(".")
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                found = re.search(r"GLOBAL ([\w.]+)", str(e))
+                where = self.checkpoint / read_item.dest_index.fqn
+                raise _refusal(where, found.group(1) if found else "not plain data") from None
+            # hand the parent a re-serialisation of plain data: its own torch.load then runs nothing
+            plain = io.BytesIO()
+            torch.save(obj, plain)
+            plain.seek(0)
+            super().load_bytes(read_item, plain)
+
+    return SafeLoadPlanner
+
+
+def safe_load_planner(checkpoint: str | Path) -> Any:
+    """A DCP ``LoadPlanner`` whose byte items are read with ``weights_only=True``."""
+    planner = _planner_class()()
+    planner.checkpoint = Path(checkpoint)
+    return planner
+
+
+def dcp_load(state: dict[str, Any], checkpoint: str | Path) -> None:
+    """``torch.distributed.checkpoint.load`` in place, through the safe reader and planner."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = _reader_class()(str(checkpoint))
+    try:
+        dcp.load(state, checkpoint_id=str(checkpoint), storage_reader=reader, planner=safe_load_planner(checkpoint))
+    except CheckpointException as e:  # DCP gathers each rank's exception, with its traceback, into one
+        ours = [error for error, _ in e.failures.values() if isinstance(error, RecsysError)]
+        if ours:
+            raise ours[0] from None
+        raise
+
+
+def check_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """Fail fast (before training or evaluation) unless ``checkpoint`` is a directory whose trainer
+    state and DCP index load as plain data; returns the trainer state."""
+    directory = Path(checkpoint)
+    if not directory.is_dir():
+        raise RecsysError(f"{checkpoint}: not a checkpoint directory")
+    state = load_trainer_state(directory)
+    metadata = directory / DCP_METADATA
+    if not metadata.is_file():
+        raise RecsysError(f"{checkpoint}: not a recsys checkpoint directory (no {DCP_METADATA} in it)")
+    with metadata.open("rb") as f:
+        load_dcp_metadata(f, metadata)
+    return state
