@@ -3,6 +3,8 @@
     recsys data prepare --dataset synthetic-ctr --out data/ctr --rows 100000
     recsys data download movielens-100k
     recsys data summary data/ctr
+    recsys index --run-id RUN [--index hnsw32]
+    recsys recommend --retrieval RUN [--ranking RUN] --user 196
 
 Flags may be written with dashes or underscores (``--val-frac`` or ``--val_frac``). Every user-facing
 problem ends as one line on stderr and exit status 2. ``--verbose`` (anywhere) shows the libraries'
@@ -19,7 +21,7 @@ from typing import Any, TypeVar
 
 from app.config import RunConfig, TrackingConfig, TrainerConfig
 from cluster.config import ClusterConfig
-from core.errors import RecsysError
+from core.errors import RecsysError, require
 from core.logs import setup_logging
 from datamodules.config import DataConfig, PrepareConfig
 from modules.config import ModelConfig, OptimConfig
@@ -134,6 +136,44 @@ def build_parser() -> Any:
     evaluate.add_argument("--data", type=str | None, default=None, help="evaluate on another prepared copy")
     commands.add_subcommand("evaluate", evaluate, help="score a run or checkpoint on a split")
 
+    index = ArgumentParser(
+        description="Index a two-tower run's item vectors (FAISS) and log the index to it.", exit_on_error=False
+    )
+    index.add_argument("--run_id", type=str, help="MLflow run of a two-tower model")
+    index.add_argument("--index", type=str, default="flat", help="index spec: flat, hnsw32, ivf,pq16x4fs,rflat, ...")
+    index.add_argument("--out", type=str | None, default=None, help="also write the index into this directory")
+    index.add_argument("--tracking_uri", type=str | None, default=None)
+    commands.add_subcommand("index", index, help="build a run's item index (vectors + FAISS) and log it")
+
+    recommend = ArgumentParser(
+        description="Recommend items: retrieval run -> index candidates -> rerank with a ranking run -> top K.",
+        exit_on_error=False,
+    )
+    recommend.add_argument("--retrieval", type=str, help="MLflow run of the two-tower (retrieval) model")
+    recommend.add_argument("--ranking", type=str | None, default=None, help="MLflow run of a ranking model")
+    recommend.add_argument("--user", type=str, nargs="+", default=None, help="raw user id(s)")
+    recommend.add_argument("--users", type=str | None, default=None, help="file of raw user ids (.txt/.csv/.parquet)")
+    recommend.add_argument("--history", type=str | None, default=None, help="raw item ids, comma-separated")
+    recommend.add_argument("--k", type=int, default=10, help="recommendations per user")
+    recommend.add_argument("--candidates", type=int, default=200, help="candidates retrieved for the ranking stage")
+    recommend.add_argument("--out", type=str | None, default=None, help="write a Parquet file instead of printing")
+    recommend.add_argument(
+        "--index", type=str | None, default=None, help="a saved index directory (default: the run's)"
+    )
+    recommend.add_argument("--tracking_uri", type=str | None, default=None)
+    commands.add_subcommand("recommend", recommend, help="top-K raw item ids for users or an item history")
+
+    package = ArgumentParser(
+        description="Log the recommender (both models, index, tables) as an MLflow pyfunc; --register names it.",
+        exit_on_error=False,
+    )
+    package.add_argument("--retrieval", type=str, help="MLflow run of the two-tower (retrieval) model")
+    package.add_argument("--ranking", type=str | None, default=None, help="MLflow run of a ranking model")
+    package.add_argument("--index", type=str | None, default=None, help="a saved index directory (default: the run's)")
+    package.add_argument("--register", type=str | None, default=None, help="register it under this model name")
+    package.add_argument("--tracking_uri", type=str | None, default=None)
+    commands.add_subcommand("package", package, help="package a recommender for mlflow models serve")
+
     submit = ArgumentParser(
         description="Run a recsys command as a Ray job on a running cluster: recsys submit [options] -- train ...",
         exit_on_error=False,
@@ -215,6 +255,27 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             print(f"MLflow run {metrics['run_id']}: mlflow ui --backend-store-uri {tracking_uri_of(cfg)}")
     elif ns.command == "evaluate":
         run_evaluate(ns.evaluate)
+    elif ns.command == "index":
+        from app.recommend import index_run
+
+        require(bool(ns.index.run_id), "index: --run-id is required")
+        print(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri))
+    elif ns.command == "recommend":
+        from app.recommend import recommend
+
+        r = ns.recommend
+        require(bool(r.retrieval), "recommend: --retrieval RUN is required")
+        print(
+            recommend(
+                r.retrieval, r.ranking, r.user, r.users, r.history, r.k, r.candidates, r.out, r.index, r.tracking_uri
+            )
+        )
+    elif ns.command == "package":
+        from app.serving import package
+
+        r = ns.package
+        require(bool(r.retrieval), "package: --retrieval RUN is required")
+        print(package(r.retrieval, r.ranking, r.index, r.register, r.tracking_uri))
     elif ns.command == "submit":
         from cluster.ray_jobs import submit
 

@@ -20,6 +20,8 @@ from app.config import RunConfig
 from core.errors import RecsysError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+STATE_DICT_ARTIFACT = "model_state/state_dict.pt"
+"""The unsharded model's weights as a plain state dict (``torch.load(..., weights_only=True)``)."""
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -147,16 +149,25 @@ class Tracker:
         """A text artifact of the run (e.g. the sharding plan)."""
         self.logger.experiment.log_text(self.run_id, text, name)
 
-    def publish(self, best_path: str, scorer: Any) -> None:
-        """Config, dataset metadata, best checkpoint and the packaged model into the run."""
+    def publish(self, best_path: str, scorer: Any, state: dict[str, Any] | None = None) -> None:
+        """Config, dataset metadata and vocabularies, best checkpoint, the model's plain state dict
+        and the packaged model into the run."""
         import mlflow
 
         cfg, client, run_id = self.cfg, self.logger.experiment, self.run_id
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "config.yaml").write_text(config_yaml(cfg))
             client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+            if state is not None:
+                import torch
+
+                weights = Path(tmp) / Path(STATE_DICT_ARTIFACT).name
+                torch.save(state, weights)
+                client.log_artifact(run_id, str(weights), str(Path(STATE_DICT_ARTIFACT).parent))
         if "://" not in cfg.data.path:
             client.log_artifact(run_id, str(Path(cfg.data.path) / "metadata.json"), "dataset")
+            if (Path(cfg.data.path) / "vocab").is_dir():
+                client.log_artifacts(run_id, str(Path(cfg.data.path) / "vocab"), "dataset/vocab")
         if best_path:
             client.log_artifacts(run_id, best_path, "checkpoints/best")
         if scorer is not None:

@@ -81,10 +81,10 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
             tracker.log_text(plan_text, "sharding_plan.txt")
     log.info("trained %d epoch(s)", metrics["epochs"])
     # publish
-    scorer = export_scorer(cfg, task, data.meta)  # a collective: every rank hands in its table shards
+    exported = export_model(cfg, task, data.meta)  # a collective: every rank hands in its table shards
     if tracker is not None:
         metrics["run_id"] = tracker.run_id
-        tracker.publish(best_path, scorer)
+        tracker.publish(best_path, *(exported or (None, None)))
     if runtime.report is not None:
         runtime.report(metrics)
     data.teardown()
@@ -175,8 +175,9 @@ def run_metrics(
     return metrics
 
 
-def export_scorer(cfg: RunConfig, task: Any, meta: Any) -> Any:
-    """Gather the sharded weights into a plain CPU scorer on rank 0 (None elsewhere); a collective."""
+def export_model(cfg: RunConfig, task: Any, meta: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Gather the sharded weights on rank 0 into a plain CPU scorer and the unsharded model's state
+    dict (what serving rebuilds the model from); None elsewhere. A collective."""
     from modules.registry import model_kind
     from modules.sharding import gather_full_state
 
@@ -186,4 +187,4 @@ def export_scorer(cfg: RunConfig, task: Any, meta: Any) -> Any:
     kind = model_kind(cfg.model)
     plain = kind.build_model(meta, cfg.arch, "cpu")
     plain.load_state_dict(full)
-    return kind.build_scorer(plain.eval(), cfg.arch)
+    return kind.build_scorer(plain.eval(), cfg.arch), plain.state_dict()

@@ -245,6 +245,15 @@ def write_tables(user_rows: pd.DataFrame, item_rows: pd.DataFrame, plan: Encodin
         table.sort_values(f"{tower}_id").reset_index(drop=True).to_parquet(tmp / f"{tower}s.parquet")
 
 
+ITEM_TITLES = "item_titles.parquet"
+
+
+def write_item_titles(raw: RawTable, tmp: Path) -> None:
+    """``item_titles.parquet`` (raw ``item`` id, ``title``) beside the shards, when the source has titles."""
+    if raw.item_titles is not None and len(raw.item_titles):
+        raw.item_titles.astype(str).reset_index(drop=True).to_parquet(tmp / ITEM_TITLES)
+
+
 def tower_table(enc: dict[str, Any], plan: EncodingPlan, tower: str) -> pd.DataFrame:
     """The columns of one tower's features from encoded rows."""
     cols: dict[str, Any] = {}

@@ -50,6 +50,9 @@ class RawTable:
     label_definition: str | None = None
     """How the source's own label column was made (None: label = rating >= threshold)."""
     """The planted ground truth of a synthetic set (None for real data)."""
+    item_titles: pd.DataFrame | None = None
+    """Raw item id (``item``) -> ``title``, when the source names its items (written beside the shards
+    as ``item_titles.parquet``, for people reading recommendations; no model reads it)."""
 
 
 # -- files inside directories and archives -------------------------------------------------------
@@ -331,9 +334,11 @@ def read_movielens_100k(source: str | None, rows: int | None) -> RawTable:
         raise RecsysError(f"{path}: neither u.data (GroupLens ml-100k) nor ml-100k.inter (RecBole) inside")
     if rows is not None:
         inter = inter.iloc[:rows]
+    titles = pd.DataFrame({"item": items["item"], "title": items.pop("title").astype(str).str.strip()})
     frame = inter.merge(users, on="user", how="left").merge(items, on="item", how="left")
     frame["item_genres"] = frame["item_genres"].apply(lambda g: g if isinstance(g, list) else [])
-    return RawTable(frame, list(MOVIELENS_FEATURES), {"path": str(path), "sha256": sha256_of(path)})
+    origin = {"path": str(path), "sha256": sha256_of(path)}
+    return RawTable(frame, list(MOVIELENS_FEATURES), origin, item_titles=titles.drop_duplicates("item"))
 
 
 def _ml100k_grouplens(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -373,6 +378,7 @@ def _ml100k_grouplens(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.D
     items = pd.DataFrame(
         {
             "item": it["item"].str.strip(),
+            "title": it["title"],
             "item_year": pd.to_numeric(it["release"].str[-4:], errors="coerce"),
             "item_genres": [[g for g, f in zip(ML_GENRES, row, strict=True) if f] for row in flags],
         }
@@ -404,6 +410,7 @@ def _ml100k_recbole(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.Dat
     items = pd.DataFrame(
         {
             "item": it["item_id"].str.strip(),
+            "title": it["movie_title"] if "movie_title" in it.columns else "",
             "item_year": pd.to_numeric(it["release_year"], errors="coerce"),
             "item_genres": [[g for g in s.split() if g] for s in it["class"]],
         }

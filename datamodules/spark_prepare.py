@@ -35,6 +35,7 @@ from datamodules.encoding import (
     make_plan,
     pack_blocks,
     row_keys,
+    write_item_titles,
     write_tables,
 )
 from datamodules.schema import SPLITS, SplitInfo
@@ -83,6 +84,7 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         user_rows = train.dropDuplicates(["user"]).drop("key", "split").toPandas()
         item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
         write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
+        write_item_titles(raw, tmp)
         corpus = {
             "users": ["users.parquet"],
             "items": ["items.parquet"],

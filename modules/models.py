@@ -88,6 +88,13 @@ class TwoTower(nn.Module):
         item = self._tower(pooled, dense_features, self.item_spec, self.item_mlp)
         return user, item
 
+    def embed(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor, tower: str) -> torch.Tensor:
+        """The embeddings of one tower (``user`` or ``item``) alone: the other tower's inputs may be empty."""
+        pooled = self.ebc(sparse_features).to_dict()
+        if tower == "user":
+            return self._tower(pooled, dense_features, self.user_spec, self.user_mlp)
+        return self._tower(pooled, dense_features, self.item_spec, self.item_mlp)
+
 
 class DeepFM(nn.Module):
     """DeepFM: a first-order term, a factorisation machine over the field embeddings and an MLP.

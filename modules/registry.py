@@ -49,6 +49,14 @@ class ModelKind:
     """Default validation metric to monitor, given the cut-off K."""
     dataset_task: str | None = None
     """The task a dataset must have (``retrieval``: users, items and a corpus); None: any."""
+    embed: Callable[[nn.Module, torch.Tensor, Any, str], torch.Tensor] | None = None
+    """Retrieval kinds: ``(model, dense, sparse KJT, tower) -> embeddings`` of the ``user`` or ``item``
+    tower (what the vector index and its queries are made of); None: the kind cannot retrieve."""
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether the kind can be the retrieval stage of a recommender (user and item towers)."""
+        return self.embed is not None
 
     def metrics(self, k: int) -> tuple[str, ...]:
         """The metrics a run of this kind logs (what --trainer.monitor may name)."""
@@ -118,6 +126,10 @@ def _ranking_scorer(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return RankingScorer(model)
 
 
+def _tower_embed(model: nn.Module, dense: torch.Tensor, sparse: Any, tower: str) -> torch.Tensor:
+    return model.embed(dense, sparse, tower)  # type: ignore[operator]
+
+
 def _auroc(k: int) -> str:
     return "val/auroc"
 
@@ -129,7 +141,9 @@ def _ndcg(k: int) -> str:
 KINDS: dict[str, ModelKind] = {
     kind.name: kind
     for kind in (
-        ModelKind("two-tower", _two_tower, _retrieval_task, _pair_scorer, _ndcg, dataset_task="retrieval"),
+        ModelKind(
+            "two-tower", _two_tower, _retrieval_task, _pair_scorer, _ndcg, dataset_task="retrieval", embed=_tower_embed
+        ),
         ModelKind("dlrm", _dlrm, _ranking_task, _ranking_scorer, _auroc),
         ModelKind("dcn", _dcn, _ranking_task, _ranking_scorer, _auroc),
         ModelKind("deepfm", _deepfm, _ranking_task, _ranking_scorer, _auroc),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: obtain MovieLens-100K (or fall back to synthetic-retrieval), prepare it, train a two-tower
-# model and a DLRM on it locally, print their test metrics and how to open the runs in MLflow.
+# model and a DLRM on it locally, print their test metrics, index the two-tower's items and print one
+# user's recommendations (retrieve, rerank; with titles), and say how to serve and browse them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECSYS=.venv/bin/recsys
@@ -13,10 +14,19 @@ else
   DATASET=synthetic-retrieval
 fi
 $RECSYS data prepare --dataset "$DATASET" --out "$OUT/$DATASET" --rows 100000 --overwrite
+# train a model; its MLflow run id (from the "MLflow run ID: ..." line) goes to stdout, the rest to the terminal
+train() { $RECSYS train "$@" | tee /dev/stderr | sed -n 's/^MLflow run \([0-9a-f]*\):.*/\1/p'; }
 echo "[demo] training a two-tower retrieval model on $DATASET"
-$RECSYS train --config configs/two-tower-movielens.yaml --data "$OUT/$DATASET" --experiment demo \
-  --run-name two-tower-demo --max-epochs 8
+RETRIEVAL=$(train --config configs/two-tower-movielens.yaml --data "$OUT/$DATASET" --experiment demo \
+  --run-name two-tower-demo --max-epochs 8)
 echo "[demo] training a DLRM ranking model on $DATASET"
-$RECSYS train --config configs/dlrm-movielens.yaml --data "$OUT/$DATASET" --experiment demo \
-  --run-name dlrm-demo --max-epochs 4
-echo "[demo] browse both runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///$(pwd)/mlflow.db  (then open http://127.0.0.1:5000)"
+RANKING=$(train --config configs/dlrm-movielens.yaml --data "$OUT/$DATASET" --experiment demo \
+  --run-name dlrm-demo --max-epochs 4)
+echo "[demo] indexing the two-tower's item vectors (exact FAISS index, logged to run $RETRIEVAL)"
+$RECSYS index --run-id "$RETRIEVAL" --index flat
+USER_ID=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/$DATASET/vocab/user_id.json'))[0])")
+echo "[demo] top 10 for user $USER_ID: two-tower retrieves 200 candidates (seen items excluded), DLRM reranks them"
+$RECSYS recommend --retrieval "$RETRIEVAL" --ranking "$RANKING" --user "$USER_ID" --k 10 --candidates 200
+echo "[demo] serve it: $RECSYS package --retrieval $RETRIEVAL --ranking $RANKING --register demo-recommender"
+echo "[demo]           PATH=$(pwd)/.venv/bin:\$PATH mlflow models serve -m models:/demo-recommender/1 --env-manager local -h 127.0.0.1 -p 5001"
+echo "[demo] browse the runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///$(pwd)/mlflow.db  (then open http://127.0.0.1:5000)"

@@ -1,0 +1,375 @@
+"""From trained runs to recommendations: ``recsys index`` and ``recsys recommend``.
+
+    recsys index --run-id RUN [--index flat] [--out DIR]
+    recsys recommend --retrieval RUN [--ranking RUN] --user 196 [--k 10] [--candidates 200]
+    recsys recommend --retrieval RUN --users users.txt --out recs.parquet
+    recsys recommend --retrieval RUN --history 50,181,100
+
+A run is turned into a *stage directory*: its config, dataset metadata and vocabularies, the model's
+plain state dict (``model_state/state_dict.pt``, loaded with ``weights_only=True``) and its dataset's
+user/item feature tables. A *bundle* is what a recommender needs, in one directory that the MLflow
+pyfunc packages as it is::
+
+    bundle.json            the runs, the index fingerprint
+    retrieval/             stage directory of the two-tower run (+ train_pairs.parquet: seen items, popularity)
+    ranking/               stage directory of the ranking run (optional)
+    index/                 the vector index (modules/index.py), fingerprinted with retrieval/'s weights + vocabularies
+    titles.parquet         raw item id -> title, when the dataset has titles
+
+The index of a run is refused unless it was built from the same weights and vocabularies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from app.tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
+from core.errors import RecsysError, require
+
+log = logging.getLogger(__name__)
+
+STAGE_CONFIG = "config.yaml"
+STAGE_WEIGHTS = "state_dict.pt"
+STAGE_META = "metadata.json"
+STAGE_VOCAB = "vocab"
+TRAIN_PAIRS = "train_pairs.parquet"
+TITLES = "titles.parquet"
+TITLES_IN_DATASET = "item_titles.parquet"
+BUNDLE_FILE = "bundle.json"
+INDEX_ARTIFACT = "index"
+DEFAULT_SPEC = "flat"
+
+
+# -- a run as a stage directory ---------------------------------------------------------------------
+
+
+def download(client: Any, run_id: str, path: str, dest: Path, flag: str) -> Path:
+    """One artifact of a run, or a one-line error naming it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(client.download_artifacts(run_id, path, str(dest)))
+    except (MlflowException, OSError) as e:
+        raise RecsysError(f"{flag} {run_id}: no {path} in the run ({str(e).splitlines()[0]})") from None
+
+
+def has_artifact(client: Any, run_id: str, path: str) -> bool:
+    parent = str(Path(path).parent) if "/" in path else None
+    return any(a.path == path for a in client.list_artifacts(run_id, parent))
+
+
+def run_client(run_id: str, tracking_uri: str | None, flag: str) -> Any:
+    """An MlflowClient on the store, after checking that the run exists there."""
+    import os
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise RecsysError(f"{flag} {run_id}: {str(e).splitlines()[0]}") from None
+    return client
+
+
+def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, with_pairs: bool) -> Path:
+    """Write the stage directory of a training run into ``dest`` (see the module docstring)."""
+    import yaml
+
+    from datamodules.corpus import read_parquet
+    from datamodules.schema import corpus_files, read_metadata
+    from datamodules.storage import fetch_file
+
+    client = run_client(run_id, tracking_uri, flag)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not has_artifact(client, run_id, STATE_DICT_ARTIFACT):
+            raise RecsysError(
+                f"{flag} {run_id}: the run has no {STATE_DICT_ARTIFACT} (trained before runs logged their weights "
+                "as a state dict, or not finished): train it again"
+            )
+        shutil.copy(download(client, run_id, STATE_DICT_ARTIFACT, work, flag), dest / STAGE_WEIGHTS)
+        shutil.copy(download(client, run_id, "config.yaml", work, flag), dest / STAGE_CONFIG)
+        shutil.copy(download(client, run_id, "dataset/metadata.json", work, flag), dest / STAGE_META)
+        cfg = yaml.safe_load((dest / STAGE_CONFIG).read_text())
+        data_path = str(cfg["data"]["path"])
+        meta = read_metadata(dest, shown_as=f"run {run_id}: dataset")
+        if meta.task != "retrieval":
+            raise RecsysError(
+                f"{flag} {run_id}: its dataset {meta.dataset!r} has no users and items (task {meta.task}); "
+                "a recommender stage needs a dataset prepared from interactions"
+            )
+        vocab = dest / STAGE_VOCAB
+        vocab.mkdir(exist_ok=True)
+        logged = has_artifact(client, run_id, "dataset/vocab")
+        if logged:
+            for f in Path(download(client, run_id, "dataset/vocab", work, flag)).glob("*.json"):
+                shutil.copy(f, vocab / f.name)
+        for feature in meta.sparse_features:
+            if feature.vocab_file is None:
+                continue
+            name = Path(feature.vocab_file).name
+            try:
+                current = fetch_file(data_path, feature.vocab_file, work / "dataset").read_bytes()
+            except OSError as e:
+                if logged:
+                    continue  # the run's own copy is enough
+                raise RecsysError(f"{flag} {run_id}: cannot read the {feature.name} vocabulary ({e})") from None
+            if not logged:
+                (vocab / name).write_bytes(current)
+            elif current != (vocab / name).read_bytes():
+                raise RecsysError(
+                    f"{flag} {run_id}: dataset {data_path} was prepared again since the run trained "
+                    f"(its {feature.name} vocabulary differs); train again on it"
+                )
+        files = corpus_files(meta)
+        for table in ("users", "items"):
+            read_parquet(data_path, files[table], work / "corpus").to_parquet(dest / f"{table}.parquet")
+        if with_pairs:
+            read_parquet(data_path, files["pairs"]["train"], work / "corpus").to_parquet(dest / TRAIN_PAIRS)
+        try:
+            titles = fetch_file(data_path, TITLES_IN_DATASET, work / "titles")
+            if titles.is_file():
+                shutil.copy(titles, dest / TITLES)
+        except RecsysError:
+            pass  # a dataset without titles: ids only
+    (dest / "run.json").write_text(json.dumps({"run_id": run_id, "model": cfg["model"], "dataset": data_path}))
+    return dest
+
+
+def check_retrieves(stage_dir: Path, flag: str) -> None:
+    """Refuse, with one line, a run whose model kind has no user and item towers."""
+    from modules.registry import model_kind
+
+    run = json.loads((stage_dir / "run.json").read_text())
+    if not model_kind(run["model"]).retrieves:
+        raise RecsysError(
+            f"{flag} {run['run_id']}: a {run['model']} model cannot retrieve (no user and item towers); "
+            "pass a two-tower run"
+        )
+
+
+def stage_fingerprint(stage_dir: Path) -> str:
+    """What an index is bound to: the stage's weights and every vocabulary file."""
+    from modules.index import fingerprint_files
+
+    return fingerprint_files([stage_dir / STAGE_WEIGHTS, *sorted((stage_dir / STAGE_VOCAB).glob("*.json"))])
+
+
+def load_stage(stage_dir: Path) -> Any:
+    """The ``modules.funnel.Stage`` of a stage directory: the model rebuilt through the registry from
+    the config and dataset metadata, its weights loaded as a state dict (``weights_only=True``)."""
+    import torch
+    import yaml
+
+    from datamodules.schema import read_metadata
+    from modules.config import ModelConfig
+    from modules.funnel import FeatureTable, Stage
+    from modules.registry import model_kind
+
+    cfg = yaml.safe_load((stage_dir / STAGE_CONFIG).read_text())
+    kind = model_kind(str(cfg["model"]))
+    try:
+        arch = ModelConfig(**cfg.get("arch", {}))
+    except TypeError as e:
+        raise RecsysError(f"{stage_dir / STAGE_CONFIG}: unknown architecture option ({e})") from None
+    meta = read_metadata(stage_dir)
+    model = kind.build_model(meta, arch, "cpu")
+    state = torch.load(stage_dir / STAGE_WEIGHTS, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise RecsysError(f"{stage_dir / STAGE_WEIGHTS}: does not fit the model ({str(e).splitlines()[0]})") from None
+    vocab_of: dict[str, list[str]] = {}
+    for key in (meta.user_id_feature, meta.item_id_feature):
+        require(key is not None, f"{stage_dir}: dataset {meta.dataset!r} has no user/item id features")
+        vocab_file = meta.feature(str(key)).vocab_file
+        require(vocab_file is not None, f"{stage_dir}: feature {key!r} has no vocabulary")
+        vocab_of[str(key)] = [
+            str(v) for v in json.loads((stage_dir / STAGE_VOCAB / Path(str(vocab_file)).name).read_text())
+        ]
+    return Stage(
+        kind=kind,
+        arch=arch,
+        meta=meta,
+        model=model.eval(),
+        user_vocab=vocab_of[str(meta.user_id_feature)],
+        item_vocab=vocab_of[str(meta.item_id_feature)],
+        users=FeatureTable(pd.read_parquet(stage_dir / "users.parquet"), meta, "user"),
+        items=FeatureTable(pd.read_parquet(stage_dir / "items.parquet"), meta, "item"),
+    )
+
+
+# -- recsys index -----------------------------------------------------------------------------------
+
+
+def build_item_index(stage_dir: Path, spec: str, out: Path, progress: bool = True) -> Any:
+    """Item vectors of every corpus item from the stage's item tower, indexed (metric = the model's
+    similarity) and saved into ``out`` with the stage's fingerprint; returns the VectorIndex."""
+    from modules.funnel import item_vectors
+    from modules.index import build_index, parse_spec, save_index
+
+    parsed = parse_spec(spec)  # a bad spec fails before any work
+    stage = load_stage(stage_dir)
+    require(
+        stage.kind.retrieves, f"--run-id: a {stage.kind.name} model has no item tower to index (use a two-tower run)"
+    )
+    ids, vectors = item_vectors(stage, progress=progress)
+    index = build_index(vectors, ids, parsed, similarity=stage.arch.similarity, progress=progress)
+    save_index(index, out, stage_fingerprint(stage_dir))
+    return index
+
+
+def index_run(run_id: str, spec: str = DEFAULT_SPEC, out: str | None = None, tracking_uri: str | None = None) -> str:
+    """``recsys index``: build the run's item index, write it to ``out`` (if given) and log it to the
+    run as ``index/``; returns a one-line summary."""
+    client = run_client(run_id, tracking_uri, "--run-id")
+    with tempfile.TemporaryDirectory() as tmp:
+        stage_dir = fetch_stage(run_id, tracking_uri, Path(tmp) / "stage", "--run-id", with_pairs=False)
+        check_retrieves(stage_dir, "--run-id")
+        target = Path(out) if out else Path(tmp) / INDEX_ARTIFACT
+        index = build_item_index(stage_dir, spec, target)
+        client.log_artifacts(run_id, str(target), INDEX_ARTIFACT)
+    where = f" -> {target}" if out else ""
+    summary = f"indexed {index.count} items ({index.spec}, {index.similarity}, dim {index.dim}){where}"
+    return f"{summary}; logged to run {run_id} as {INDEX_ARTIFACT}/"
+
+
+# -- bundles and recommend --------------------------------------------------------------------------
+
+
+def assemble_bundle(
+    retrieval: str, ranking: str | None, dest: Path, tracking_uri: str | None = None, index_dir: str | None = None
+) -> Path:
+    """Everything a recommender needs, from the runs, in ``dest`` (layout in the module docstring).
+
+    The index is ``index_dir`` when given, else the one logged to the retrieval run by ``recsys index``,
+    else an exact index built now; either way it must carry the retrieval stage's fingerprint.
+    """
+    from modules.index import load_index
+
+    dest.mkdir(parents=True, exist_ok=True)
+    stage_dir = fetch_stage(retrieval, tracking_uri, dest / "retrieval", "--retrieval", with_pairs=True)
+    check_retrieves(stage_dir, "--retrieval")
+    fingerprint = stage_fingerprint(stage_dir)
+    if ranking:
+        fetch_stage(ranking, tracking_uri, dest / "ranking", "--ranking", with_pairs=False)
+    if (stage_dir / TITLES).exists():
+        shutil.move(str(stage_dir / TITLES), dest / TITLES)
+    target = dest / INDEX_ARTIFACT
+    if index_dir:
+        require(Path(index_dir).is_dir(), f"--index {index_dir}: no such index directory")
+        load_index(index_dir, fingerprint)  # refuses an index of other weights or vocabularies, with one line
+        shutil.copytree(index_dir, target, dirs_exist_ok=True)
+    else:
+        client = run_client(retrieval, tracking_uri, "--retrieval")
+        if has_artifact(client, retrieval, f"{INDEX_ARTIFACT}/manifest.json"):
+            with tempfile.TemporaryDirectory() as tmp:
+                logged = download(client, retrieval, INDEX_ARTIFACT, Path(tmp), "--retrieval")
+                load_index(logged, fingerprint)
+                shutil.copytree(logged, target, dirs_exist_ok=True)
+        else:
+            log.info(
+                "run %s has no logged index (recsys index --run-id %s): building an exact one", retrieval, retrieval
+            )
+            build_item_index(stage_dir, DEFAULT_SPEC, target, progress=False)
+    (dest / BUNDLE_FILE).write_text(
+        json.dumps({"retrieval": retrieval, "ranking": ranking, "fingerprint": fingerprint}, indent=2) + "\n"
+    )
+    return dest
+
+
+@dataclass
+class Loaded:
+    """A recommender read from a bundle, with the item titles when the dataset had them."""
+
+    recommender: Any
+    titles: dict[str, str] | None
+    runs: dict[str, Any]
+
+
+def load_bundle(bundle: str | Path) -> Loaded:
+    """The ``modules.funnel.Recommender`` of a bundle directory (its index checked against its weights)."""
+    from modules.funnel import Recommender, popularity, seen_items
+    from modules.index import load_index
+
+    root = Path(bundle)
+    require((root / BUNDLE_FILE).is_file(), f"{root}: not a recommender bundle (no {BUNDLE_FILE})")
+    runs = json.loads((root / BUNDLE_FILE).read_text())
+    retrieval = load_stage(root / "retrieval")
+    index = load_index(root / INDEX_ARTIFACT, stage_fingerprint(root / "retrieval"))
+    pairs = pd.read_parquet(root / "retrieval" / TRAIN_PAIRS)
+    ranking = load_stage(root / "ranking") if (root / "ranking").is_dir() else None
+    recommender = Recommender(retrieval, index, seen_items(pairs, retrieval), popularity(pairs, retrieval), ranking)
+    titles = None
+    if (root / TITLES).is_file():
+        table = pd.read_parquet(root / TITLES)
+        titles = dict(zip(table["item"].astype(str), table["title"].astype(str), strict=True))
+    return Loaded(recommender, titles, runs)
+
+
+def read_users_file(path: str) -> list[str]:
+    """Raw user ids from a text file (one a line), a CSV or a Parquet file (column ``user``, else the first)."""
+    p = Path(path)
+    require(p.is_file(), f"--users {path}: no such file")
+    try:
+        if p.suffix == ".parquet":
+            frame = pd.read_parquet(p)
+        elif p.suffix == ".csv":
+            frame = pd.read_csv(p, dtype=str)
+        else:
+            return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise RecsysError(f"--users {path}: unreadable ({str(e).splitlines()[0]})") from None
+    require(len(frame.columns) > 0, f"--users {path}: no columns")
+    column = "user" if "user" in frame.columns else frame.columns[0]
+    return [str(u) for u in frame[column].dropna().tolist()]
+
+
+def recommend(
+    retrieval: str,
+    ranking: str | None,
+    users: list[str] | None,
+    users_file: str | None,
+    history: str | None,
+    k: int = 10,
+    candidates: int = 200,
+    out: str | None = None,
+    index_dir: str | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """``recsys recommend``: what the command prints (a table, or where the Parquet file went)."""
+    from modules.funnel import check_sizes, describe
+
+    given = [name for name, v in (("--user", users), ("--users", users_file), ("--history", history)) if v is not None]
+    require(len(given) == 1, "recommend: pass exactly one of --user, --users FILE or --history ITEM,ITEM,...")
+    check_sizes(k, candidates)
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_bundle(assemble_bundle(retrieval, ranking, Path(tmp) / "bundle", tracking_uri, index_dir))
+    rec = loaded.recommender
+    if history is not None:
+        queries = ["history"]
+        results = rec.recommend_histories([history.split(",")], k, candidates)
+    else:
+        queries = users if users is not None else read_users_file(str(users_file))
+        require(len(queries) > 0, f"{given[0]}: no user ids given")
+        results = rec.recommend_users(queries, k, candidates, progress=out is not None and len(queries) > 1)
+    rows = [{"user": q, **row} for q, r in zip(queries, results, strict=True) for row in describe(r, loaded.titles)]
+    table = pd.DataFrame(
+        rows, columns=["user", "rank", "item", "score", "source", *(["title"] if loaded.titles else [])]
+    )
+    if out:
+        table.to_parquet(out, index=False)
+        return f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}, {len(table)} recommendations -> {out}"
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,371 @@
+"""The recommender funnel over plain (unsharded) models, in raw ids from end to end.
+
+    retrieval stage   user tower (or the mean of a history's item vectors) -> vector index top-N,
+                      the user's train items excluded
+    ranking stage     a ranking model scores the N candidates over the user's and items' features
+    result            the top-K raw item ids with their scores
+
+Each stage reads raw ids through its own dataset's vocabularies, so the retrieval and the ranking
+model may come from differently prepared copies of the same data. Fallbacks: a user the retrieval
+model does not know (and who brings no history) gets the most popular train items, marked
+``popular``; history items the model does not know are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from core.errors import RecsysError, require
+from datamodules.schema import DatasetMetadata
+from modules.config import ModelConfig
+from modules.index import VectorIndex, search
+from modules.registry import ModelKind
+
+log = logging.getLogger(__name__)
+
+MODEL = "model"
+"""``Recommendation.source`` of model-made recommendations."""
+POPULAR = "popular"
+"""``Recommendation.source`` of the fallback: the most popular train items."""
+RERANK_ROWS = 65_536
+"""(user, item) rows scored by the ranking model per forward pass."""
+
+
+class FeatureTable:
+    """The encoded features of one side (``user`` or ``item``) by vocabulary index, from
+    ``users.parquet`` / ``items.parquet``. Row 0, the out-of-vocabulary index, holds OOV indices,
+    empty multi-hot bags and zero (= train mean) dense values: what an unknown user or item is."""
+
+    def __init__(self, table: pd.DataFrame, meta: DatasetMetadata, tower: str) -> None:
+        id_name = meta.user_id_feature if tower == "user" else meta.item_id_feature
+        require(id_name is not None, f"dataset {meta.dataset!r} has no {tower} id feature")
+        assert id_name is not None
+        self.tower = tower
+        self.size = meta.feature(id_name).cardinality
+        rows = table[id_name].to_numpy(np.int64)
+        require(
+            len(rows) == 0 or (int(rows.min()) >= 0 and int(rows.max()) < self.size),
+            f"{tower}s table of dataset {meta.dataset!r} does not match its {id_name} vocabulary",
+        )
+        self.present = np.sort(rows)
+        """The indices that have a row in the table (every train user / item)."""
+        self.single: dict[str, torch.Tensor] = {}
+        self.multi: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # values, lengths, offsets
+        self.dense: dict[str, torch.Tensor] = {}
+        for f in meta.sparse_features:
+            if f.tower != tower or f.name not in table.columns:
+                continue
+            if f.multi_hot:
+                bags: list[np.ndarray] = [np.zeros(0, np.int64)] * self.size
+                for r, bag in zip(rows.tolist(), table[f.name].to_list(), strict=True):
+                    bags[r] = np.asarray(bag, np.int64)
+                lengths = torch.as_tensor(np.fromiter((len(b) for b in bags), np.int64, self.size))
+                values = torch.as_tensor(np.concatenate(bags) if self.size else np.zeros(0, np.int64))
+                self.multi[f.name] = (values, lengths, torch.cumsum(lengths, 0) - lengths)
+            else:
+                column = np.zeros(self.size, np.int64)
+                column[rows] = table[f.name].to_numpy(np.int64)
+                self.single[f.name] = torch.as_tensor(column)
+        for d in meta.dense_features:
+            if d.tower == tower and d.name in table.columns:
+                column32 = np.zeros(self.size, np.float32)
+                column32[rows] = table[d.name].to_numpy(np.float32)
+                self.dense[d.name] = torch.as_tensor(column32)
+
+    def sparse(self, name: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, lengths) of feature ``name`` for the rows ``idx``."""
+        if name in self.single:
+            return self.single[name][idx], torch.ones(len(idx), dtype=torch.int64)
+        if name in self.multi:
+            values, lengths, offsets = self.multi[name]
+            ln = lengths[idx]
+            starts = torch.repeat_interleave(offsets[idx], ln)
+            within = torch.arange(int(ln.sum())) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
+            return values[starts + within], ln
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(len(idx), dtype=torch.int64)
+
+
+def model_inputs(
+    meta: DatasetMetadata, n: int, sides: Sequence[tuple[FeatureTable, torch.Tensor]]
+) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    """Dense matrix and KJT (every key of the dataset) of ``n`` rows whose ``tower`` features are
+    those of ``sides`` rows (table, indices); features of a tower not given get empty bags / zeros."""
+    by_tower = {table.tower: (table, idx) for table, idx in sides}
+    dense = torch.zeros(n, len(meta.dense_features))
+    for j, d in enumerate(meta.dense_features):
+        if d.tower in by_tower and d.name in by_tower[d.tower][0].dense:
+            table, idx = by_tower[d.tower]
+            dense[:, j] = table.dense[d.name][idx]
+    values, lengths = [], []
+    for f in meta.sparse_features:
+        if f.tower in by_tower:
+            table, idx = by_tower[f.tower]
+            v, ln = table.sparse(f.name, idx)
+        else:
+            v, ln = torch.zeros(0, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+        values.append(v)
+        lengths.append(ln)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=[f.name for f in meta.sparse_features],
+        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.int64),
+        lengths=torch.cat(lengths).to(torch.int32) if lengths else torch.zeros(0, dtype=torch.int32),
+    )
+    return dense, kjt
+
+
+@dataclass
+class Stage:
+    """A trained model and what it needs to read raw ids: kind, architecture, dataset metadata, the
+    id vocabularies and the user/item feature tables of its dataset."""
+
+    kind: ModelKind
+    arch: ModelConfig
+    meta: DatasetMetadata
+    model: nn.Module
+    """The plain model in eval mode, on CPU."""
+    user_vocab: list[str]
+    """Raw user ids in index order (index = position + 1)."""
+    item_vocab: list[str]
+    users: FeatureTable
+    items: FeatureTable
+
+    def __post_init__(self) -> None:
+        self._user_index = {raw: i + 1 for i, raw in enumerate(self.user_vocab)}
+        self._item_index = {raw: i + 1 for i, raw in enumerate(self.item_vocab)}
+        self.item_raw = np.array(["", *self.item_vocab], dtype=object)
+        self.scorer = self.kind.build_scorer(self.model, self.arch).eval()
+
+    def user_index(self, raw: Sequence[str]) -> np.ndarray:
+        """Vocabulary indices of raw user ids (0: unknown)."""
+        return np.fromiter((self._user_index.get(str(u), 0) for u in raw), np.int64, len(raw))
+
+    def item_index(self, raw: Sequence[str]) -> np.ndarray:
+        """Vocabulary indices of raw item ids (0: unknown)."""
+        return np.fromiter((self._item_index.get(str(i), 0) for i in raw), np.int64, len(raw))
+
+    @torch.no_grad()
+    def embed(self, tower: str, idx: np.ndarray, batch: int = 4096, progress: bool = False) -> np.ndarray:
+        """Tower embeddings (float32) of users or items by vocabulary index (a retrieval stage)."""
+        require(self.kind.retrieves, f"--model {self.kind.name} has no user and item towers to retrieve with")
+        assert self.kind.embed is not None
+        from tqdm.auto import tqdm
+
+        table = self.users if tower == "user" else self.items
+        out = []
+        for lo in tqdm(range(0, len(idx), batch), desc=f"{tower} vectors", unit="batch", disable=not progress):
+            rows = torch.as_tensor(idx[lo : lo + batch])
+            dense, kjt = model_inputs(self.meta, len(rows), [(table, rows)])
+            out.append(self.kind.embed(self.model, dense, kjt, tower).float().numpy())
+        dim = self.arch.tower_layers[-1] if self.arch.tower_layers else self.arch.embedding_dim
+        return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    @torch.no_grad()
+    def score_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The model's probability for each (user index, item index) row."""
+        out = []
+        for lo in range(0, len(users), RERANK_ROWS):
+            u = torch.as_tensor(users[lo : lo + RERANK_ROWS])
+            i = torch.as_tensor(items[lo : lo + RERANK_ROWS])
+            dense, kjt = model_inputs(self.meta, len(u), [(self.users, u), (self.items, i)])
+            out.append(self.scorer(dense, kjt).float().reshape(-1).numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def item_vectors(stage: Stage, batch: int = 4096, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(raw item ids, item tower vectors) of every item of the stage's corpus: what the index holds."""
+    idx = stage.items.present[stage.items.present > 0]
+    require(len(idx) > 0, f"dataset {stage.meta.dataset!r} has no items to index")
+    return stage.item_raw[idx].astype(str), stage.embed("item", idx, batch, progress)
+
+
+@dataclass
+class Recommendation:
+    """Top-K raw item ids, best first, with their scores; ``source``: ``model`` or ``popular``."""
+
+    items: list[str]
+    scores: list[float]
+    source: str
+
+
+@dataclass
+class Candidates:
+    """The retrieval stage's answer for a batch of queries: (queries, N) raw ids and scores, ``""`` /
+    ``-inf`` where fewer than N items were left after the exclusions."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class Recommender:
+    """The funnel: retrieval stage + vector index + optional ranking stage, with the popularity fallback.
+
+    ``seen[u]``: raw ids of the items user index ``u`` had in train (never recommended to them);
+    ``popular``: raw item ids, most popular first, with their share of train positives.
+    """
+
+    def __init__(
+        self,
+        retrieval: Stage,
+        index: VectorIndex,
+        seen: dict[int, set[str]],
+        popular: tuple[np.ndarray, np.ndarray],
+        ranking: Stage | None = None,
+    ) -> None:
+        require(retrieval.kind.retrieves, f"--retrieval: a {retrieval.kind.name} model cannot retrieve (no towers)")
+        self.retrieval, self.index, self.seen, self.ranking = retrieval, index, seen, ranking
+        self.popular_ids, self.popular_scores = popular
+        self._index_position = index.positions()
+
+    # -- the stages ----------------------------------------------------------------------------------
+
+    def candidates(self, queries: np.ndarray, exclude: Sequence[set[str]], n: int) -> Candidates:
+        """Top-``n`` items of the index for each query vector, ``exclude[i]`` left out."""
+        n = min(n, self.index.count)
+        scores, ids = search(self.index, queries, n, exclude=list(exclude))
+        return Candidates(ids.astype(str), scores)
+
+    def rank(self, user_raw: Sequence[str], found: Candidates) -> np.ndarray:
+        """The ranking stage's probability of each candidate (rows: users, as raw ids; "" = unknown)."""
+        assert self.ranking is not None
+        m, n = found.ids.shape
+        users = np.repeat(self.ranking.user_index(user_raw), n)
+        items = self.ranking.item_index(found.ids.reshape(-1).tolist())
+        return self.ranking.score_pairs(users, items).reshape(m, n)
+
+    def finish(self, found: Candidates, scores: np.ndarray, k: int) -> list[Recommendation]:
+        """Top-``k`` of each row by ``scores`` (candidates the index could not fill dropped)."""
+        out = []
+        valid = found.ids != ""
+        scores = np.where(valid, scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        for row, cols in enumerate(order):
+            cols = cols[valid[row, cols]]
+            out.append(Recommendation(found.ids[row, cols].tolist(), scores[row, cols].astype(float).tolist(), MODEL))
+        return out
+
+    def most_popular(self, k: int, exclude: set[str] | None = None) -> Recommendation:
+        """The fallback: the ``k`` most popular train items (``exclude`` left out)."""
+        keep = [i for i, raw in enumerate(self.popular_ids.tolist()) if not exclude or raw not in exclude][:k]
+        return Recommendation(
+            self.popular_ids[keep].tolist(), self.popular_scores[keep].astype(float).tolist(), POPULAR
+        )
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def recommend_users(
+        self, users: Sequence[str], k: int = 10, candidates: int = 200, batch: int = 1024, progress: bool = False
+    ) -> list[Recommendation]:
+        """Recommendations for raw user ids; users the retrieval model does not know get the most popular items."""
+        check_sizes(k, candidates)
+        from tqdm.auto import tqdm
+
+        users = [str(u) for u in users]
+        out: list[Recommendation | None] = [None] * len(users)
+        idx = self.retrieval.user_index(users)
+        unknown = [users[i] for i in np.flatnonzero(idx == 0)]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            log.warning("%d unknown user(s) (%s): recommending the most popular items", len(unknown), shown)
+        known = np.flatnonzero(idx > 0)
+        bar = tqdm(total=len(known), desc="recommend", unit="user", disable=not progress)
+        for lo in range(0, len(known), batch):
+            rows = known[lo : lo + batch]
+            queries = self.retrieval.embed("user", idx[rows])
+            exclude = [self.seen.get(int(u), set()) for u in idx[rows]]
+            answers = self.run(queries, exclude, [users[r] for r in rows], k, candidates)
+            for r, answer in zip(rows, answers, strict=True):
+                out[r] = answer
+            bar.update(len(rows))
+        bar.close()
+        for i in np.flatnonzero(idx == 0):
+            out[i] = self.most_popular(k)
+        return [r for r in out if r is not None]
+
+    def recommend_histories(
+        self, histories: Sequence[Sequence[str]], k: int = 10, candidates: int = 200
+    ) -> list[Recommendation]:
+        """Recommendations for anonymous users given by the raw ids of items they liked.
+
+        The two-tower's user tower reads user features, not histories, so a history's query is the
+        mean of its items' vectors in the index (normalised for cosine): the items most like the
+        history's. Its items are excluded; unknown item ids are skipped with a warning; a history with
+        no known item gets the most popular items. The ranking stage scores the candidates for an
+        unknown user (out-of-vocabulary user id, mean user features).
+        """
+        check_sizes(k, candidates)
+        out: list[Recommendation | None] = [None] * len(histories)
+        queries, rows, exclude = [], [], []
+        for r, history in enumerate(histories):
+            raw = [str(i).strip() for i in history if str(i).strip()]
+            known = [i for i in raw if i in self._index_position]
+            skipped = [i for i in raw if i not in self._index_position]
+            if skipped:
+                log.warning("history %d: skipping %d unknown item id(s): %s", r, len(skipped), ", ".join(skipped[:5]))
+            if not known:
+                out[r] = self.most_popular(k, set(raw))
+                continue
+            vectors = self.index.vectors[[self._index_position[i] for i in known]]
+            queries.append(vectors.mean(axis=0))
+            rows.append(r)
+            exclude.append(set(known))
+        if rows:
+            answers = self.run(np.stack(queries), exclude, [""] * len(rows), k, candidates)
+            for r, answer in zip(rows, answers, strict=True):
+                out[r] = answer
+        return [r for r in out if r is not None]
+
+    def run(
+        self, queries: np.ndarray, exclude: Sequence[set[str]], user_raw: Sequence[str], k: int, candidates: int
+    ) -> list[Recommendation]:
+        """Retrieve ``candidates`` per query, rerank them when there is a ranking stage, keep the top ``k``."""
+        found = self.candidates(queries, exclude, max(candidates, k))
+        scores = found.scores if self.ranking is None else self.rank(user_raw, found)
+        return self.finish(found, scores, k)
+
+
+def check_sizes(k: int, candidates: int) -> None:
+    require(k >= 1, f"--k: must be at least 1, got {k}")
+    require(candidates >= 1, f"--candidates: must be at least 1, got {candidates}")
+
+
+def seen_items(pairs: pd.DataFrame, stage: Stage) -> dict[int, set[str]]:
+    """User index -> raw ids of the items the user had in ``pairs`` (a split's user_id/item_id rows)."""
+    raw = stage.item_raw[pairs.item_id.to_numpy(np.int64)]
+    out: dict[int, set[str]] = {}
+    for user, items in pd.Series(raw).groupby(pairs.user_id.to_numpy(np.int64)):
+        out[int(user)] = set(items.tolist())  # type: ignore[call-overload]
+    return out
+
+
+def popularity(pairs: pd.DataFrame, stage: Stage) -> tuple[np.ndarray, np.ndarray]:
+    """Raw item ids by decreasing count of train positives (ties: by id), with their share of positives."""
+    positives = pairs[pairs.label > 0.5].item_id.to_numpy(np.int64)
+    if len(positives) == 0:
+        positives = pairs.item_id.to_numpy(np.int64)
+    counts = np.bincount(positives, minlength=len(stage.item_raw))
+    counts[0] = 0
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    order = order[counts[order] > 0]
+    if len(order) == 0:
+        raise RecsysError(f"dataset {stage.meta.dataset!r}: no train interactions to rank popular items by")
+    return stage.item_raw[order].astype(str), counts[order] / max(int(counts.sum()), 1)
+
+
+def describe(rec: Recommendation, titles: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows (rank, item, score, source[, title]) of one recommendation."""
+    rows = []
+    for rank, (item, score) in enumerate(zip(rec.items, rec.scores, strict=True), 1):
+        row: dict[str, Any] = {"rank": rank, "item": item, "score": score, "source": rec.source}
+        if titles is not None:
+            row["title"] = titles.get(item, "")
+        rows.append(row)
+    return rows

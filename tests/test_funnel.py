@@ -1,0 +1,259 @@
+"""From trained runs to recommendations: the item index against brute force, `recsys recommend` with
+its exclusions, raw ids and fallbacks, and the refusals (one line each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import shrink
+
+from app.cli import main
+from app.recommend import assemble_bundle, fetch_stage, load_bundle, load_stage
+from app.train import run_training
+from modules.funnel import MODEL, POPULAR
+from modules.index import load_index, read_manifest, search
+
+K = 5
+
+
+@dataclasses.dataclass
+class Runs:
+    tracking: str
+    retrieval: str
+    ranking: str
+    other: str
+    """A second two-tower run (other seed): its index must not serve ``retrieval``."""
+    data: Path
+    work: Path
+
+
+def train_runs(data: Path, work: Path, other: bool = True) -> Runs:
+    """A tiny two-tower (twice, two seeds, unless not ``other``) and a tiny DLRM trained on ``data``, tracked."""
+    uri = f"sqlite:///{work}/mlflow.db"
+
+    def train(preset: str, *flags: str) -> str:
+        cfg = shrink(preset, data, work, *flags, tracking=True)
+        return str(run_training(cfg)["run_id"])
+
+    retrieval, ranking = train("two-tower-movielens"), train("dlrm-movielens")
+    return Runs(uri, retrieval, ranking, train("two-tower-movielens", "--seed=7") if other else "", data, work)
+
+
+@pytest.fixture(scope="module")
+def runs(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return train_runs(ml_dataset, tmp_path_factory.mktemp("funnel"))
+
+
+def cli(capsys: pytest.CaptureFixture[str], runs: Runs, *args: str) -> tuple[int, str, str]:
+    code = main([*args, "--tracking-uri", runs.tracking])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("recsys: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_exact_index_equals_brute_force_with_the_model(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "index"
+    code, out, err = cli(capsys, runs, "index", "--run-id", runs.retrieval, "--index", "flat", "--out", str(out_dir))
+    assert code == 0, err
+    assert "indexed" in out and read_manifest(out_dir)["spec"] == "flat"
+    stage_dir = fetch_stage(runs.retrieval, runs.tracking, tmp_path / "stage", "--run-id", with_pairs=False)
+    stage = load_stage(stage_dir)
+    from app.recommend import stage_fingerprint
+
+    index = load_index(out_dir, stage_fingerprint(stage_dir))
+    vectors = pd.read_parquet(out_dir / "vectors.parquet")
+    assert len(vectors) == index.count == len(stage.items.present)
+    assert set(vectors["item"]) == set(stage.item_vocab)  # raw ids, not vocabulary indices
+
+    # brute force: the model's own tower outputs (its forward pass), every user against every item
+    from datamodules.corpus import tower_inputs
+
+    users = pd.read_parquet(stage_dir / "users.parquet")
+    items = pd.read_parquet(stage_dir / "items.parquet")
+    with torch.no_grad():
+        u = stage.model(*tower_inputs(users, stage.meta))[0].numpy()
+        v = stage.model(*tower_inputs(items, stage.meta))[1].numpy()
+    scores = u @ v.T
+    raw_items = np.array(stage.item_vocab)[items["item_id"].to_numpy() - 1]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, : K + 1]
+    found_scores, found = search(index, u, K)
+    np.testing.assert_allclose(found_scores, np.take_along_axis(scores, top[:, :K], 1), rtol=1e-4, atol=1e-5)
+    gap = np.take_along_axis(scores, top[:, K - 1 : K], 1) - np.take_along_axis(scores, top[:, K : K + 1], 1)
+    untied = gap[:, 0] > 1e-5
+    assert untied.mean() > 0.9
+    assert (found[untied] == raw_items[top[untied, :K]]).all()
+
+    client_paths = {
+        a.path
+        for a in __import__("mlflow").tracking.MlflowClient(runs.tracking).list_artifacts(runs.retrieval, "index")
+    }
+    assert {"index/manifest.json", "index/index.faiss", "index/vectors.parquet"} <= client_paths
+
+
+@pytest.fixture(scope="module")
+def bundle(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_bundle(assemble_bundle(runs.retrieval, runs.ranking, tmp_path_factory.mktemp("bundle"), runs.tracking))
+
+
+def train_items(runs: Runs, bundle: Any) -> dict[str, set[str]]:
+    """raw user id -> raw ids of the user's train items, from the dataset itself."""
+    stage = bundle.recommender.retrieval
+    pairs = pd.read_parquet(runs.data / "pairs" / "train.parquet")
+    out: dict[str, set[str]] = {}
+    for u, i in zip(pairs.user_id, pairs.item_id, strict=True):
+        out.setdefault(stage.user_vocab[u - 1], set()).add(stage.item_vocab[i - 1])
+    return out
+
+
+def test_recommend_excludes_seen_items_and_returns_raw_ids(runs: Runs, bundle: Any) -> None:
+    rec = bundle.recommender
+    seen = train_items(runs, bundle)
+    users = sorted(seen)[:20]
+    for ranking in (None, rec.ranking):
+        rec.ranking = ranking
+        results = rec.recommend_users(users, k=K, candidates=30)
+        for user, r in zip(users, results, strict=True):
+            assert r.source == MODEL and len(r.items) == K and len(set(r.items)) == K
+            assert not set(r.items) & seen[user], user
+            assert set(r.items) <= set(rec.retrieval.item_vocab)
+            assert r.scores == sorted(r.scores, reverse=True)
+    rec.ranking = bundle.recommender.ranking
+
+
+def test_rerank_orders_the_retrieved_candidates_by_the_ranking_model(bundle: Any) -> None:
+    rec = bundle.recommender
+    user = rec.retrieval.user_vocab[0]
+    ranked = rec.recommend_users([user], k=K, candidates=20)[0]
+    query = rec.retrieval.embed("user", rec.retrieval.user_index([user]))
+    found = rec.candidates(query, [rec.seen[1]], 20)
+    assert set(ranked.items) <= set(found.ids[0].tolist())  # the top K come from the candidates
+    probabilities = rec.rank([user], found)[0]
+    want = [found.ids[0][j] for j in np.argsort(-probabilities, kind="stable")[:K]]
+    assert ranked.items == want
+    assert all(0.0 <= s <= 1.0 for s in ranked.scores)  # the ranking model's probabilities
+
+
+def test_unknown_user_gets_the_most_popular_items_marked(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
+    pairs = pd.read_parquet(runs.data / "pairs" / "train.parquet")
+    code, out, err = cli(capsys, runs, "recommend", "--retrieval", runs.retrieval, "--user", "no-such-user", "--k", "3")
+    assert code == 0, err
+    assert "unknown user" in err and "most popular" in err
+    lines = out.splitlines()[1:]
+    assert len(lines) == 3 and all(POPULAR in line for line in lines)
+    counts = pairs[pairs.label > 0.5].item_id.value_counts()
+    assert float(lines[0].split()[3]) == pytest.approx(counts.max() / counts.sum(), abs=1e-4)
+
+
+def test_history_skips_unknown_items_and_an_empty_history_is_popular(
+    bundle: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    rec = bundle.recommender
+    liked = rec.retrieval.item_vocab[:3]
+    with caplog.at_level("WARNING"):
+        known, mixed, empty, unknown = rec.recommend_histories(
+            [liked, [*liked, "no-such-item"], [], ["no-such-item"]], k=K, candidates=30
+        )
+    assert "skipping 1 unknown item id(s): no-such-item" in caplog.text
+    assert known.source == MODEL and not set(known.items) & set(liked)
+    assert mixed.items == known.items  # the unknown id changed nothing
+    assert empty.source == unknown.source == POPULAR and empty.items == rec.most_popular(K).items
+
+
+def test_recommend_cli_batch_mode_writes_parquet(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text("1\n2\nnobody\n")
+    out = tmp_path / "recs.parquet"
+    code, printed, err = cli(
+        capsys,
+        runs,
+        "recommend",
+        "--retrieval",
+        runs.retrieval,
+        "--ranking",
+        runs.ranking,
+        "--users",
+        str(users),
+        "--k",
+        "4",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    table = pd.read_parquet(out)
+    assert str(out) in printed
+    assert list(table.columns[:5]) == ["user", "rank", "item", "score", "source"]
+    assert table.groupby("user").size().to_dict() == {"1": 4, "2": 4, "nobody": 4}
+    assert set(table[table.user == "nobody"].source) == {POPULAR}
+
+
+def test_history_cli(runs: Runs, bundle: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    liked = ",".join(bundle.recommender.retrieval.item_vocab[:2])
+    code, out, err = cli(capsys, runs, "recommend", "--retrieval", runs.retrieval, "--history", liked + ",zzz")
+    assert code == 0, err
+    assert "skipping 1 unknown item id(s): zzz" in err
+    assert len(out.splitlines()) == 1 + 10
+    assert out.splitlines()[0].split()[-1] == "title" and "Movie " in out  # titles from item_titles.parquet
+
+
+def test_refusals_are_one_line(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other_index = tmp_path / "other"
+    assert cli(capsys, runs, "index", "--run-id", runs.other, "--out", str(other_index))[0] == 0
+    code, _, err = cli(
+        capsys, runs, "recommend", "--retrieval", runs.retrieval, "--user", "1", "--index", str(other_index)
+    )
+    assert code == 2 and "rebuild it for this model" in one_line(err)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(runs.tracking)
+    empty = client.create_run(client.get_run(runs.retrieval).info.experiment_id).info.run_id  # no weights logged
+    cases = [
+        (["recommend", "--retrieval", empty, "--user", "1"], "the run has no model_state/state_dict.pt"),
+        (["recommend", "--retrieval", runs.retrieval], "exactly one of --user"),
+        (["recommend", "--retrieval", runs.retrieval, "--user", "1", "--history", "1"], "exactly one of --user"),
+        (["recommend", "--retrieval", runs.retrieval, "--user", "1", "--k", "0"], "--k: must be at least 1"),
+        (["recommend", "--retrieval", runs.ranking, "--user", "1"], "cannot retrieve"),
+        (["recommend", "--retrieval", "0" * 32, "--user", "1"], "--retrieval " + "0" * 32),
+        (["index", "--run-id", runs.ranking], "cannot retrieve"),
+        (["index", "--run-id", runs.retrieval, "--index", "hnsw"], "hnsw needs its M"),
+        (["recommend", "--retrieval", runs.retrieval, "--users", str(tmp_path / "nope.txt")], "no such file"),
+    ]
+    for args, message in cases:
+        code, _, err = cli(capsys, runs, *args)
+        assert code == 2 and message in one_line(err), (args, err)
+
+
+def test_index_is_bound_to_the_vocabularies_too(runs: Runs, tmp_path: Path) -> None:
+    stage_dir = fetch_stage(runs.retrieval, runs.tracking, tmp_path / "stage", "--run-id", with_pairs=False)
+    from app.recommend import build_item_index, stage_fingerprint
+
+    build_item_index(stage_dir, "flat", tmp_path / "index", progress=False)
+    vocab = stage_dir / "vocab" / "item_id.json"
+    vocab.write_text(json.dumps(list(reversed(json.loads(vocab.read_text())))))
+    from core.errors import RecsysError
+
+    with pytest.raises(RecsysError, match="rebuild it for this model"):
+        load_index(tmp_path / "index", stage_fingerprint(stage_dir))
+
+
+def test_prepare_keeps_item_titles_beside_the_shards(ml_dataset: Path) -> None:
+    titles = pd.read_parquet(ml_dataset / "item_titles.parquet")
+    assert list(titles.columns) == ["item", "title"] and titles.item.is_unique
+    assert titles.set_index("item").title["3"] == "Movie 3 (1990)"
+    meta = json.loads((ml_dataset / "metadata.json").read_text())
+    assert "item_titles" not in json.dumps(meta)  # no model reads it: not part of the schema
