@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
 
 from core.errors import RecsysError
 from datamodules.integrity import ShardError, describe_shard_failure
@@ -31,6 +32,12 @@ class CheckedStreamingDataset(StreamingDataset):
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
+            # streaming leaves the shard PREPARING in the state array that all ranks and workers of
+            # this node share: the others would wait for it forever. Back to REMOTE, they try (and
+            # fail) themselves.
+            with self._cache_filelock:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
             raise ShardError(describe_shard_failure(self._shard_location(shard_id), e)) from e
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
@@ -43,6 +50,22 @@ class CheckedStreamingDataset(StreamingDataset):
         except Exception as e:
             shard_id, _ = self.spanner[sample_id]
             raise ShardError(describe_shard_failure(self._shard_location(shard_id), e)) from e
+
+    # streaming's end of epoch waits until two of its loops have reported their exit; a thread that
+    # died of an exception never reports, so report for it (else the epoch's end waits forever)
+    def _prepare_thread(self, it: Any) -> None:
+        try:
+            super()._prepare_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
+
+    def _ready_thread(self, it: Any) -> None:
+        try:
+            super()._ready_thread(it)
+        except BaseException:
+            it.on_exit()
+            raise
 
     def on_exception(self, future: Any) -> None:
         # streaming re-raises here, inside a Future callback, where it is only logged; keep the

@@ -331,6 +331,24 @@ def test_loader_thread_and_worker_errors_are_raised(case: str, workers: int, ctr
     assert batches == 0 and len(text.splitlines()) == 1 and message in text, text
 
 
+def test_a_failed_shard_does_not_block_other_readers(ctr_dataset: Path, tmp_path: Path) -> None:
+    """Ranks and workers on a node share StreamingDataset's shard states: a shard that failed in one of
+    them must not stay PREPARING, or the others wait for it forever (a 2-rank run hung that way)."""
+    from streaming.base.dataset import _ShardState
+
+    from datamodules.streaming import StreamingDataModule
+
+    data = tmp_path / "data"
+    shutil.copytree(ctr_dataset, data)
+    dm = StreamingDataModule(DataConfig(path=str(data), batch_size=64, cache_dir=str(tmp_path)))
+    dataset = dm.dataset("train")
+    _overwrite(data)
+    with pytest.raises(RecsysError, match="shard corrupted"):
+        dataset.prepare_shard(0)
+    assert dataset._shard_states[0] == _ShardState.REMOTE
+    dm.teardown()
+
+
 # -- 3. data prepare deletes only what it should --------------------------------------------------
 
 
