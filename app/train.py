@@ -132,7 +132,9 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     strategy = make_strategy(
         runtime.strategy_base,
         memory_per_worker=parse_bytes(budget) if budget else None,
-        batch_size=cfg.data.batch_size,
+        # the planner sizes I/O buffers from the batch only when it must fit a budget: its choice of
+        # sharding (and so the numbers a run gives) stays the default one otherwise
+        batch_size=cfg.data.batch_size if budget else None,
         process_group_backend="nccl" if gpu else "gloo",
     )
     trainer = L.Trainer(
