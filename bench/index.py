@@ -1,28 +1,34 @@
 """Vector index: exact search against HNSW, IVF and IVF-PQ (fast scan + exact re-ranking), in one run.
 
-    nice -n 10 .venv/bin/python bench/index.py             # 1M items x 64 dims (about 15 minutes on 2 cores)
-    .venv/bin/python bench/index.py --quick                # 50k items: a smoke run of a minute
-    .venv/bin/python bench/index.py --items 200000 --dim 32
+    nice -n 10 .venv/bin/python bench/index.py         # 1M items x 64 dims: about 40 minutes on 2 idle
+                                                       # cores (16 of them training the two-tower)
+    .venv/bin/python bench/index.py --quick            # 50k items: a smoke run of a few minutes
+    .venv/bin/python bench/index.py --items 200000 --dim 32 --cache /tmp/index-bench
+    .venv/bin/python bench/index.py --replot           # redraw docs/index_bench.png from its .json
 
 Where the item vectors come from (trained, not random): a synthetic catalogue whose items have a
 category (40, Zipf-skewed), a brand (2000, Zipf), 1-4 tags (300, drawn from the category's own
 Dirichlet(0.1) tag distribution), 3-8 title tokens (5000, half from a per-category topic, half from a
 global Zipf), a year and a log-normal price. A planted 16-d item factor is a weighted sum of
-per-value factors of those features, plus an idiosyncratic noise part no tower can learn; users
-(20k) draw factors from a mixture of 30 clusters. Each interaction samples 32 candidates from a
-Zipf(1.0) popularity over a 50k-item training catalogue and keeps the one with the highest
+per-value factors of those features plus an idiosyncratic part no tower can learn; an item's
+log-popularity is its brand's effect + 0.5 x its standardised year + N(0, 1) (heavy-tailed). Users
+(20k) draw factors from a mixture of 30 clusters (their segment). Each interaction samples 32
+candidates by popularity from a 50k-item training catalogue and keeps the one with the highest
 affinity + Gumbel noise (the synthetic-retrieval recipe of datamodules/synthetic.py, with features).
-A two-tower is trained on those 800k pairs in plain PyTorch: user tower = id embedding + linear,
-item tower = embeddings of category and brand, mean-pooled ``nn.EmbeddingBag`` of tags and tokens,
-plus year and price, through an MLP (256) to ``--dim``; in-batch sampled softmax with log-Q
-correction, dot-product similarity, Adam, 3 epochs of batch 2048. Its held-out recall@10 against
+A two-tower is trained on those 800k pairs (each user's last one held out) in plain PyTorch: user
+tower = user-id and segment embeddings through a linear layer; item tower = embeddings of category
+and brand, mean-pooled ``nn.EmbeddingBag`` of tags and tokens, year and price, through an MLP (256)
+to ``--dim``; in-batch sampled softmax with log-Q correction (accidental in-batch positives masked),
+dot-product similarity, Adam (lr 3e-3), 3 epochs of batch 2048. Its held-out recall@10 against
 most-popular is printed as a check that it learned. The trained item tower is then applied to
 ``--items`` NEW items drawn from the same generator: those are the indexed vectors (ids 0..n-1);
-the queries are the user tower's embeddings of randomly chosen users.
+the queries are the user tower's embeddings of ``--queries`` randomly chosen users. ``--cache DIR``
+keeps both, so a rerun skips the training.
 
-Indexes: ``flat`` (exact), ``hnsw32`` (ef_search 16..256), ``ivf,flat`` and ``ivf,pq<dim/2>x4fs,rflat``
-(4-bit fast-scan PQ, candidates re-scored exactly) with the lists chosen from the corpus size (4096
-for 1M) and nprobe from 1/256 to 1/16 of them. Measured, for each index and search setting:
+Indexes: ``flat`` (exact), ``hnsw32`` (ef_search 16..256), ``ivf,flat`` and ``ivf,pq<dim>x4fs,rflat``
+(4-bit fast-scan PQ, one dimension per code, candidates re-scored exactly), the lists chosen from the
+corpus size (4096 for 1M) and nprobe from 1/512 to 1/32 of them; hnsw and ivf index the dot-product
+vectors on a sphere (``sphere=1``, modules/index.py). Measured, for each index and search setting:
 recall@10 against the exact (``flat``) top 10 (an item counts as found when its exact score reaches
 the exact 10th score, so ties are not misses), and queries/s of one batch of ``--queries`` queries on
 ``--threads`` threads and of ``--single`` queries one call each on one thread (a serving process
@@ -56,6 +62,7 @@ MAX_TAGS, MAX_TOKENS = 4, 8
 FACTOR_DIM = 16
 CLUSTERS = 30
 CANDIDATES = 32
+PQ_GRID = ((256, 8), (128, 8), (128, 16), (64, 16), (32, 32))  # (nlist / nprobe, k_factor)
 
 
 # -- the synthetic catalogue ------------------------------------------------------------------------
@@ -447,15 +454,15 @@ def main() -> None:
     )
     vectors, queries = make_vectors(args)
     ids = np.arange(args.items)
-    pq = f"pq{args.dim // 2}x4fs"
+    pq = f"pq{args.dim}x4fs"  # one dimension per 4-bit code (the sphere coordinate gets one more)
     lists = auto_nlist(args.items)  # what "ivf,..." chooses: 4096 for 1M items
     grids: list[tuple[str, str, list[str]]] = [
         ("hnsw", "hnsw32", [f"ef_search={e}" for e in (16, 32, 64, 128, 256)]),
-        ("ivf-flat", "ivf,flat", [f"nprobe={max(1, lists // f)}" for f in (256, 128, 64, 32, 16)]),
+        ("ivf-flat", "ivf,flat", [f"nprobe={max(1, lists // f)}" for f in (512, 256, 128, 64, 32)]),
         (
             "ivf-pq-fs+rflat",
             f"ivf,{pq},rflat",
-            [f"nprobe={max(1, lists // f)},k_factor={k}" for f, k in ((128, 8), (64, 8), (64, 16), (32, 16), (16, 32))],
+            [f"nprobe={max(1, lists // f)},k_factor={k}" for f, k in PQ_GRID],
         ),
     ]
     t0 = time.perf_counter()

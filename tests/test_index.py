@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from modules.index import (
     INDEX_FILE,
     MANIFEST_FILE,
     VECTORS_FILE,
+    Similarity,
     VectorIndex,
     build_index,
     fingerprint_files,
@@ -26,6 +28,17 @@ from modules.index import (
 
 DIM = 32
 K = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread() -> Iterator[None]:
+    """Tiny indexes: one thread beats an OpenMP team that waits on a busy shared machine (5 s vs 60 s)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 def tower(inputs: np.ndarray) -> np.ndarray:
@@ -91,15 +104,34 @@ def test_approximate_recall(corpus: tuple[np.ndarray, np.ndarray, np.ndarray], s
     assert recall(approx, exact) >= floor
 
 
+@pytest.mark.parametrize("spec", ["hnsw16:ef_search=256", "ivf,flat", "ivf,pq16x4fs,rflat"])
+def test_dot_vectors_are_searched_on_a_sphere(corpus: tuple[np.ndarray, np.ndarray, np.ndarray], spec: str) -> None:
+    """Unequal norms: the extra coordinate puts every vector on one sphere; scores stay the dot products."""
+    items, ids, queries = corpus
+    items = items * np.random.default_rng(4).lognormal(0.0, 0.3, size=(len(items), 1)).astype(np.float32)
+    index = build_index(items, ids, spec, "dot")
+    extra = 2 if "pq16" in spec else 1  # pq16 over 32 dims: one more 2-wide sub-vector
+    assert index.faiss_index.d == DIM + extra
+    assert index.sphere_radius == pytest.approx(float(np.linalg.norm(items, axis=1).max()), rel=1e-6)
+    scores, found = search(index, queries, K)
+    position = {v: i for i, v in enumerate(ids.tolist())}
+    rows = np.array([[position[i] for i in row] for row in found.tolist()])
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, items[rows]), rtol=1e-4, atol=1e-4)
+    assert recall(found, search(build_index(items, ids, "flat"), queries, K)[1]) >= 0.95
+    assert build_index(items, ids, spec, "cosine").faiss_index.d == DIM  # unit vectors: no transform
+    assert build_index(items, ids, f"{spec}{',' if ':' in spec else ':'}sphere=0").faiss_index.d == DIM
+    assert build_index(items, ids, "flat", "dot").faiss_index.d == DIM  # exact: no transform
+
+
 def test_ivf_lists_follow_a_small_corpus(corpus: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     items, ids, _ = corpus
     index = build_index(items, ids, "ivf,flat:nprobe=64")
-    assert index.spec.nlist == 64 and str(index.spec) == "ivf64,flat:nprobe=64"
+    assert index.spec.nlist == 64 and str(index.spec) == "ivf64,flat:nprobe=64,sphere=1"
     small = build_index(items[:500], ids[:500], "ivf,flat:nprobe=64")  # 500 // 39 = 12 lists at most
     assert small.spec.nlist == 8 and small.spec.param("nprobe") == 8
     with pytest.raises(RecsysError) as excinfo:
         build_index(items, ids, "ivf1024,flat")
-    assert "'ivf1024,flat:nprobe=16'" in one_line_error(excinfo) and "4000" in str(excinfo.value)
+    assert "index spec 'ivf1024,flat': 1024 lists" in one_line_error(excinfo) and "4000" in str(excinfo.value)
 
 
 def test_cosine_normalises_vectors_and_queries(corpus: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -155,15 +187,17 @@ def test_exclusion_pads_when_the_corpus_runs_out() -> None:
 
 def test_save_load_round_trip(tmp_path: Path, corpus: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     items, ids, queries = corpus
-    for spec, item_ids in [
-        ("hnsw16:ef_search=32", ids),
-        ("ivf,pq8x4fs,rflat:nprobe=4,k_factor=2", np.arange(len(ids))),
-    ]:
-        index = build_index(items, item_ids, spec, "cosine")
+    cases: list[tuple[str, np.ndarray, Similarity]] = [
+        ("hnsw16:ef_search=32", ids, "cosine"),
+        ("ivf,pq8x4fs,rflat:nprobe=4,k_factor=2", np.arange(len(ids)), "dot"),
+    ]
+    for spec, item_ids, similarity in cases:
+        index = build_index(items, item_ids, spec, similarity)
         directory = save_index(index, tmp_path / spec.split(":")[0], fingerprint="weights-abc")
         assert sorted(p.name for p in directory.iterdir()) == sorted([INDEX_FILE, MANIFEST_FILE, VECTORS_FILE])
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        assert manifest["spec"] == str(index.spec) and manifest["similarity"] == "cosine"
+        assert manifest["spec"] == str(index.spec) and manifest["similarity"] == similarity
+        assert manifest["indexed_dim"] == index.faiss_index.d and manifest["sphere_radius"] == index.sphere_radius
         assert (manifest["dim"], manifest["count"], manifest["fingerprint"]) == (DIM, len(items), "weights-abc")
         table = pq.read_table(directory / VECTORS_FILE)
         assert table.column_names == ["item", "vector"] and str(table.schema.field("vector").type) in {
@@ -172,7 +206,7 @@ def test_save_load_round_trip(tmp_path: Path, corpus: tuple[np.ndarray, np.ndarr
         }
         np.testing.assert_array_equal(np.array(table.column("vector").to_pylist(), dtype=np.float32), index.vectors)
         loaded = load_index(directory, "weights-abc")
-        assert loaded.spec == index.spec and loaded.similarity == "cosine"
+        assert loaded.spec == index.spec and loaded.similarity == similarity
         assert loaded.ids.dtype == item_ids.dtype and (loaded.ids == item_ids).all()
         for a, b in zip(search(index, queries, K), search(loaded, queries, K), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -216,6 +250,8 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path, corpus: tuple[np.ndarra
         ("hnsw32:ef_search", "name=value"),
         ("ivf64,sq8:k_factor=4", "unknown parameter"),
         ("hnsw32:ef_search=8,ef_search=16", "twice"),
+        ("hnsw32:sphere=2", "0 or 1"),
+        ("flat:sphere=1", "no parameters"),
     ],
 )
 def test_bad_specs_are_refused(spec: str, problem: str) -> None:
@@ -226,7 +262,8 @@ def test_bad_specs_are_refused(spec: str, problem: str) -> None:
 
 
 def test_spec_canonical_form() -> None:
-    assert str(parse_spec("HNSW32")) == "hnsw32:ef_construction=40,ef_search=64"
+    assert str(parse_spec("HNSW32")) == "hnsw32:ef_construction=40,ef_search=64,sphere=1"
+    assert str(parse_spec("ivf16,sq8,rflat:sphere=0")) == "ivf16,sq8,rflat:nprobe=16,k_factor=8,sphere=0"
     spec = parse_spec("ivf1024,pq32x4fs,rflat:nprobe=32,k_factor=4")
     assert spec.factory() == "IVF1024,PQ32x4fs,RFlat" and parse_spec(str(spec)) == spec
 
@@ -249,7 +286,7 @@ def test_search_params_change_in_place(corpus: tuple[np.ndarray, np.ndarray, np.
     one_line_error(excinfo)
     ivf = build_index(items, ids, "ivf,sq8,rflat")
     set_search_params(ivf, {"nprobe": 3, "k_factor": 7})
-    assert ivf.faiss_index.k_factor == 7 and str(ivf.spec) == "ivf64,sq8,rflat:nprobe=3,k_factor=7"
+    assert ivf.faiss_index.k_factor == 7 and str(ivf.spec) == "ivf64,sq8,rflat:nprobe=3,k_factor=7,sphere=1"
 
 
 @pytest.mark.parametrize(
