@@ -24,6 +24,7 @@ from datamodules.encoding import (
     label_frame,
     make_plan,
     row_keys,
+    user_histories,
     write_split,
     write_tables,
 )
@@ -106,6 +107,7 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
         id_pairs(enc).to_parquet(tmp / "pairs" / f"{name}.parquet")
     train = frame[frame["split"] == 0]
     write_tables(train.drop_duplicates("user"), train.drop_duplicates("item"), plan, tmp)
+    user_histories(train, plan).to_parquet(tmp / "histories.parquet")
     from_rating = "label" not in raw.frame.columns
     meta = build_metadata(cfg, plan, raw, splits, engine="local", label_from_rating=from_rating)
     finish_dataset(meta, plan.vocabs, tmp)
