@@ -36,6 +36,8 @@ VARIANTS: dict[str, list[str]] = {
     "t0.1": ["--arch.temperature=0.1"],
     "t0.3": ["--arch.temperature=0.3"],
     "dropout0.2": ["--arch.history_dropout=0.2"],
+    "dropout0.5": ["--arch.history_dropout=0.5"],
+    "dropout0.5-mixed": ["--arch.history_dropout=0.5", "--arch.loss=softmax", "--arch.uniform_negatives=512"],
     "max50": ["--arch.history_max_len=50"],
     "dim128": ["--arch.embedding_dim=128", "--arch.tower_layers=[128]"],
     "ids-only": ["--arch.tower_features=ids"],
@@ -81,7 +83,8 @@ def main() -> None:
     path = prepared(work, args.mode, args.split_seed)
     rows = []
     for name in args.variant or list(VARIANTS):
-        flags = [f"--data={path}", f"--trainer.output_dir={work / 'runs'}", "--tracking.enabled=false"]
+        flags = [f"--data={path}", f"--trainer.output_dir={work / 'runs' / f'{args.mode}-{args.split_seed}-{name}'}"]
+        flags.append("--tracking.enabled=false")
         flags += ["--trainer.progress_bar=false", *VARIANTS[name]]
         if args.max_epochs:
             flags.append(f"--max-epochs={args.max_epochs}")
