@@ -1,5 +1,6 @@
 """The retrieval corpus of a prepared dataset: the train users and items with their encoded features
-(``users.parquet``, ``items.parquet``) and the (user_id, item_id, label) pairs of every split.
+(``users.parquet``, ``items.parquet``), the (user_id, item_id, label) pairs of every split and each
+user's train history (``histories.parquet``, see ``datamodules.histories``).
 
 The files are part of the dataset's schema (``DatasetMetadata.corpus``) and are read from a local
 directory or fetched from any remote StreamingDataset supports (``s3://``, ``gs://``, ...) alike.
@@ -18,7 +19,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from core.errors import RecsysError
-from datamodules.schema import SPLITS, DatasetMetadata, corpus_files
+from datamodules.histories import UserHistories
+from datamodules.schema import SPLITS, DatasetMetadata, corpus_files, history_files
 from datamodules.storage import fetch_file, is_remote
 
 
@@ -31,6 +33,8 @@ class RetrievalCorpus:
     pairs: dict[str, pd.DataFrame]
     item_log_q: torch.Tensor
     """log of each item's share of train positives (index = item id), for the log-Q correction."""
+    histories: UserHistories | None = None
+    """Each user's train items (index = user id); None for datasets prepared without them."""
 
     @classmethod
     def load(cls, path: str | Path, meta: DatasetMetadata, cache: str | Path | None = None) -> RetrievalCorpus:
@@ -47,7 +51,11 @@ class RetrievalCorpus:
         pos = train[train.label > 0.5]
         counts = np.bincount(pos.item_id.to_numpy(), minlength=n_items).astype(np.float64) + 1.0
         log_q = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
-        return cls(table(files["items"]), table(files["users"]), pairs, log_q)
+        histories = None
+        if meta.history:
+            n_users = meta.feature(meta.user_id_feature or "user_id").cardinality
+            histories = UserHistories.from_table(table(history_files(meta)), n_users)
+        return cls(table(files["items"]), table(files["users"]), pairs, log_q, histories)
 
 
 def read_parquet(root: str, relative: list[str], cache: str | Path | None) -> pd.DataFrame:

@@ -27,6 +27,7 @@ from datamodules.schema import (
     SparseFeature,
     SplitInfo,
     default_corpus,
+    history_description,
     write_metadata,
 )
 from datamodules.sources import FeatureSpec, RawTable
@@ -269,6 +270,25 @@ def tower_table(enc: dict[str, Any], plan: EncodingPlan, tower: str) -> pd.DataF
     return pd.DataFrame(cols)
 
 
+def user_histories(train: pd.DataFrame, plan: EncodingPlan) -> pd.DataFrame:
+    """One row per train user: ``user_id`` and ``items``, the distinct item indices the user had in
+    train, oldest first (by timestamp, ties by item index; an item sits at its latest interaction).
+
+    Both engines run this on the train rows (Spark one user group at a time), so they agree. Every
+    train interaction counts, whatever its label: what a user touched describes them.
+    """
+    users = pd.Index(plan.vocabs["user_id"]).get_indexer(train["user"].astype(str)) + 1
+    items = pd.Index(plan.vocabs["item_id"]).get_indexer(train["item"].astype(str)) + 1
+    ts = train["timestamp"].to_numpy(np.int64) if "timestamp" in train.columns else np.zeros(len(train), np.int64)
+    rows = pd.DataFrame({"user_id": users.astype(np.int64), "item_id": items.astype(np.int64), "ts": ts})
+    rows = rows.sort_values(["user_id", "ts", "item_id"], kind="stable")
+    rows = rows.drop_duplicates(["user_id", "item_id"], keep="last")
+    grouped = rows.groupby("user_id", sort=True).item_id
+    return pd.DataFrame(
+        {"user_id": grouped.size().index.to_numpy(np.int64), "items": [g.to_numpy(np.int64) for _, g in grouped]}
+    )
+
+
 def sparse_feature(name: str, vocab: list[str], tower: str, multi_hot: bool) -> SparseFeature:
     """The metadata of a sparse feature whose vocabulary ``finish_dataset`` writes."""
     return SparseFeature(name, len(vocab) + 1, tower, multi_hot, f"{VOCAB_DIR}/{name}.json")
@@ -315,4 +335,5 @@ def build_metadata(
         user_id_feature="user_id",
         item_id_feature="item_id",
         corpus=corpus or default_corpus(),
+        history=history_description(),
     )

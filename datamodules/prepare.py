@@ -23,6 +23,7 @@ from datamodules.encoding import (
     label_frame,
     make_plan,
     row_keys,
+    user_histories,
     write_item_titles,
     write_split,
     write_tables,
@@ -107,6 +108,7 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
     train = frame[frame["split"] == 0]
     write_tables(train.drop_duplicates("user"), train.drop_duplicates("item"), plan, tmp)
     write_item_titles(raw, tmp)
+    user_histories(train, plan).to_parquet(tmp / "histories.parquet")
     from_rating = "label" not in raw.frame.columns
     meta = build_metadata(cfg, plan, raw, splits, engine="local", label_from_rating=from_rating)
     finish_dataset(meta, plan.vocabs, tmp)

@@ -17,6 +17,8 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 SPLITS = ("train", "val", "test")
 OOV_INDEX = 0  # index 0 of every vocabulary is the reserved out-of-vocabulary index
+HISTORY_FEATURE = "user_history"
+"""The multi-hot feature a model reads a user's train history through (looked up per batch, not stored per row)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,10 @@ class DatasetMetadata:
     item_id_feature: str | None = None
     corpus: dict[str, Any] = field(default_factory=dict)
     """Retrieval datasets: relative paths of the corpus Parquet files, ``{"users": [...], "items": [...],
-    "pairs": {split: [...]}}`` (a Spark writer leaves several part files per table)."""
+    "pairs": {split: [...]}, "histories": [...]}`` (a Spark writer leaves several part files per table)."""
+    history: dict[str, Any] = field(default_factory=dict)
+    """Retrieval datasets: how the per-user train histories (``corpus["histories"]``) are made and
+    looked up (``history_description``); empty for datasets prepared without them."""
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -105,6 +110,23 @@ def default_corpus() -> dict[str, Any]:
         "users": ["users.parquet"],
         "items": ["items.parquet"],
         "pairs": {split: [f"pairs/{split}.parquet"] for split in SPLITS},
+        "histories": ["histories.parquet"],
+    }
+
+
+def history_description() -> dict[str, Any]:
+    """What ``metadata.json: history`` says about the per-user histories of a retrieval dataset."""
+    return {
+        "feature": HISTORY_FEATURE,
+        "user_feature": "user_id",
+        "item_feature": "item_id",
+        "split": "train",
+        "table": "one row per train user: user_id (int64 index), items (list of int64 item_id indices)",
+        "order": "oldest first by timestamp (ties by item index); each item once, at its latest interaction",
+        "lookup": (
+            "per batch by user_id; a training row's own item is masked out of its user's bag (leave-one-out); "
+            "val/test rows and corpus users read the whole train history"
+        ),
     }
 
 
@@ -113,6 +135,17 @@ def corpus_files(meta: DatasetMetadata) -> dict[str, Any]:
     if meta.task != "retrieval":
         raise RecsysError(f"dataset {meta.dataset!r} has no retrieval corpus (task {meta.task})")
     return meta.corpus or default_corpus()
+
+
+def history_files(meta: DatasetMetadata) -> list[str]:
+    """The Parquet files of the per-user train histories of a retrieval dataset."""
+    files = corpus_files(meta).get("histories")
+    if not meta.history or not files:
+        raise RecsysError(
+            f"dataset {meta.dataset!r} has no user histories (prepared before they were part of the data "
+            "contract); prepare it again"
+        )
+    return list(files)
 
 
 def write_metadata(meta: DatasetMetadata, directory: Path) -> None:

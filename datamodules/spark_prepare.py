@@ -35,6 +35,7 @@ from datamodules.encoding import (
     make_plan,
     pack_blocks,
     row_keys,
+    user_histories,
     write_item_titles,
     write_tables,
 )
@@ -85,6 +86,7 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
         write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
         write_item_titles(raw, tmp)
+        write_histories_spark(train, plan, tmp / "histories")
         corpus = {
             "users": ["users.parquet"],
             "items": ["items.parquet"],
@@ -92,6 +94,7 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
                 s: sorted(str(p.relative_to(tmp)) for p in (tmp / "pairs" / f"{s}.parquet").glob("*.parquet"))
                 for s in SPLITS
             },
+            "histories": sorted(str(p.relative_to(tmp)) for p in (tmp / "histories").glob("*.parquet")),
         }
         meta = build_metadata(cfg, plan, raw, splits, engine="spark", label_from_rating=from_rating, corpus=corpus)
         shutil.rmtree(tmp / "_source", ignore_errors=True)
@@ -240,6 +243,20 @@ def write_pairs_spark(part: Any, plan: EncodingPlan, out: Path) -> None:
             yield id_pairs(encode_frame(_lists(pdf), plan))
 
     part.mapInPandas(encode, schema=schema).write.parquet(str(out))
+
+
+def write_histories_spark(train: Any, plan: EncodingPlan, out: Path) -> None:
+    """The per-user train histories (``encoding.user_histories``, one user group at a time) as Parquet."""
+    from pyspark.sql.types import ArrayType, LongType, StructField, StructType
+
+    schema = StructType([StructField("user_id", LongType()), StructField("items", ArrayType(LongType()))])
+
+    def histories(pdf: pd.DataFrame) -> pd.DataFrame:
+        return user_histories(pdf, plan).assign(items=lambda t: t["items"].map(list))
+
+    train.select("user", "item", "timestamp").groupBy("user").applyInPandas(histories, schema=schema).write.parquet(
+        str(out)
+    )
 
 
 def write_empty_split(out: Path, num_multi: int) -> None:

@@ -20,8 +20,9 @@ class ModelConfig:
     """two-tower: how user and item embeddings are compared."""
     temperature: float = 1.0
     """two-tower: logits = similarity / temperature."""
-    loss: Literal["bce", "softmax"] = "bce"
-    """two-tower: pointwise BCE on the label, or in-batch sampled softmax (positives only, log-Q corrected)."""
+    loss: Literal["bce", "softmax", "full_softmax"] = "bce"
+    """two-tower: pointwise BCE on the label; in-batch sampled softmax (positives only, log-Q corrected);
+    or full_softmax: each positive against every corpus item, all scored every batch (small corpora)."""
     logq_correction: bool = True
     """two-tower softmax: subtract log(expected count of the candidate among the negatives) from its
     logit (the sampled-softmax / log-Q correction; with mixed negatives the count is that of the mixture)."""
@@ -30,6 +31,19 @@ class ModelConfig:
     to the in-batch ones (mixed negative sampling, Yang et al. 2020); 0 = in-batch negatives only."""
     tower_features: Literal["all", "ids"] = "all"
     """two-tower: all: each tower sees its side's sparse and dense features; ids: the user/item id only."""
+    history: bool = False
+    """two-tower: the user tower also reads the user's train history, a mean-pooled bag of items
+    (``metadata.json: history``; a training row's own item is left out of its bag)."""
+    history_table: Literal["own", "item"] = "own"
+    """two-tower history: embed history items with a table of their own, or share the item tower's
+    item-id table (then pooled by mean for both features)."""
+    history_max_len: int = 0
+    """two-tower history: keep only the most recent N items of a bag (0 = all)."""
+    history_dropout: float = 0.0
+    """two-tower history: drop each history item with this probability in training batches."""
+    user_id_in_tower: bool = True
+    """two-tower: the user tower reads the user id; false: a user is their history and side features
+    alone, so users unseen in training embed exactly like the others."""
     dense_arch: list[int] = field(default_factory=lambda: [64])
     """dlrm/dcn: dense MLP hidden sizes (the embedding dimension is appended)."""
     over_arch: list[int] = field(default_factory=lambda: [128, 64])
@@ -45,6 +59,12 @@ class ModelConfig:
         require(self.embedding_dim >= 1, f"--arch.embedding_dim: must be positive, got {self.embedding_dim}")
         require(self.temperature > 0, f"--arch.temperature: must be positive, got {self.temperature}")
         require(self.uniform_negatives >= 0, f"--arch.uniform_negatives: must be >= 0, got {self.uniform_negatives}")
+        require(self.history_max_len >= 0, f"--arch.history_max_len: must be >= 0, got {self.history_max_len}")
+        require(0 <= self.history_dropout < 1, f"--arch.history_dropout: must be in [0, 1), got {self.history_dropout}")
+        require(
+            self.history or self.user_id_in_tower or self.tower_features == "all",
+            "--arch.user_id_in_tower false: the user tower needs --arch.history true or side features",
+        )
 
 
 @dataclass(frozen=True)

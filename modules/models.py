@@ -7,6 +7,7 @@ on the ``meta`` device (``build_model(..., device="meta")``) and materialised by
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,22 +17,48 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from datamodules.schema import DatasetMetadata
+from datamodules.schema import HISTORY_FEATURE, DatasetMetadata, history_files
 from modules.config import ModelConfig
 
 
-def table_configs(meta: DatasetMetadata, dim: int) -> list[EmbeddingBagConfig]:
-    """One table per sparse feature: ``cardinality`` rows (index 0 = out of vocabulary)."""
-    return [
-        EmbeddingBagConfig(
-            name=f"t_{f.name}",
-            embedding_dim=dim,
-            num_embeddings=f.cardinality,
-            feature_names=[f.name],
-            pooling=PoolingType.MEAN if f.multi_hot else PoolingType.SUM,
+def table_configs(meta: DatasetMetadata, dim: int, history: str | None = None) -> list[EmbeddingBagConfig]:
+    """One table per sparse feature: ``cardinality`` rows (index 0 = out of vocabulary).
+
+    ``history`` adds the multi-hot ``user_history`` feature (item indices, mean-pooled): with ``own``
+    in a table of its own, with ``item`` read through the item-id table. A table of its own is the
+    default because an item as context (what a user watched) and as target (what to recommend) play
+    different parts -- the two item matrices of FISM / YouTube DNN's separate watch embeddings -- and
+    with a shared table every history bag also drags the item tower's input of those items; sharing
+    halves the item parameters and lets rarely-targeted items learn from histories (chosen on
+    validation, docs/HISTORY.md). A shared table pools by mean, which leaves the single-hot item id as it is.
+    """
+    item_key = meta.item_id_feature or "item_id"
+    configs = []
+    for f in meta.sparse_features:
+        names = [f.name]
+        mean = f.multi_hot
+        if history == "item" and f.name == item_key:
+            names, mean = [f.name, HISTORY_FEATURE], True
+        configs.append(
+            EmbeddingBagConfig(
+                name=f"t_{f.name}",
+                embedding_dim=dim,
+                num_embeddings=f.cardinality,
+                feature_names=names,
+                pooling=PoolingType.MEAN if mean else PoolingType.SUM,
+            )
         )
-        for f in meta.sparse_features
-    ]
+    if history == "own":
+        configs.append(
+            EmbeddingBagConfig(
+                name=f"t_{HISTORY_FEATURE}",
+                embedding_dim=dim,
+                num_embeddings=meta.feature(item_key).cardinality,
+                feature_names=[HISTORY_FEATURE],
+                pooling=PoolingType.MEAN,
+            )
+        )
+    return configs
 
 
 def mlp(in_size: int, sizes: list[int], last_activation: bool = True) -> nn.Sequential:
@@ -149,16 +176,29 @@ def tower_spec(meta: DatasetMetadata, tower: str, ids_only: bool = False) -> Tow
     )
 
 
-def new_collection(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device) -> EmbeddingBagCollection:
-    """One EmbeddingBagCollection with a table per sparse feature of the dataset, on ``device``."""
-    return EmbeddingBagCollection(tables=table_configs(meta, cfg.embedding_dim), device=torch.device(device))
+def new_collection(
+    meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device, history: str | None = None
+) -> EmbeddingBagCollection:
+    """One EmbeddingBagCollection with a table per sparse feature of the dataset (and the history
+    feature's, see ``table_configs``), on ``device``."""
+    tables = table_configs(meta, cfg.embedding_dim, history)
+    return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 
 
 def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
-    """A two-tower model; the towers read their side's features (or only the ids)."""
+    """A two-tower model; the towers read their side's features (or only the ids), the user tower
+    also the user's train history (``--arch.history``) and, unless told otherwise, the user id."""
     ids_only = cfg.tower_features == "ids"
     user, item = tower_spec(meta, "user", ids_only), tower_spec(meta, "item", ids_only)
-    return TwoTower(new_collection(meta, cfg, device), user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
+    if not cfg.user_id_in_tower:
+        user = dataclasses.replace(user, sparse=tuple(n for n in user.sparse if n != meta.user_id_feature))
+    history = None
+    if cfg.history:
+        history_files(meta)  # a dataset prepared without histories is one line here
+        history = cfg.history_table
+        user = dataclasses.replace(user, sparse=(*user.sparse, HISTORY_FEATURE))
+    ebc = new_collection(meta, cfg, device, history)
+    return TwoTower(ebc, user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
 
 
 def build_deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:

@@ -18,8 +18,10 @@ import torchmetrics
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from core.errors import RecsysError
 from datamodules.corpus import RetrievalCorpus, tower_inputs
-from datamodules.schema import DatasetMetadata
+from datamodules.histories import UserHistories, single_ids, with_feature
+from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
 from modules.config import ModelConfig, OptimConfig
 from modules.sharding import sparse_optimizer_class
 
@@ -189,7 +191,9 @@ def corpus_metrics(
 
 
 class RetrievalTask(RecTask):
-    """Two-tower training (BCE or in-batch sampled softmax with log-Q) and full-corpus evaluation."""
+    """Two-tower training (BCE, in-batch / mixed sampled softmax with log-Q, or full softmax over the
+    corpus), the user's train history appended per batch when the model reads it, and full-corpus
+    evaluation."""
 
     def __init__(
         self,
@@ -213,21 +217,51 @@ class RetrievalTask(RecTask):
         self.register_buffer(
             "item_log_q", corpus.item_log_q if corpus is not None else torch.zeros(1), persistent=False
         )
+        self.user_key = meta.user_id_feature or "user_id"
         self.num_uniform = arch.uniform_negatives if corpus is not None and arch.loss == "softmax" else 0
         self.negative_pool: tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor] | None = None
-        if self.num_uniform:
-            assert corpus is not None
+        if self.num_uniform or arch.loss == "full_softmax":
+            if corpus is None:
+                raise RecsysError("--arch.loss full_softmax: needs the dataset's item corpus")
             dense, kjt = tower_inputs(corpus.items, meta)
             ids = torch.as_tensor(corpus.items[self.item_key].to_numpy(np.int64))
             self.negative_pool = (dense, kjt, ids)
+            # full softmax: the column of every item id among the corpus items (-1: not in the corpus)
+            column = torch.full((meta.feature(self.item_key).cardinality,), -1, dtype=torch.long)
+            column[ids] = torch.arange(len(ids))
+            self.register_buffer("item_column", column, persistent=False)
+        self.histories: UserHistories | None = None
+        self.history_max_len, self.history_dropout = arch.history_max_len, arch.history_dropout
+        if arch.history:
+            if corpus is None or corpus.histories is None:
+                raise RecsysError("--arch.history true: the dataset has no user histories; prepare it again")
+            self.histories = corpus.histories
+        self._histories_on: dict[torch.device, UserHistories] = {}
+
+    def with_history(self, kjt: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
+        """``kjt`` with each row's user history appended (models without history: unchanged).
+
+        Training rows leave their own item out of the bag (leave-one-out: a masked lookup, the item
+        being predicted is never an input) and get history dropout; evaluation rows and corpus users
+        read the whole train history. Rows without a user (corpus items) get an empty bag.
+        """
+        if self.histories is None:
+            return kjt
+        users = single_ids(kjt, self.user_key)
+        if users.device not in self._histories_on:
+            self._histories_on[users.device] = self.histories.to(users.device)
+        exclude = single_ids(kjt, self.item_key) if training else None
+        dropout = self.history_dropout if training else 0.0
+        values, lengths = self._histories_on[users.device].lookup(users, exclude, self.history_max_len, dropout)
+        return with_feature(kjt, HISTORY_FEATURE, values, lengths)
 
     def logits(self, batch: Any) -> torch.Tensor:
-        user, item = self.model(batch.dense_features, batch.sparse_features)
+        user, item = self.model(batch.dense_features, self.with_history(batch.sparse_features, training=False))
         return (user * item).sum(-1) / self.temperature
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if self.loss_kind == "bce":
-            user, item = self.model(batch.dense_features, batch.sparse_features)
+            user, item = self.model(batch.dense_features, self.with_history(batch.sparse_features, training=True))
             logits = (user * item).sum(-1) / self.temperature
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         else:
@@ -235,14 +269,21 @@ class RetrievalTask(RecTask):
             neg_ids = None
             if self.negative_pool is not None:
                 pool_dense, pool_kjt, pool_ids = self.negative_pool
-                pick = torch.randint(len(pool_ids), (self.num_uniform,))
-                neg_dense, neg_kjt = pool_dense[pick].to(dense.device), select_rows(pool_kjt, pick).to(dense.device)
-                dense, kjt = torch.cat([dense, neg_dense]), append_rows(kjt, neg_kjt)
-                neg_ids = pool_ids[pick].to(dense.device)
-            user, item = self.model(dense, kjt)
+                if self.loss_kind == "full_softmax":
+                    neg_dense, neg_kjt, neg_ids = pool_dense, pool_kjt, pool_ids
+                else:
+                    pick = torch.randint(len(pool_ids), (self.num_uniform,))
+                    neg_dense, neg_kjt, neg_ids = pool_dense[pick], select_rows(pool_kjt, pick), pool_ids[pick]
+                dense = torch.cat([dense, neg_dense.to(dense.device)])
+                kjt = append_rows(kjt, neg_kjt.to(dense.device))
+                neg_ids = neg_ids.to(dense.device)
+            user, item = self.model(dense, self.with_history(kjt, training=True))
             item_ids = batch.sparse_features[self.item_key].values()
-            negatives = None if neg_ids is None else (item[n:], neg_ids, len(self.negative_pool[2]))  # type: ignore[index]
-            loss = self.softmax_loss(user[:n], item[:n], item_ids, batch.labels, negatives)
+            if self.loss_kind == "full_softmax":
+                loss = self.full_softmax_loss(user[:n], item[n:], item_ids, batch.labels)
+            else:
+                negatives = None if neg_ids is None else (item[n:], neg_ids, len(self.negative_pool[2]))  # type: ignore[index]
+                loss = self.softmax_loss(user[:n], item[:n], item_ids, batch.labels, negatives)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.labels))
         return loss
 
@@ -284,13 +325,28 @@ class RetrievalTask(RecTask):
         logits = logits.masked_fill(mask, -1e9)
         return nn.functional.cross_entropy(logits, torch.arange(len(ids), device=logits.device))
 
+    def full_softmax_loss(
+        self, user: torch.Tensor, corpus: torch.Tensor, item_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Softmax of each positive row over every corpus item (``corpus``: the item tower's output for
+        all of them, in corpus order): exact, so neither sampling nor a log-Q correction."""
+        pos = labels > 0.5
+        column: torch.Tensor = self.item_column  # type: ignore[assignment]
+        target = column[item_ids[pos]]
+        known = target >= 0
+        if not bool(known.any()):
+            return (user.sum() + corpus.sum()) * 0.0  # keeps every rank's backward in step
+        logits = user[pos][known] @ corpus.t() / self.temperature
+        return nn.functional.cross_entropy(logits, target[known])
+
     @torch.no_grad()
     def embed(self, table: pd.DataFrame, tower: int) -> torch.Tensor:
         """Embeddings of users.parquet / items.parquet rows (0 = user tower, 1 = item tower)."""
         out = []
         for lo in range(0, max(len(table), 1), self.eval_batch):
             dense, kjt = tower_inputs(table.iloc[lo : lo + self.eval_batch], self.meta)
-            out.append(self.model(dense.to(self.device), kjt.to(self.device))[tower].float().cpu())
+            kjt = self.with_history(kjt.to(self.device), training=False)
+            out.append(self.model(dense.to(self.device), kjt)[tower].float().cpu())
         return torch.cat(out)[: len(table)]
 
     def retrieval_metrics(self, split: str) -> dict[str, float]:

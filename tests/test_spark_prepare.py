@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,13 @@ from app.cli import main
 from datamodules.prepare import prepare
 
 pytestmark = pytest.mark.cluster
+
+
+def history_rows(path: Path, corpus: dict[str, Any]) -> list[tuple[int, list[int]]]:
+    """The per-user train histories of a dataset (from its part files), by user."""
+    table = pd.concat([pd.read_parquet(path / f) for f in corpus["histories"]], ignore_index=True)
+    assert len(table) > 0
+    return sorted((int(u), [int(i) for i in items]) for u, items in zip(table.user_id, table["items"], strict=True))
 
 
 def _assert_same_dataset(a: Path, b: Path, cache: Path) -> None:
@@ -29,6 +37,9 @@ def _assert_same_dataset(a: Path, b: Path, cache: Path) -> None:
     for sa, sb in zip(ma["splits"].values(), mb["splits"].values(), strict=True):
         assert sa["rows"] == sb["rows"] and sa["label_rate"] == pytest.approx(sb["label_rate"], abs=1e-6)
     ma.pop("splits"), mb.pop("splits")
+    # the same corpus tables; Spark lists its part files
+    ca, cb = ma.pop("corpus"), mb.pop("corpus")
+    assert ca.keys() == cb.keys() and ca["pairs"].keys() == cb["pairs"].keys()
     assert ma == mb
     for f in ma["sparse_features"]:
         assert (a / f["vocab_file"]).read_text() == (b / f["vocab_file"]).read_text()
@@ -38,6 +49,7 @@ def _assert_same_dataset(a: Path, b: Path, cache: Path) -> None:
         x = ra[split].round(4).astype(str).sort_values(cols).reset_index(drop=True)
         y = rb[split][cols].round(4).astype(str).sort_values(cols).reset_index(drop=True)
         pd.testing.assert_frame_equal(x, y)
+    assert history_rows(a, ca) == history_rows(b, cb)
     for table in ("users.parquet", "items.parquet"):
         ta, tb = pd.read_parquet(a / table), pd.read_parquet(b / table)
         assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb)

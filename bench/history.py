@@ -1,0 +1,115 @@
+"""The history-aware two-tower (issue 10) on the movielens-retrieval protocol of ``bench/quality.py``.
+
+    .venv/bin/python bench/history.py --mode val  --split-seed 0 [--variant NAME ...]   # choose on validation
+    .venv/bin/python bench/history.py --mode test --split-seed 0 --variant chosen       # the chosen recipe on test
+
+Every rating is an interaction, per-user random split with 25% to test (``--split-seed`` seeds it).
+``--mode val`` carves 10% of each user's interactions from train as validation (the test split is the
+same) and reports the best val NDCG@10 of each variant and its epoch (early stopping on it); ``--mode
+test`` trains on the whole 75% for the preset's epochs (no validation data: the epoch count is part
+of the recipe chosen on validation) and reports test Recall@10 / NDCG@10. Variants are the preset
+``configs/two-tower-history-movielens.yaml`` plus the flags below; results go to docs/HISTORY.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from app.cli import load_run_config
+from app.train import train
+from datamodules.config import PrepareConfig
+from datamodules.download import download_dataset
+from datamodules.prepare import prepare
+from datamodules.sources import default_movielens_dir
+
+K = 10
+
+PRESET = Path(__file__).parent.parent / "configs" / "two-tower-history-movielens.yaml"
+VARIANTS: dict[str, list[str]] = {
+    "chosen": [],
+    "user-id": ["--arch.user_id_in_tower=true"],
+    "shared-table": ["--arch.history_table=item"],
+    "mixed-softmax": ["--arch.loss=softmax", "--arch.uniform_negatives=512"],
+    "no-history": ["--arch.history=false", "--arch.user_id_in_tower=true"],
+    "t0.1": ["--arch.temperature=0.1"],
+    "t0.3": ["--arch.temperature=0.3"],
+    "dropout0.2": ["--arch.history_dropout=0.2"],
+    "dropout0.5": ["--arch.history_dropout=0.5"],
+    "dropout0.5-mixed": ["--arch.history_dropout=0.5", "--arch.loss=softmax", "--arch.uniform_negatives=512"],
+    "max50": ["--arch.history_max_len=50"],
+    "dim128": ["--arch.embedding_dim=128", "--arch.tower_layers=[128]"],
+    "ids-only": ["--arch.tower_features=ids"],
+    "lr0.1": ["--optim.sparse_lr=0.1"],
+    "mlp": ["--arch.tower_layers=[128, 64]"],
+}
+
+
+def movielens_source() -> str:
+    """The MovieLens-100K files (downloaded once), as bench/quality.py reads them."""
+    if not default_movielens_dir().exists():
+        download_dataset("movielens-100k")
+    return str(default_movielens_dir())
+
+
+def prepared(work: Path, mode: str, seed: int) -> Path:
+    path = work / f"ml-{mode}-{seed}"
+    if not (path / "metadata.json").exists():
+        prepare(
+            PrepareConfig(
+                dataset="movielens-100k",
+                source=movielens_source(),
+                out=str(path),
+                val_frac=0.1 if mode == "val" else 0.0,
+                test_frac=0.25,
+                label_threshold=0.0,
+                seed=seed,
+                overwrite=True,
+            )
+        )
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["val", "test"], default="val")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--variant", choices=list(VARIANTS), action="append")
+    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--work", type=str, default=None)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="recsys-history-"))
+    path = prepared(work, args.mode, args.split_seed)
+    rows = []
+    for name in args.variant or list(VARIANTS):
+        flags = [f"--data={path}", f"--trainer.output_dir={work / 'runs' / f'{args.mode}-{args.split_seed}-{name}'}"]
+        flags.append("--tracking.enabled=false")
+        flags += ["--trainer.progress_bar=false", *VARIANTS[name]]
+        if args.max_epochs:
+            flags.append(f"--max-epochs={args.max_epochs}")
+        if args.mode == "val":
+            flags += [f"--trainer.monitor=val/ndcg_at_{K}", "--trainer.patience=3"]
+        else:
+            flags += ["--trainer.monitor=train/loss_epoch", "--trainer.patience=0"]
+        cfg = load_run_config(PRESET, flags)
+        m = train(cfg)
+        if args.mode == "val":
+            # the best checkpoint is the epoch of best val NDCG; score it on val again (the test
+            # metrics train() also computes are not looked at when choosing)
+            from app.evaluate import evaluate
+
+            best = m["best_checkpoint"]
+            epoch = best.rsplit("epoch=", 1)[-1].split(".")[0]
+            v = evaluate(cfg, best, "val")
+            rows.append((name, "val", epoch, v[f"val/ndcg_at_{K}"], v[f"val/recall_at_{K}"]))
+        else:
+            rows.append((name, "test", m["epochs"], m[f"test/ndcg_at_{K}"], m[f"test/recall_at_{K}"]))
+        print(f"[history] {args.mode} seed {args.split_seed} {rows[-1]}", flush=True)
+    print(f"\n| variant | split | epoch | NDCG@{K} | Recall@{K} |\n| --- | --- | --- | ---: | ---: |")
+    for r in rows:
+        print("| " + " | ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in r) + " |")
+
+
+if __name__ == "__main__":
+    main()
