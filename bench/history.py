@@ -27,22 +27,18 @@ from datamodules.sources import default_movielens_dir
 K = 10
 
 PRESET = Path(__file__).parent.parent / "configs" / "two-tower-history-movielens.yaml"
+# Variants as flags over the preset; the preset is the one chosen on validation ("chosen").
+FULL = ["--arch.loss=full_softmax", "--arch.uniform_negatives=0", "--arch.history_table=own"]
+NO_UID = ["--arch.user_id_in_tower=false"]
 VARIANTS: dict[str, list[str]] = {
     "chosen": [],
-    "user-id": ["--arch.user_id_in_tower=true"],
-    "shared-table": ["--arch.history_table=item"],
-    "mixed-softmax": ["--arch.loss=softmax", "--arch.uniform_negatives=512"],
-    "no-history": ["--arch.history=false", "--arch.user_id_in_tower=true"],
-    "t0.1": ["--arch.temperature=0.1"],
-    "t0.3": ["--arch.temperature=0.3"],
-    "dropout0.2": ["--arch.history_dropout=0.2"],
-    "dropout0.5": ["--arch.history_dropout=0.5"],
-    "dropout0.5-mixed": ["--arch.history_dropout=0.5", "--arch.loss=softmax", "--arch.uniform_negatives=512"],
-    "max50": ["--arch.history_max_len=50"],
-    "dim128": ["--arch.embedding_dim=128", "--arch.tower_layers=[128]"],
-    "ids-only": ["--arch.tower_features=ids"],
-    "lr0.1": ["--optim.sparse_lr=0.1"],
-    "mlp": ["--arch.tower_layers=[128, 64]"],
+    "full-softmax-no-user-id": [*FULL, *NO_UID, "--max-epochs=10"],
+    "full-softmax-no-user-id-dropout0.5": [*FULL, *NO_UID, "--arch.history_dropout=0.5", "--max-epochs=6"],
+    "full-softmax-no-user-id-t0.05": [*FULL, *NO_UID, "--arch.temperature=0.05", "--max-epochs=6"],
+    "mixed-no-user-id-own-table": ["--arch.history_table=own", *NO_UID, "--max-epochs=6"],
+    "mixed-own-table": ["--arch.history_table=own", "--max-epochs=6"],
+    "mixed-own-table-dropout0.5": ["--arch.history_table=own", "--arch.history_dropout=0.5", "--max-epochs=6"],
+    "mixed-item-table-6-epochs": ["--max-epochs=6"],
 }
 
 

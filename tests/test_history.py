@@ -120,25 +120,27 @@ def test_a_training_row_never_sees_its_own_item_and_eval_rows_see_the_train_hist
     dm.teardown()
 
 
-def test_history_two_tower_trains_with_full_softmax(ml_dataset: Path, tmp_path: Path) -> None:
+def test_history_two_tower_trains_with_sampled_and_full_softmax(ml_dataset: Path, tmp_path: Path) -> None:
     from app.train import train
 
-    cfg = shrink("two-tower-history-movielens", ml_dataset, tmp_path, "--max-epochs=1", "--arch.history_max_len=5")
-    assert cfg.arch.history and cfg.arch.loss == "full_softmax"
+    cfg = shrink("two-tower-history-movielens", ml_dataset, tmp_path, "--max-epochs=1")
+    assert cfg.arch.history and cfg.arch.history_table == "item"
     metrics = train(cfg)
     assert 0.0 <= metrics["test/ndcg_at_10"] <= 1.0
     assert all(np.isfinite(x) for x in metrics["train_loss_per_epoch"])
-    # the same preset with the mixed sampled softmax and the item table shared
-    shared = shrink(
+    # full softmax, a history table of its own, no user id, the most recent items, dropout
+    full = shrink(
         "two-tower-history-movielens",
         ml_dataset,
         tmp_path,
         "--max-epochs=1",
-        "--arch.loss=softmax",
-        "--arch.history_table=item",
+        "--arch.loss=full_softmax",
+        "--arch.history_table=own",
+        "--arch.user_id_in_tower=false",
+        "--arch.history_max_len=5",
         "--arch.history_dropout=0.2",
     )
-    assert 0.0 <= train(shared)["test/ndcg_at_10"] <= 1.0
+    assert 0.0 <= train(full)["test/ndcg_at_10"] <= 1.0
 
 
 def test_full_softmax_is_cross_entropy_over_the_corpus(ml_dataset: Path) -> None:
@@ -221,6 +223,7 @@ def test_users_unseen_in_training_embed_from_their_items(tmp_path: Path, monkeyp
     export_model = recipe.export_model
     monkeypatch.setattr(recipe, "export_model", keep_scorer)
     flags = ["--max-epochs=6", "--arch.embedding_dim=16", "--arch.tower_layers=[16]", "--optim.dense_lr=0.01"]
+    flags += ["--arch.user_id_in_tower=false", "--arch.loss=full_softmax", "--arch.history_table=own"]
     recipe.train(shrink("two-tower-history-movielens", data, tmp_path, *flags))
     model, meta = trained["scorer"].model, read_metadata(data)
 
