@@ -221,7 +221,13 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             cut = argv.index("--")
             argv, rest = argv[:cut], argv[cut + 1 :]
     try:
-        args = normalize_flags(argv, bool_flags(PrepareConfig, *RUN_SECTIONS) | {"--no_wait"})
+        # bare boolean switches of the command at hand only (``recommend --history 1,2`` is not ``--arch.history``)
+        switches = {
+            "train": bool_flags(*RUN_SECTIONS),
+            "data": bool_flags(PrepareConfig),
+            "submit": {"--no_wait"},
+        }.get(argv[0] if argv else "", set())
+        args = normalize_flags(argv, switches)
         if args[:1] == ["train"]:
             args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
         ns = parser.parse_args(args)
