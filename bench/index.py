@@ -1,6 +1,6 @@
 """Vector index: exact search against HNSW, IVF and IVF-PQ (fast scan + exact re-ranking), in one run.
 
-    nice -n 10 .venv/bin/python bench/index.py         # 1M items x 64 dims: about 40 minutes on 2 idle
+    nice -n 10 .venv/bin/python bench/index.py         # 1M items x 64 dims: 45 minutes on 2 shared
                                                        # cores (16 of them training the two-tower)
     .venv/bin/python bench/index.py --quick            # 50k items: a smoke run of a few minutes
     .venv/bin/python bench/index.py --items 200000 --dim 32 --cache /tmp/index-bench

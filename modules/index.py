@@ -25,7 +25,7 @@ links everything to the longest vectors. With ``sphere=1`` (the default for hnsw
 vector gets one more coordinate, sqrt(R² - |x|²) with R the corpus's largest norm, and each query a
 0 there: every indexed vector has norm R and every inner product is unchanged (Bachrach et al.,
 RecSys 2014). On 1M trained 64-d two-tower item vectors (docs/INDEX_BENCH.md) it took IVF4096 from
-recall@10 0.57 to 0.96 at nprobe 32 and HNSW32 from 0.87 to 0.96 at ef_search 64. It is not free for
+recall@10 0.57 to 0.96 at nprobe 32 and HNSW32 from 0.91 to 0.98 at ef_search 128. It is not free for
 HNSW: when norms spread widely (the longest many times the typical one) most vectors sit near one
 pole of the sphere, far from every query, and the graph search suffers (4000 test vectors with
 log-normal norms, sigma 0.7: recall 0.98 without, 0.78 with, at ef_search 64); ``sphere=0`` turns it
@@ -255,7 +255,8 @@ class VectorIndex:
     ids: np.ndarray
     """Raw item ids: int64 (non-negative) or str, unique; ``ids[label]`` is FAISS label's item."""
     vectors: np.ndarray
-    """float32 (count, dim), as indexed: L2-normalised when ``similarity`` is cosine."""
+    """float32 (count, dim), the vectors searched (L2-normalised when ``similarity`` is cosine); FAISS
+    holds them with the sphere coordinates appended when ``sphere_radius`` is set."""
     spec: IndexSpec
     similarity: Similarity
     sphere_radius: float | None = None
