@@ -48,7 +48,10 @@ def test_seeded_losses_are_pinned(
 def run_cli(tmp: Path, data: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """`recsys train` as a user runs it, in a fresh process."""
     cmd = [sys.executable, "-m", "app.cli", "train", "--config", str(CONFIGS / "two-tower-movielens.yaml")]
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
+    # a fresh user's environment: not the rendezvous an in-process training earlier in this pytest
+    # session left behind (its MASTER_PORT is still bound by this process)
+    launch = {"TORCH_CPP_LOG_LEVEL", "MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
+    env = {k: v for k, v in os.environ.items() if k not in launch}
     tmp.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [*cmd, *shrunk_flags(tmp, data, tracking=True), *extra],
