@@ -111,7 +111,11 @@ def test_train_logs_a_complete_run(
     assert (
         run.outputs is not None and len(run.outputs.model_outputs) == 1
     )  # MLflow 3 logs the packaged model as a LoggedModel of the run
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "dataset")] == ["dataset/metadata.json"]
+    # the data contract and the vocabularies (what serving maps raw ids through)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} == {
+        "dataset/metadata.json",
+        "dataset/vocab",
+    }
     best = client.list_artifacts(run.info.run_id, "checkpoints/best")
     assert any(a.path.endswith("trainer.pt") for a in best) and any(a.path.endswith(".distcp") for a in best)
 
