@@ -29,10 +29,9 @@ import scipy.sparse as sp
 import torch
 
 from datamodules.config import DataConfig, PrepareConfig
-from datamodules.download import download_dataset
+from datamodules.download import movielens_100k_source
 from datamodules.prepare import prepare
 from datamodules.schema import DatasetMetadata, read_metadata
-from datamodules.sources import default_movielens_dir
 from modules.tasks import corpus_metrics
 
 K = 10
@@ -218,20 +217,12 @@ class RetrievalData:
     n_items: int
 
 
-def movielens_source() -> str:
-    """The local MovieLens-100K directory, downloaded on first use."""
-    src = default_movielens_dir()
-    if not src.exists():
-        download_dataset("movielens-100k")
-    return str(src)
-
-
 def prepare_retrieval(out: Path, seed: int) -> Path:
     """MovieLens-100K as bench/quality.py's retrieval section prepares it (every rating, 75/25)."""
     prepare(
         PrepareConfig(
             dataset="movielens-100k",
-            source=movielens_source(),
+            source=movielens_100k_source(),
             out=str(out),
             val_frac=0.0,
             test_frac=0.25,
@@ -245,7 +236,9 @@ def prepare_retrieval(out: Path, seed: int) -> Path:
 
 def prepare_ranking(out: Path, seed: int) -> Path:
     """MovieLens-100K as bench/quality.py's ranking section prepares it (rating >= 4, 80/10/10)."""
-    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_source(), out=str(out), seed=seed, overwrite=True))
+    prepare(
+        PrepareConfig(dataset="movielens-100k", source=movielens_100k_source(), out=str(out), seed=seed, overwrite=True)
+    )
     return out
 
 

@@ -35,20 +35,12 @@ from app.cli import load_run_config
 from app.recommend import assemble_bundle, load_bundle
 from app.train import run_training
 from datamodules.config import PrepareConfig
-from datamodules.download import download_dataset
+from datamodules.download import movielens_100k_source
 from datamodules.prepare import prepare
-from datamodules.sources import default_movielens_dir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 K = 10
 CUTS = (10, 20, 50, 100, 200, 500)
-
-
-def movielens_source() -> str:
-    src = default_movielens_dir()
-    if not src.exists():
-        download_dataset("movielens-100k")
-    return str(src)
 
 
 def train_preset(preset: str, data: Path, work: Path, uri: str, epochs: int | None) -> str:
@@ -73,7 +65,7 @@ def setup(work: Path, epochs: tuple[int | None, int | None] = (None, None)) -> t
     saved = work / "runs.json"
     if saved.is_file() and data.is_dir():
         return data, uri, json.loads(saved.read_text())
-    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_source(), out=str(data), overwrite=True))
+    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_100k_source(), out=str(data), overwrite=True))
     runs = {
         "retrieval": train_preset("two-tower-movielens", data, work, uri, epochs[0]),
         "ranking": train_preset("dlrm-movielens", data, work, uri, epochs[1]),

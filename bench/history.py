@@ -20,9 +20,8 @@ from pathlib import Path
 from app.cli import load_run_config
 from app.train import train
 from datamodules.config import PrepareConfig
-from datamodules.download import download_dataset
+from datamodules.download import movielens_100k_source
 from datamodules.prepare import prepare
-from datamodules.sources import default_movielens_dir
 
 K = 10
 
@@ -42,20 +41,13 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def movielens_source() -> str:
-    """The MovieLens-100K files (downloaded once), as bench/quality.py reads them."""
-    if not default_movielens_dir().exists():
-        download_dataset("movielens-100k")
-    return str(default_movielens_dir())
-
-
 def prepared(work: Path, mode: str, seed: int) -> Path:
     path = work / f"ml-{mode}-{seed}"
     if not (path / "metadata.json").exists():
         prepare(
             PrepareConfig(
                 dataset="movielens-100k",
-                source=movielens_source(),
+                source=movielens_100k_source(),
                 out=str(path),
                 val_frac=0.1 if mode == "val" else 0.0,
                 test_frac=0.25,

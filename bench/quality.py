@@ -27,10 +27,9 @@ import torch
 from app.config import RunConfig, TrackingConfig, TrainerConfig
 from app.train import train
 from datamodules.config import DataConfig, PrepareConfig
-from datamodules.download import download_dataset
+from datamodules.download import movielens_100k_source
 from datamodules.prepare import prepare
 from datamodules.schema import read_metadata
-from datamodules.sources import default_movielens_dir
 from datamodules.streaming import StreamingDataModule
 from modules.config import ModelConfig, OptimConfig
 from modules.tasks import corpus_metrics
@@ -133,19 +132,12 @@ def tuned_als(train_pairs: pd.DataFrame, n_users: int, n_items: int, items: list
     return best[1]
 
 
-def movielens_source() -> str:
-    src = default_movielens_dir()
-    if not src.exists():
-        download_dataset("movielens-100k")
-    return str(src)
-
-
 def movielens_retrieval(work: Path) -> None:
     path = work / "ml-retrieval"
     prepare(
         PrepareConfig(
             dataset="movielens-100k",
-            source=movielens_source(),
+            source=movielens_100k_source(),
             out=str(path),
             val_frac=0.0,
             test_frac=0.25,
@@ -221,7 +213,7 @@ def movielens_ranking(work: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
     path = work / "ml-ranking"
-    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_source(), out=str(path), overwrite=True))
+    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_100k_source(), out=str(path), overwrite=True))
     section = "movielens-ranking"
     xtr, ytr = features_matrix(path, "train", work / "c1")
     xva, yva = features_matrix(path, "val", work / "c2")

@@ -43,6 +43,14 @@ def download_dataset(name: str, dest: str | None = None) -> str:
     raise RecsysError(f"download: unknown dataset {name!r} (choose from movielens-100k, sets2019)")
 
 
+def movielens_100k_source() -> str:
+    """The cached MovieLens-100K directory, downloaded on first use (what the benches read)."""
+    target = default_movielens_dir()
+    if not target.exists():
+        download_dataset("movielens-100k")
+    return str(target)
+
+
 def fetch_movielens_100k(target: Path) -> str:
     """Extract the RecBole atomic files from the wheel; fall back to GroupLens."""
     with tempfile.TemporaryDirectory() as tmp:
