@@ -105,11 +105,9 @@ def coordinate_search(
     max_widen: int = 6,
     log: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    """Maximise ``objective`` one dimension at a time, widening a ladder whenever its best is an edge.
-
-    Stops after a round that changes nothing (so every dimension's line through the result has been
-    evaluated) or after ``max_rounds``. Ties keep the current value.
-    """
+    """Maximise ``objective`` one dimension at a time, widening a ladder whenever its best is an edge."""
+    # It stops after a round that changes nothing, so every dimension's whole ladder has been evaluated
+    # through the result (its profile), or after max_rounds; ties go to the value nearest the current one.
     dims = tuple(dimensions)
     require_ladders(dims)
     ladders = {d.name: sorted(float(v) for v in d.values) for d in dims}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -100,3 +102,31 @@ def test_search_on_a_plateau_stays_near_the_start_and_says_the_edge_ties() -> No
     result = coordinate_search(lambda p: (1.0 if p["g"] <= 10 else 0.5, {}), dims, start={"g": 100})
     assert result.best == {"g": 10.0}
     assert result.edges["g"] == "interior (tied with the edge value 1)"
+
+
+def test_report_renders_saved_results(tmp_path: Path) -> None:
+    import pickle
+
+    from bench.baselines import BaselineResult
+    from bench.baselines_report import main
+
+    dims = (Dimension("lam", (1.0, 10.0, 100.0)),)
+    search = coordinate_search(lambda p: (1 - abs(np.log10(p["lam"]) - 1), {"ndcg@10": 0.2, "recall@10": 0.1}), dims)
+    results = [
+        BaselineResult(
+            "retrieval",
+            "EASE^R",
+            seed,
+            search,
+            {"ndcg@10": 0.2, "recall@10": 0.1},
+            {"ndcg@10": 0.48, "recall@10": 0.22},
+            {"lam": 10.0},
+        )
+        for seed in (0, 1)
+    ]
+    saved = tmp_path / "results.pkl"
+    saved.write_bytes(pickle.dumps({"results": results, "minutes": 1.0, "load": 0.5, "val_frac": 0.15}))
+    main(["--render", str(saved), "--out", str(tmp_path / "b.md")])
+    text = (tmp_path / "b.md").read_text()
+    assert "| EASE^R | 0.2200 | 0.4800 | 0.2200 | 0.4800 | 0.4800 |" in text
+    assert "| lam | 1: 0.0000 · **10: 1.0000** · 100: 0.0000 | interior |" in text
