@@ -120,6 +120,12 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-def
     """Raw user ids or item histories -> ranked raw item ids and scores (state in ``load_context``)."""
 
     def load_context(self, context: Any) -> None:
+        import torch
+
+        # One request is a few small ops (200 candidates): intra-op threads only contend with each
+        # other and with the server's (bench/serve.py: 10 ms vs 218 ms per user on 2 busy cores);
+        # scale out with server workers instead.
+        torch.set_num_threads(1)
         self.loaded = load_bundle(context.artifacts["bundle"])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:

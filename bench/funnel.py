@@ -11,7 +11,8 @@ train items excluded); the top 10 are then taken
 
   retrieval    in the index's order (cosine similarity),
   rerank       by the DLRM's probability of a like,
-  joint        by retrieval logit (similarity / temperature) + log of the DLRM probability,
+  joint        by retrieval logit (similarity / temperature) + log of the DLRM probability (what
+               `recsys recommend --ranking` orders by: Recommender.joint),
 
 and scored against the user's liked test items (NDCG@10, Recall@10; liked items unseen in train
 count as misses). Candidate Recall@N says how many liked test items survive the retrieval stage.
@@ -105,11 +106,10 @@ def evaluate(bundle_dir: Path, data: Path, candidates: int) -> dict[str, Any]:
     probabilities = rec.rank(user_raw, found)
     n = min(candidates, found.ids.shape[1])
     pool = found.ids[:, :n]
-    logit = found.scores[:, :n] / stage.arch.temperature
     orders = {
         "retrieval": np.arange(n)[None, :].repeat(len(users), 0),
         "rerank": np.argsort(-probabilities[:, :n], axis=1, kind="stable"),
-        "joint": np.argsort(-(logit + np.log(np.clip(probabilities[:, :n], 1e-12, 1.0))), axis=1, kind="stable"),
+        "joint": np.argsort(-rec.joint(found, probabilities)[:, :n], axis=1, kind="stable"),
     }
     out: dict[str, Any] = {"users": len(users), "candidates": n, "stages": {}}
     for name, order in orders.items():

@@ -38,6 +38,9 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
 
 
 def in_process(rec: Any, users: list[str], requests: int, k: int, candidates: int) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(1)  # as the served model does (app/serving.py: RecommenderModel.load_context)
     for u in users[:20]:  # warm-up
         rec.recommend_users([u], k, candidates)
     times = []

@@ -134,17 +134,19 @@ def test_recommend_excludes_seen_items_and_returns_raw_ids(runs: Runs, bundle: A
     rec.ranking = bundle.recommender.ranking
 
 
-def test_rerank_orders_the_retrieved_candidates_by_the_ranking_model(bundle: Any) -> None:
+def test_rerank_orders_the_candidates_by_retrieval_logit_plus_log_ranking_probability(bundle: Any) -> None:
     rec = bundle.recommender
     user = rec.retrieval.user_vocab[0]
     ranked = rec.recommend_users([user], k=K, candidates=20)[0]
     query = rec.retrieval.embed("user", rec.retrieval.user_index([user]))
     found = rec.candidates(query, [rec.seen[1]], 20)
     assert set(ranked.items) <= set(found.ids[0].tolist())  # the top K come from the candidates
-    probabilities = rec.rank([user], found)[0]
-    want = [found.ids[0][j] for j in np.argsort(-probabilities, kind="stable")[:K]]
+    probabilities = rec.rank([user], found)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    joint = found.scores / rec.retrieval.arch.temperature + np.log(probabilities)
+    want = [found.ids[0][j] for j in np.argsort(-joint[0], kind="stable")[:K]]
     assert ranked.items == want
-    assert all(0.0 <= s <= 1.0 for s in ranked.scores)  # the ranking model's probabilities
+    assert ranked.scores == pytest.approx(sorted(joint[0], reverse=True)[:K], rel=1e-5)
 
 
 def test_unknown_user_gets_the_most_popular_items_marked(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
