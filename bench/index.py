@@ -416,6 +416,30 @@ def report(rows: list[Row], title: str, plot_path: Path) -> None:
     plot(rows, plot_path, title)
 
 
+def track(uri: str | None, rows: list[Row], title: str, plot_path: Path) -> None:
+    """Log the sweep to MLflow (experiment ``index-bench``): per-setting recall and q/s ratios as
+    metrics, the .json and the plot as artifacts under ``plots/``."""
+    if uri is None:
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("index-bench")
+    base = rows[0]
+    with mlflow.start_run(run_name="index-sweep") as run:
+        mlflow.set_tag("title", title)
+        mlflow.log_params({"items_x_dims": title.split(" (", 1)[0], "queries": base.queries, "threads": base.threads})
+        for r in rows:
+            key = f"{r.spec}/{r.setting or 'exact'}".replace("=", "_").replace(",", "_")
+            mlflow.log_metric(f"{key}/recall_at_{K}", r.recall)
+            mlflow.log_metric(f"{key}/batch_x_exact", r.batch_qps / base.batch_qps)
+            mlflow.log_metric(f"{key}/single_x_exact", r.single_qps / base.single_qps)
+        for path in (plot_path, plot_path.with_suffix(".json")):
+            if path.is_file():
+                mlflow.log_artifact(str(path), "plots")
+        print(f"[index] logged to MLflow run {run.info.run_id} (experiment index-bench) in {uri}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000, help="indexed items (new items through the item tower)")
@@ -434,11 +458,17 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=Path("docs/index_bench.png"), help="the figures go beside it (.json)")
     p.add_argument("--cache", type=Path, default=Path(""), help="keep/reuse the trained vectors and queries here")
     p.add_argument("--replot", action="store_true", help="only redraw the plot and table from the .json beside it")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="also log the figures (table, .json, plot) to this MLflow store, experiment index-bench",
+    )
     args = p.parse_args()
     results = args.plot.with_suffix(".json")
     if args.replot:
         saved = json.loads(results.read_text())
         report([Row(**r) for r in saved["rows"]], saved["title"], args.plot)
+        track(args.tracking_uri, [Row(**r) for r in saved["rows"]], saved["title"], args.plot)
         return
     if args.quick:
         args.items, args.users, args.train_items, args.epochs = min(args.items, 50_000), 5000, 20_000, 2
@@ -500,6 +530,7 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"title": title, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
     report(rows, title, args.plot)
+    track(args.tracking_uri, rows, title, args.plot)
 
 
 if __name__ == "__main__":
