@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--skip-http", action="store_true", help="only the in-process figures")
     args = parser.parse_args()
+    load = f"{os.getloadavg()[0]:.2f}"  # latency tails are the machine's: say how busy it was
     work = Path(args.work or tempfile.mkdtemp(prefix="recsys-funnel-"))
     work.mkdir(parents=True, exist_ok=True)
     _, tracking, runs = setup(work)
@@ -123,7 +124,10 @@ def main() -> None:
         uri = line.split("(", 1)[1].split(")", 1)[0]
         rows["served (HTTP, 1 worker)"] = served(uri, tracking, users, args.requests, args.k, args.candidates)
         print(f"[serve] served: {rows['served (HTTP, 1 worker)']}", flush=True)
-    print(f"\n{args.requests} single-user requests per mode; k={args.k}, candidates={args.candidates}")
+    print(
+        f"\n{args.requests} single-user requests per mode; k={args.k}, candidates={args.candidates}; "
+        f"load average {load} at the start, {os.getloadavg()[0]:.2f} at the end ({os.cpu_count()} cores)"
+    )
     print("\n| mode | p50 ms | p99 ms | batched users/s |\n| --- | ---: | ---: | ---: |")
     for mode, r in rows.items():
         print(f"| {mode} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['batch_users_per_s']:.0f} |")
