@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args[:cut] if a not in VERBOSE_FLAGS] + args[cut:]
     if not verbose:  # torch's C++ warnings (gloo, c10d) bypass Python's warnings; set before torch loads
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("TORCH_LOGS", "-torch")  # torch's own Python loggers (handler of their own): errors only
     setup_logging(verbose)
     if not args or args[0] in ("-h", "--help"):
         build_parser().print_help()

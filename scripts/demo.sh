@@ -14,8 +14,15 @@ else
   DATASET=synthetic-retrieval
 fi
 $RECSYS data prepare --dataset "$DATASET" --out "$OUT/$DATASET" --rows 100000 --overwrite
-# train a model; its MLflow run id (from the "MLflow run ID: ..." line) goes to stdout, the rest to the terminal
-train() { $RECSYS train "$@" | tee /dev/stderr | sed -n 's/^MLflow run \([0-9a-f]*\):.*/\1/p'; }
+# train a model; its MLflow run id (from the "MLflow run ID: ..." line) goes to stdout, all its output to
+# stderr (not `tee /dev/stderr`: that truncates a log file the demo's stderr is redirected to)
+train() {
+  local out
+  out=$(mktemp)
+  $RECSYS train "$@" | tee "$out" >&2 || { rm -f "$out"; return 1; }
+  sed -n 's/^MLflow run \([0-9a-f]*\):.*/\1/p' "$out"
+  rm -f "$out"
+}
 echo "[demo] training a two-tower retrieval model on $DATASET"
 RETRIEVAL=$(train --config configs/two-tower-movielens.yaml --data "$OUT/$DATASET" --experiment demo \
   --run-name two-tower-demo --max-epochs 8)
