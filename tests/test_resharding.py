@@ -181,6 +181,10 @@ def test_the_last_epoch_is_kept_beside_the_best_and_resumes_from_mlflow(
         assert "trainer.pt" in files and ".metadata" in files, (name, files)
     last = Path(client.download_artifacts(run.info.run_id, "checkpoints/last", str(tmp_path / "dl")))
     assert load_trainer_state(last)["epoch"] == 1  # the second (last) epoch
+    # evaluating chooses its own processes and plan (the flags parse; the numbers are tested above)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    plan = ["--num-workers", "1", "--cluster.sharding", '{"t_C2": "table_wise"}']
+    assert main(["evaluate", "--run-id", run.info.run_id, "--tracking-uri", uri, *plan]) == 0
 
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     resume = f"runs:/{run.info.run_id}/checkpoints/last"
