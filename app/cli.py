@@ -47,6 +47,8 @@ TRAIN_ALIASES = {
     "--resume_from": "--trainer.resume_from",
 }
 RUN_SECTIONS = (DataConfig, ModelConfig, OptimConfig, TrainerConfig, TrackingConfig, ClusterConfig)
+# Short flags of `recsys evaluate` for where it runs.
+EVALUATE_ALIASES = {k: v for k, v in TRAIN_ALIASES.items() if v.startswith("--cluster.")}
 
 BOOL_WORDS = {"true", "false", "yes", "no", "1", "0"}
 VERBOSE_FLAGS = ("--verbose", "-v")
@@ -134,6 +136,9 @@ def build_parser() -> Any:
     evaluate.add_argument("--split", type=str, default="test", help="val or test")
     evaluate.add_argument("--tracking_uri", type=str | None, default=None)
     evaluate.add_argument("--data", type=str | None, default=None, help="evaluate on another prepared copy")
+    # where it runs: its own choice (default one local process), not the training's; any world size
+    # and sharding plan loads the checkpoint
+    evaluate.add_class_arguments(ClusterConfig, "cluster", as_group=False)
     commands.add_subcommand("evaluate", evaluate, help="score a run or checkpoint on a split")
 
     index = ArgumentParser(
@@ -224,12 +229,15 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         # bare boolean switches of the command at hand only (``recommend --history 1,2`` is not ``--arch.history``)
         switches = {
             "train": bool_flags(*RUN_SECTIONS),
+            "evaluate": bool_flags(ClusterConfig),
             "data": bool_flags(PrepareConfig),
             "submit": {"--no_wait"},
         }.get(argv[0] if argv else "", set())
         args = normalize_flags(argv, switches)
         if args[:1] == ["train"]:
             args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
+        elif args[:1] == ["evaluate"]:
+            args = ["evaluate", *expand_aliases(args[1:], EVALUATE_ALIASES)]
         ns = parser.parse_args(args)
         ns = parser.instantiate(ns)
     except argparse.ArgumentError as e:
@@ -296,14 +304,20 @@ def tracking_uri_of(cfg: RunConfig) -> str:
 
 
 def run_evaluate(ns: Any) -> None:
-    """``recsys evaluate``: --run-id (config and checkpoint from MLflow) or --checkpoint + --config-file."""
+    """``recsys evaluate``: --run-id (config and checkpoint from MLflow) or --checkpoint + --config-file,
+    on the processes its own --num-workers/--backend/--cluster.* flags name."""
     from app.evaluate import evaluate, evaluate_run, format_metrics
 
     overrides = ["--data", ns.data] if ns.data else []
+    cluster = ns.cluster if isinstance(ns.cluster, ClusterConfig) else to_config(ClusterConfig, ns.cluster)
+
+    def load(path: Any) -> RunConfig:
+        return dataclasses.replace(load_run_config(path, overrides), cluster=cluster)
+
     if ns.run_id:
-        metrics = evaluate_run(ns.run_id, ns.tracking_uri, ns.split, lambda p: load_run_config(p, overrides))
+        metrics = evaluate_run(ns.run_id, ns.tracking_uri, ns.split, load)
     elif ns.checkpoint and ns.config_file:
-        metrics = evaluate(load_run_config(ns.config_file, overrides), ns.checkpoint, ns.split)
+        metrics = evaluate(load(ns.config_file), ns.checkpoint, ns.split)
     else:
         raise RecsysError("evaluate: pass --run-id, or --checkpoint with --config-file")
     print(format_metrics(metrics))

@@ -11,6 +11,7 @@ from app.config import RunConfig, TrackingConfig
 from app.resolve import resolve_run
 from app.tracking import resolve_tracking_uri
 from app.train import build_task
+from cluster.runtime import WorkerRuntime
 from core.errors import RecsysError
 from core.logs import setup_logging
 
@@ -30,16 +31,16 @@ def fetch_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
 
 
 def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, float]:
-    """Metrics of the checkpoint on ``split`` (val or test), in this process."""
-    import lightning as L
-
-    from cluster.launch import local_accelerator
-    from datamodules.streaming import StreamingDataModule
-    from modules.sharding import make_strategy
+    """Metrics of the checkpoint on ``split`` (val or test), on the processes ``cfg.cluster`` names (one
+    by default: in this process). The checkpoint loads under this run's own sharding plan, whatever the
+    world size and plan it was written with (``modules.safe_checkpoint.dcp_load``)."""
+    from cluster.launch import launch
+    from datamodules.streaming import fetch_metadata
+    from modules.registry import model_kind
+    from modules.safe_checkpoint import check_checkpoint, check_model_fits
 
     if split not in ("val", "test"):
         raise RecsysError(f"--split: must be val or test, got {split!r}")
-    from modules.safe_checkpoint import check_checkpoint
 
     try:
         check_checkpoint(checkpoint)  # loads its pickles as plain data only, before the model is built
@@ -47,22 +48,53 @@ def evaluate(cfg: RunConfig, checkpoint: str, split: str = "test") -> dict[str, 
         raise RecsysError(f"--checkpoint {e}") from None
     loop = dataclasses.replace(cfg.trainer, resume_from=None)
     cfg = resolve_run(dataclasses.replace(cfg, trainer=loop, tracking=TrackingConfig(enabled=False)))
-    setup_logging(cfg.verbose)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = fetch_metadata(cfg.data.path, Path(tmp))
+    try:  # the model it holds is this config's (before any worker starts)
+        check_model_fits(checkpoint, model_kind(cfg.model).build_model(meta, cfg.arch, "meta"))
+    except RecsysError as e:
+        raise RecsysError(f"--checkpoint {e}") from None
+    metrics = launch(evaluate_worker, (cfg, checkpoint, split), cfg.cluster, name="evaluate")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate_worker(payload: tuple[RunConfig, str, str], runtime: WorkerRuntime) -> dict[str, Any]:
+    """One evaluating process: the model sharded over this run's processes, the checkpoint loaded into it."""
+    import lightning as L
+
+    from datamodules.streaming import StreamingDataModule
+    from modules.sharding import make_strategy, parse_bytes
+
+    cfg, checkpoint, split = payload
+    setup_logging(cfg.verbose, runtime.rank, runtime.world_size)
     dm = StreamingDataModule(cfg.data)
     task = build_task(cfg, dm)
-    gpu = local_accelerator(cfg.cluster.accelerator) == "gpu"
+    gpu = runtime.accelerator == "gpu"
+    budget = cfg.cluster.memory_per_worker
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
-        devices=1,
+        devices=runtime.devices,
+        num_nodes=runtime.num_nodes,
+        plugins=runtime.plugins or None,
         logger=False,
-        strategy=make_strategy(None, process_group_backend="nccl" if gpu else "gloo"),
+        strategy=make_strategy(
+            runtime.strategy_base,
+            memory_per_worker=parse_bytes(budget) if budget else None,
+            batch_size=cfg.data.batch_size if budget else None,
+            sharding=cfg.cluster.sharding,
+            process_group_backend="nccl" if gpu else "gloo",
+        ),
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
     )
+    trainer = runtime.prepare_trainer(trainer)
     run: Any = trainer.test if split == "test" else trainer.validate
     out = run(task, datamodule=dm, ckpt_path=checkpoint, verbose=False)
     dm.teardown()
-    return {k: float(v) for k, v in out[0].items()}
+    metrics: dict[str, Any] = {k: float(v) for k, v in out[0].items()}
+    if runtime.report is not None:
+        runtime.report(metrics)
+    return metrics
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -73,12 +73,18 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         trainer = dataclasses.replace(trainer, monitor="train/loss_epoch")
     resume = trainer.resume_from
     if resume:
-        from modules.safe_checkpoint import check_checkpoint
+        from modules.safe_checkpoint import check_checkpoint, check_model_fits
 
+        if resume.startswith("runs:/"):  # a run's logged checkpoint (checkpoints/last or checkpoints/best)
+            from app.tracking import download_checkpoint, resolve_tracking_uri
+
+            uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+            resume = download_checkpoint(resume, uri, Path(absolute(trainer.output_dir)) / "resumed")
         resume = absolute(resume)
         if "://" not in resume:
             try:
                 check_checkpoint(resume)  # loads its pickles as plain data only, before anything starts
+                check_model_fits(resume, kind.build_model(meta, cfg.arch, "meta"))
             except RecsysError as e:
                 raise RecsysError(f"--resume-from {e}") from None
     trainer = dataclasses.replace(trainer, resume_from=resume, output_dir=absolute(trainer.output_dir))
@@ -89,14 +95,16 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         tracking = dataclasses.replace(
             tracking, tracking_uri=uri, run_name=tracking.run_name or new_run_name(cfg.model)
         )
-    if cfg.cluster.memory_per_worker is not None:  # plan here: a model that fits no plan is one line now
+    if cfg.cluster.memory_per_worker is not None or cfg.cluster.sharding:
+        # plan here: a model that fits no plan, or a sharding no plan gives, is one line now
         from cluster.launch import local_accelerator
         from modules.sharding import check_plan, parse_bytes
 
-        budget = parse_bytes(cfg.cluster.memory_per_worker)
+        budget = parse_bytes(cfg.cluster.memory_per_worker) if cfg.cluster.memory_per_worker else None
         device = "cuda" if local_accelerator(cfg.cluster.accelerator) == "gpu" else "cpu"
         model = kind.build_model(meta, cfg.arch, "meta")
-        check_plan(model, cfg.cluster.num_workers, device, budget, cfg.data.batch_size)
+        batch = cfg.data.batch_size if budget else None
+        check_plan(model, cfg.cluster.num_workers, device, budget, batch, cfg.cluster.sharding)
     cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
     if no_val:
         log.info("%s has no validation split: monitoring train/loss_epoch instead of %s", path, cfg.trainer.monitor)

@@ -112,6 +112,68 @@ def previous_run_id(uri: str, checkpoint: str | None) -> str | None:
     return str(run_id)
 
 
+RESUMED_TAG = "recsys.resumed_from"
+FAILED_RESUME_TAG = "recsys.failed_resume"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+    """What a resume may change in the run it continues: its status, end time and resume tag."""
+
+    run_id: str
+    status: str
+    end_time: int | None
+    resumed_from: str | None
+
+    @classmethod
+    def of_checkpoint(cls, uri: str, checkpoint: str | None) -> RunState | None:
+        """The state of the run a checkpoint would continue (None: it starts a new run)."""
+        run_id = previous_run_id(uri, checkpoint)
+        if run_id is None:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(uri).get_run(run_id)
+        return cls(run_id, run.info.status, run.info.end_time, run.data.tags.get(RESUMED_TAG))
+
+    def restore(self, uri: str, why: str) -> None:
+        """Put the run back as it was before a resume that failed (a FINISHED run stays FINISHED, not
+        FAILED: the training it records did finish), noting the failed attempt in a tag."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        if self.status in ("FINISHED", "FAILED", "KILLED"):
+            client.set_terminated(self.run_id, self.status, end_time=self.end_time)
+        else:
+            client.update_run(self.run_id, status=self.status)
+        if self.resumed_from is None:
+            if RESUMED_TAG in client.get_run(self.run_id).data.tags:
+                client.delete_tag(self.run_id, RESUMED_TAG)
+        else:
+            client.set_tag(self.run_id, RESUMED_TAG, self.resumed_from)
+        client.set_tag(self.run_id, FAILED_RESUME_TAG, why[:4000])
+
+
+def download_checkpoint(artifact: str, uri: str, dest: Path) -> str:
+    """``runs:/RUN_ID/checkpoints/last`` (or ``.../best``) downloaded under ``dest``: the local directory."""
+    import shutil
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    run_id, _, path = artifact[len("runs:/") :].partition("/")
+    if not run_id or not path:
+        raise RecsysError(f"--resume-from {artifact}: expected runs:/RUN_ID/checkpoints/last (or /best)")
+    target = dest / f"{run_id}-{path.strip('/').replace('/', '-')}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    try:
+        local = MlflowClient(uri).download_artifacts(run_id, path.strip("/"), str(target))
+    except MlflowException as e:
+        raise RecsysError(f"--resume-from {artifact}: {str(e).splitlines()[0]}") from None
+    return str(local)
+
+
 class Tracker:
     """The MLflow run of a training (rank 0): a Lightning logger plus what is published at the end."""
 
@@ -138,7 +200,7 @@ class Tracker:
         """The configuration as dotted params, with the global batch (params are immutable: a
         continued run gets a tag instead)."""
         if self.continued:
-            self.logger.experiment.set_tag(self.run_id, "recsys.resumed_from", self.resume_from)
+            self.logger.experiment.set_tag(self.run_id, RESUMED_TAG, self.resume_from)
             return
         params = flatten(dataclasses.asdict(self.cfg))
         params["world_size"] = world_size
@@ -149,9 +211,9 @@ class Tracker:
         """A text artifact of the run (e.g. the sharding plan)."""
         self.logger.experiment.log_text(self.run_id, text, name)
 
-    def publish(self, best_path: str, scorer: Any, state: dict[str, Any] | None = None) -> None:
-        """Config, dataset metadata and vocabularies, best checkpoint, the model's plain state dict
-        and the packaged model into the run."""
+    def publish(self, best_path: str, last_path: str, scorer: Any, state: dict[str, Any] | None = None) -> None:
+        """Config, dataset metadata and vocabularies, the best and the last epoch's checkpoints, the
+        model's plain state dict and the packaged model into the run."""
         import mlflow
 
         cfg, client, run_id = self.cfg, self.logger.experiment, self.run_id
@@ -170,6 +232,8 @@ class Tracker:
                 client.log_artifacts(run_id, str(Path(cfg.data.path) / "vocab"), "dataset/vocab")
         if best_path:
             client.log_artifacts(run_id, best_path, "checkpoints/best")
+        if last_path:  # what `--resume-from runs:/RUN_ID/checkpoints/last` continues from
+            client.log_artifacts(run_id, last_path, "checkpoints/last")
         if scorer is not None:
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=run_id):

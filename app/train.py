@@ -23,18 +23,28 @@ log = logging.getLogger(__name__)
 
 def run_training(cfg: RunConfig) -> dict[str, Any]:
     """Train ``cfg`` on the backend it names; returns rank 0's metrics."""
-    from app.tracking import prepare_store
+    from app.tracking import RunState, prepare_store
     from cluster.launch import launch
 
     cfg = resolve_run(cfg)  # fail fast, before any worker starts; workers get the resolved config
-    if cfg.tracking.enabled and cfg.tracking.tracking_uri:
-        prepare_store(cfg.tracking.tracking_uri)
-    return launch(train, cfg, cfg.cluster, name=cfg.tracking.run_name or cfg.model)
+    continued: RunState | None = None
+    uri = cfg.tracking.tracking_uri
+    if cfg.tracking.enabled and uri:
+        prepare_store(uri)
+        continued = RunState.of_checkpoint(uri, cfg.trainer.resume_from)
+    try:
+        return launch(train, cfg, cfg.cluster, name=cfg.tracking.run_name or cfg.model)
+    except BaseException as e:
+        if continued is not None and uri:  # the run a failed resume reopened is left as it was
+            from cluster.launch import one_line
+
+            continued.restore(uri, f"{cfg.trainer.resume_from}: {one_line(e)}")
+        raise
 
 
 def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any]:
-    """Fit, test the best checkpoint, publish to MLflow. Returns the test metrics (every rank; the
-    MLflow run id on rank 0)."""
+    """Fit, test the best checkpoint, publish to MLflow (with the last epoch's checkpoint). Returns the
+    test metrics (every rank; the MLflow run id on rank 0)."""
     import lightning as L
 
     from app.tracking import Tracker
@@ -65,12 +75,14 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     # fit and test
     trainer.fit(task, datamodule=data, ckpt_path=resume_from)
     best_path = trainer.strategy.broadcast(observers["best"].best_model_path)
+    last_path = trainer.strategy.broadcast(observers["best"].last_model_path)
     tested: list[dict[str, Any]] = []
     if data.meta.splits["test"].rows:
         tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
     elif runtime.rank == 0:
         log.info("%s has no test split: no test metrics", cfg.data.path)
     metrics = run_metrics(trainer, tested, best_path, observers)
+    metrics["last_checkpoint"] = last_path
     plan = getattr(trainer.strategy, "plan", None)
     if runtime.rank == 0 and plan is not None:
         from modules.sharding import format_plan, plan_rows
@@ -84,7 +96,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     exported = export_model(cfg, task, data.meta)  # a collective: every rank hands in its table shards
     if tracker is not None:
         metrics["run_id"] = tracker.run_id
-        tracker.publish(best_path, *(exported or (None, None)))
+        tracker.publish(best_path, last_path, *(exported or (None, None)))
     if runtime.report is not None:
         runtime.report(metrics)
     data.teardown()
@@ -119,7 +131,8 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     monitor = cfg.trainer.monitor or ""
     mode = "min" if "loss" in monitor else "max"
     observers: dict[str, Any] = {
-        "best": ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}"),
+        # the best epoch (what is tested and packaged) and the last one (where a resume continues)
+        "best": ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}", save_last=True),
         "losses": EpochLosses(),
         "first_step": FirstStepTime(),
     }
@@ -135,6 +148,7 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
         # the planner sizes I/O buffers from the batch only when it must fit a budget: its choice of
         # sharding (and so the numbers a run gives) stays the default one otherwise
         batch_size=cfg.data.batch_size if budget else None,
+        sharding=cfg.cluster.sharding,
         process_group_backend="nccl" if gpu else "gloo",
     )
     trainer = L.Trainer(
@@ -161,7 +175,7 @@ def run_metrics(
     trainer: Any, tested: list[dict[str, Any]], best_path: str, observers: dict[str, Any]
 ) -> dict[str, Any]:
     """What a run reports: test metrics, the training curve, where the tables were placed."""
-    from modules.sharding import table_placement
+    from modules.sharding import plan_rows, table_placement
 
     losses = observers["losses"].losses
     metrics: dict[str, Any] = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
@@ -174,6 +188,7 @@ def run_metrics(
     metrics["world_size"] = trainer.world_size
     plan = getattr(trainer.strategy, "plan", None)
     metrics["table_ranks"] = table_placement(plan) if plan is not None else {}
+    metrics["table_sharding"] = {row["table"]: row["sharding"] for row in plan_rows(plan)} if plan is not None else {}
     return metrics
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+ShardingType = Literal["data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise"]
+"""How TorchRec may place one embedding table (``torchrec.distributed.types.ShardingType`` values)."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,11 @@ class ClusterConfig:
     """Memory each training process may give its embedding tables and their optimizer state (GPU
     memory on GPUs, host memory on CPUs), e.g. 512MB or 8GiB: the sharding planner splits a table
     that does not fit one worker over several (row- or column-wise). Default: the planner's own."""
+    sharding: dict[str, ShardingType] = field(default_factory=dict)
+    """How the planner must shard named tables (``t_FEATURE``): data_parallel (a replica on every
+    worker), table_wise (whole on one worker), row_wise, column_wise or table_row_wise, e.g.
+    ``--cluster.sharding '{"t_C1": "row_wise", "t_C2": "data_parallel"}'``; tables not named are left
+    to the planner. It is no part of the model: a checkpoint loads under any plan (and world size)."""
     cpus_per_worker: int = 1
     """ray: CPUs reserved for each training worker."""
     ray_address: str | None = None

@@ -31,6 +31,9 @@ from core.errors import RecsysError
 
 TRAINER_STATE = "trainer.pt"
 DCP_METADATA = ".metadata"
+MODEL_PREFIX = "model.model."
+"""DCP names of the model's weights: the ``model`` entry of a checkpoint holds the LightningModule's
+state dict, whose ``model`` is the TorchRec module."""
 
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -186,26 +189,78 @@ def _planner_class() -> type:
     return SafeLoadPlanner
 
 
-def safe_load_planner(checkpoint: str | Path) -> Any:
+def safe_load_planner(checkpoint: str | Path, allow_partial_load: bool = False) -> Any:
     """A DCP ``LoadPlanner`` whose byte items are read with ``weights_only=True``."""
-    planner = _planner_class()()
+    planner = _planner_class()(allow_partial_load=allow_partial_load)
     planner.checkpoint = Path(checkpoint)
     return planner
 
 
-def dcp_load(state: dict[str, Any], checkpoint: str | Path) -> None:
-    """``torch.distributed.checkpoint.load`` in place, through the safe reader and planner."""
+def dcp_load(state: dict[str, Any], checkpoint: str | Path, optional: tuple[str, ...] = ()) -> list[str]:
+    """``torch.distributed.checkpoint.load`` in place, through the safe reader and planner.
+
+    Keys of ``state`` (DCP's dotted names) under an ``optional`` prefix may be absent from the
+    checkpoint: they keep the values they have and are returned. Any other absent key is an error.
+    Tensors are read whatever shards they were written in: DCP copies every saved chunk's overlap with
+    each local shard, so another world size or sharding plan loads the same values.
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
 
     reader = _reader_class()(str(checkpoint))
+    saved = reader.read_metadata().state_dict_metadata
+    flat, _ = flatten_state_dict(state)
+    absent = [key for key in flat if key not in saved]
+    required = [key for key in absent if not key.startswith(optional)]
+    if required:
+        more = f" and {len(required) - 3} more" if len(required) > 3 else ""
+        raise RecsysError(f"{checkpoint}: has no {', '.join(required[:3])}{more}: written for another model")
+    planner = safe_load_planner(checkpoint, allow_partial_load=bool(absent))
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint), storage_reader=reader, planner=safe_load_planner(checkpoint))
+        dcp.load(state, checkpoint_id=str(checkpoint), storage_reader=reader, planner=planner)
     except CheckpointException as e:  # DCP gathers each rank's exception, with its traceback, into one
         ours = [error for error, _ in e.failures.values() if isinstance(error, RecsysError)]
         if ours:
             raise ours[0] from None
         raise
+    return absent
+
+
+def saved_shapes(checkpoint: str | Path, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Full shapes of the tensors a checkpoint holds under ``prefix`` (names without it), read from
+    its DCP index alone (through the allow-list)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(checkpoint) / DCP_METADATA
+    with path.open("rb") as f:
+        metadata = load_dcp_metadata(f, path)
+    return {
+        key[len(prefix) :]: tuple(value.size)
+        for key, value in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(value, TensorStorageMetadata)
+    }
+
+
+def check_model_fits(checkpoint: str | Path, model: torch.nn.Module) -> None:
+    """Fail fast unless the checkpoint holds exactly ``model``'s weights, shape for shape (``model``
+    may be on ``meta``): a resume or evaluation with other ``--arch`` options or another dataset's
+    table sizes is one line before any worker starts, not an error deep in the load."""
+    saved = saved_shapes(checkpoint, MODEL_PREFIX)
+    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    differ = [
+        f"{name} is {list(saved[name])} in it, {list(shape)} here"
+        for name, shape in wanted.items()
+        if name in saved and saved[name] != shape
+    ]
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    problems = differ + [f"no {name} in it" for name in missing] + [f"{name} only in it" for name in extra]
+    if problems:
+        more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
+        raise RecsysError(
+            f"{checkpoint}: holds another model than this configuration ({'; '.join(problems[:2])}{more}): "
+            "use the --arch options and dataset it was trained with"
+        )
 
 
 def check_checkpoint(checkpoint: str | Path) -> dict[str, Any]:

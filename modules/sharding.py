@@ -11,7 +11,9 @@ The same strategy serves one process (CPU or one GPU) and many (gloo on CPU, NCC
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from torch import nn
 
 from core.errors import RecsysError
 from modules.safe_checkpoint import TRAINER_STATE, dcp_load, load_trainer_state
+
+log = logging.getLogger(__name__)
 
 
 def sparse_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -45,17 +49,18 @@ def shard_model(
     local_world_size: int,
     memory_per_worker: int | None = None,
     batch_size: int | None = None,
+    sharding: Mapping[str, str] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Wrap ``model`` (tables on ``meta``) in DistributedModelParallel over the default process group.
 
     ``memory_per_worker`` (bytes) is each rank's budget for its tables and their optimizer state
     (GPU memory on a GPU, host memory on a CPU): a table larger than one budget is split row- or
-    column-wise over ranks, and a model no plan fits is refused with one line.
+    column-wise over ranks, and a model no plan fits is refused with one line. ``sharding`` names the
+    sharding type of some tables (table name -> ``data_parallel``, ``row_wise``, ...).
     """
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.types import PlannerError
-    from torchrec.distributed.sharding_plan import get_default_sharders
     from torchrec.distributed.types import ShardingEnv
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -67,16 +72,46 @@ def shard_model(
     pg = dist.group.WORLD
     world = dist.get_world_size()
     topology = topology_of(world, device.type, min(local_world_size, world), memory_per_worker)
-    sharders = get_default_sharders()
+    sharders = sharders_of(sharding)
     try:
-        planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size)
+        planner = EmbeddingShardingPlanner(
+            topology=topology, batch_size=batch_size, constraints=sharding_constraints(model, sharding)
+        )
         plan = planner.collective_plan(model, sharders, pg)
     except PlannerError as e:
-        raise RecsysError(no_plan_message(model, world, memory_per_worker, e)) from None
+        raise RecsysError(no_plan_message(model, world, memory_per_worker, e, sharding)) from None
     dmp = DistributedModelParallel(
         module=model, device=device, plan=plan, sharders=sharders, env=ShardingEnv.from_process_group(pg)
     )
     return dmp, plan
+
+
+ROW_WISE_TYPES = ("row_wise", "table_row_wise")
+
+
+def sharders_of(sharding: Mapping[str, str] | None) -> list[Any]:
+    """TorchRec's default sharders; with row-wise sharding of EmbeddingBagCollections allowed on CPU
+    when ``sharding`` asks for it.
+
+    TorchRec offers row_wise and table_row_wise only on CUDA, but their CPU path (FBGEMM's CPU
+    bucketize, gloo's all-to-all and reduce-scatter) trains; it is enabled only on request, so that
+    the planner's own choices on CPU stay what they were.
+    """
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.sharding_plan import get_default_sharders
+
+    defaults = get_default_sharders()
+    if not any(kind in ROW_WISE_TYPES for kind in (sharding or {}).values()):
+        return defaults
+
+    class CpuRowWiseSharder(EmbeddingBagCollectionSharder):
+        def sharding_types(self, compute_device_type: str) -> list[str]:
+            types = list(super().sharding_types(compute_device_type))
+            if compute_device_type == "cpu":
+                types += [t for t in ROW_WISE_TYPES if t not in types]
+            return types
+
+    return [CpuRowWiseSharder() if type(s) is EmbeddingBagCollectionSharder else s for s in defaults]
 
 
 def topology_of(world: int, device_type: str, local_world_size: int, memory_per_worker: int | None) -> Any:
@@ -89,18 +124,42 @@ def topology_of(world: int, device_type: str, local_world_size: int, memory_per_
     return Topology(world_size=world, compute_device=device_type, local_world_size=local_world_size, **caps)
 
 
-def check_plan(model: nn.Module, world: int, device_type: str, memory_per_worker: int, batch_size: int) -> Any:
+def check_plan(
+    model: nn.Module,
+    world: int,
+    device_type: str,
+    memory_per_worker: int | None,
+    batch_size: int | None,
+    sharding: Mapping[str, str] | None = None,
+) -> Any:
     """Plan ``model`` (tables on ``meta``) for ``world`` workers without a process group: run in the
     launching process, so that a model no plan fits is refused before any worker starts."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.types import PlannerError
-    from torchrec.distributed.sharding_plan import get_default_sharders
 
     topology = topology_of(world, device_type, world, memory_per_worker)
+    constraints = sharding_constraints(model, sharding)
     try:
-        return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size).plan(model, get_default_sharders())
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+        return planner.plan(model, sharders_of(sharding))
     except PlannerError as e:
-        raise RecsysError(no_plan_message(model, world, memory_per_worker, e)) from None
+        raise RecsysError(no_plan_message(model, world, memory_per_worker, e, sharding)) from None
+
+
+def sharding_constraints(model: nn.Module, sharding: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """The planner's ``ParameterConstraints`` for tables whose sharding type is chosen (``--cluster.sharding``);
+    a table the model does not have is one line naming the tables it has."""
+    if not sharding:
+        return None
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    tables = table_bytes(model)
+    unknown = sorted(set(sharding) - set(tables))
+    if unknown:
+        raise RecsysError(
+            f"--cluster.sharding: no table {', '.join(unknown)} in this model (tables: {', '.join(sorted(tables))})"
+        )
+    return {name: ParameterConstraints(sharding_types=[kind]) for name, kind in sharding.items()}
 
 
 def parse_bytes(text: str, flag: str = "--cluster.memory_per_worker") -> int:
@@ -126,8 +185,14 @@ def table_bytes(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def no_plan_message(model: nn.Module, world: int, budget: int | None, error: Exception) -> str:
-    """Why no sharding plan fits: the largest table against the budget per worker."""
+def no_plan_message(
+    model: nn.Module, world: int, budget: int | None, error: Exception, sharding: Mapping[str, str] | None = None
+) -> str:
+    """Why no sharding plan fits: the largest table against the budget per worker (or the sharding
+    types asked for, when there is no budget)."""
+    if sharding and budget is None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return f"--cluster.sharding: no plan on {world} worker(s) shards the tables as asked ({first[:200]})"
     sizes = table_bytes(model)
     name, size = max(sizes.items(), key=lambda kv: kv[1]) if sizes else ("?", 0)
     limit = f"the budget of {budget / 2**20:.1f} MiB per worker" if budget else "the workers' memory"
@@ -182,6 +247,12 @@ def table_placement(plan: Any) -> dict[str, list[int]]:
     return out
 
 
+def table_of(key: str) -> str:
+    """The table an optimizer-state key of a checkpoint belongs to (``...embedding_bags.t_C1.weight.x``)."""
+    parts = key.split(".")
+    return parts[parts.index("embedding_bags") + 1] if "embedding_bags" in parts[:-1] else key
+
+
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """The non-tensor part of a checkpoint directory (epoch, loops, callbacks, MLflow run id), loaded as
     plain data only: a checkpoint from elsewhere must never run code (see ``modules.safe_checkpoint``)."""
@@ -200,6 +271,8 @@ class TorchRecMixin:
     memory_per_worker: int | None = None
     batch_size: int | None = None
     """Rows per batch per process: the planner sizes each table's input and output buffers from it."""
+    sharding: Mapping[str, str] | None = None
+    """Sharding type of named tables (``--cluster.sharding``)."""
     lightning_module: Any
     root_device: torch.device
     num_processes: int
@@ -218,6 +291,7 @@ class TorchRecMixin:
                 self.num_processes or 1,
                 self.memory_per_worker,
                 self.batch_size,
+                self.sharding,
             )
         for name, child in lm.named_children():
             if name != "model":
@@ -272,7 +346,23 @@ class TorchRecMixin:
         state: dict[str, Any] = {"model": lm.state_dict(), "fused": lm.model.fused_optimizer.state_dict()}
         if optimizers:  # fitting resumes them; testing or evaluating loads the weights only
             state["optimizers"] = [opt.state_dict() for opt in optimizers]
-        dcp_load(state, path)  # .metadata and byte items through allow-lists, unlike dcp.load
+        # .metadata and byte items through allow-lists, unlike dcp.load. Weights load under any plan
+        # and world size (DCP reads each saved chunk's overlap with each local shard); optimizer state
+        # may be absent: a data-parallel table's state is the dense optimizer's and a sharded table's the
+        # fused optimizer's, so a table that is one in the checkpoint and the other here starts afresh
+        fresh = dcp_load(state, path, optional=("optimizers.", "fused."))
+        if optimizers and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, fresh)  # each rank knows only the tables it holds
+            fresh = [key for keys in everyone for key in keys]
+        if fresh and optimizers and self.is_global_zero:
+            tables = sorted({table_of(key) for key in fresh})
+            log.warning(
+                "%s: no optimizer state for %s in it, which starts afresh (a data-parallel table's state "
+                "is the dense optimizer's, a sharded one's the fused optimizer's)",
+                path.name,
+                ", ".join(tables),
+            )
         lm.model.fused_optimizer.load_state_dict(state["fused"])
         checkpoint["state_dict"] = state["model"]
         checkpoint["optimizer_states"] = state.get("optimizers", [])
@@ -295,7 +385,11 @@ class TorchRecStrategy(TorchRecMixin, DDPStrategy):
 
 
 def make_strategy(
-    base: type | None = None, memory_per_worker: int | None = None, batch_size: int | None = None, **kwargs: Any
+    base: type | None = None,
+    memory_per_worker: int | None = None,
+    batch_size: int | None = None,
+    sharding: Mapping[str, str] | None = None,
+    **kwargs: Any,
 ) -> Any:
     """The TorchRec strategy on ``base`` (a DDPStrategy subclass; default Lightning's own)."""
     if base is None or base is DDPStrategy:
@@ -304,6 +398,7 @@ def make_strategy(
         strategy = type(f"TorchRec{base.__name__}", (TorchRecMixin, base), {})(**kwargs)
     strategy.memory_per_worker = memory_per_worker
     strategy.batch_size = batch_size
+    strategy.sharding = dict(sharding) if sharding else None
     return strategy
 
 
