@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,8 +264,11 @@ def ray_two_nodes(tmp_path: Path) -> Iterator[dict[str, object]]:
     home = tmp_path / "home"
     home.mkdir()
     env = user_env(home, RAY_AUTH_MODE="token", RAY_DEDUP_LOGS="0", **{SINGLE_HOST_ENV: "0"})
-    subprocess.run(["bash", "-c", "umask 077 && ray get-auth-token --generate"], env=env, check=True, timeout=120)
-    temp_dir, gcs_port = tmp_path / "ray", free_port()
+    token = ["bash", "-c", "umask 077 && ray get-auth-token --generate"]
+    subprocess.run(token, env=env, check=True, capture_output=True, timeout=120)
+    # Ray's socket paths under --temp-dir must fit AF_UNIX's 107 bytes: pytest's tmp_path is too deep
+    short = tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp", ignore_cleanup_errors=True)
+    temp_dir, gcs_port = Path(short.name), free_port()
     head = [
         *(str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"),
         *("--port", str(gcs_port), "--include-dashboard", "false", "--dashboard-host", "127.0.0.1"),
@@ -273,7 +277,7 @@ def ray_two_nodes(tmp_path: Path) -> Iterator[dict[str, object]]:
         *("--temp-dir", str(temp_dir), "--disable-usage-stats"),
     ]
     address = f"127.0.0.1:{gcs_port}"
-    with services() as procs:
+    with short, services() as procs:
         start(procs, head, env, tmp_path / "head.log")
         wait_for_port(gcs_port, procs[0])
         second = [sys.executable, "-c", SECOND_NODE, address, str(temp_dir), str(free_port())]
