@@ -65,18 +65,16 @@ def failure_line(log: str) -> str:
 
 
 def executor_hosts(spark: Any, n: int, wait_s: float = 60.0) -> tuple[set[str], int]:
-    """The hosts of the application's executors and its task slots, once executors offer ``n`` slots
-    (or ``wait_s`` passed): a cluster manager starts them after the session is up."""
+    """The hosts of the driver and the application's executors, and the task slots, once executors
+    offer ``n`` slots (or ``wait_s`` passed): a cluster manager starts them after the session is up."""
     sc = spark.sparkContext
-    jsc = sc._jsc.sc()
-    driver = jsc.env().blockManager().blockManagerId()
+    tracker = sc._jsc.sc().statusTracker()
     deadline = time.monotonic() + wait_s
     while True:
-        infos = jsc.statusTracker().getExecutorInfos()
-        hosts = {i.host() for i in infos if (i.host(), i.port()) != (driver.host(), driver.port())}
+        infos = tracker.getExecutorInfos()  # the driver's entry and one per executor
         slots = int(sc.defaultParallelism)
-        if (hosts and slots >= n) or time.monotonic() > deadline:
-            return hosts, slots
+        if (len(infos) > 1 and slots >= n) or time.monotonic() > deadline:
+            return {i.host() for i in infos}, slots
         time.sleep(0.5)
 
 
@@ -99,7 +97,7 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
                 slots = spark.sparkContext.defaultParallelism
             else:
                 hosts, slots = executor_hosts(spark, n)
-                colocated = len(hosts) == 1
+                colocated = len(hosts) == 1  # driver and executors on one machine
             if slots < n:
                 raise RecsysError(
                     f"--num-workers {n}: the Spark cluster has {slots} task slots (TorchDistributor would wait forever)"
