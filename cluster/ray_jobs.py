@@ -7,7 +7,7 @@ logs, and exit with the job's status (0 when it succeeded, 1 when it failed or w
 Ray's job server runs arbitrary code, so the documented setup uses Ray's token authentication:
 ``RAY_AUTH_MODE=token`` and the cluster's token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
 ``RAY_AUTH_TOKEN``) in the environment of both ``ray start`` and the submitter; the SDK adds the
-token to every request by itself.
+token to every request by itself. The token file is kept private (0600, ``cluster.ray_node``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cluster.ray_node import private_token
 from core.errors import RecsysError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -79,6 +80,7 @@ def submit(
             raise RecsysError(f"--working-dir {working_dir}: not a directory")
         runtime_env["working_dir"] = str(path.resolve())
     check_job_server(url)
+    private_token()  # the SDK reads it: not for other users' eyes
     quiet_sdk_logs()
     try:
         client = JobSubmissionClient(url)

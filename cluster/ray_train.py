@@ -1,7 +1,8 @@
 """``--backend ray``: Ray Train's TorchTrainer runs the training function on ``--num-workers`` workers.
 
 Connects to ``--ray-address``, else to the cluster of the Ray job this runs in (``RAY_ADDRESS``, set
-by ``ray job submit``), else starts a local Ray. The TorchRec strategy is built on Ray's own
+by ``ray job submit``), else starts a local Ray whose servers all listen on 127.0.0.1 only
+(``cluster.ray_node``). The TorchRec strategy is built on Ray's own
 ``RayDDPStrategy`` (``prepare_trainer`` accepts nothing else) with ``RayLightningEnvironment``; each
 epoch's checkpoint (every rank's shards) is reported to Ray, so when a worker dies the worker group
 restarts from the last reported checkpoint (``FailureConfig``).
@@ -9,7 +10,9 @@ restarts from the last reported checkpoint (``FailureConfig``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -18,8 +21,12 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.launch import one_line
+from cluster.ray_node import LOOPBACK_IP, is_loopback, private_token, single_host_mode
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
+from core.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.ckpt"  # the name RayTrainReportCallback gives Lightning's checkpoint
 METRICS = "final_metrics.json"
@@ -34,14 +41,19 @@ def connect(cluster: ClusterConfig) -> None:
         check_reachable(address)
     if ray.is_initialized():
         return
+    private_token(create=not address)  # a new local Ray turns token auth on and would write the token
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # a loopback address must stay loopback (Ray would swap in this host's routable IP)
+        with single_host_mode() if is_loopback(address) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, cluster.num_workers * cluster.cpus_per_worker),
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+        with single_host_mode():
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, cluster.num_workers * cluster.cpus_per_worker),
+                include_dashboard=False,
+                log_to_driver=True,
+                _node_ip_address=LOOPBACK_IP,
+            )
 
 
 def check_reachable(address: str) -> None:
@@ -86,6 +98,8 @@ def worker(config: dict[str, Any]) -> None:
     )
 
     context = ray.train.get_context()
+    setup_logging(rank=context.get_world_rank(), world_size=context.get_world_size())
+    log.info("runs on Ray node %s (%s)", ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
     latest = ray.train.get_checkpoint()  # set when Ray restarted the worker group after a failure
     resume = str(Path(latest.to_directory()) / CHECKPOINT) if latest is not None else None
 

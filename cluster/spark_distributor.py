@@ -3,13 +3,18 @@
 ``--cluster.spark_local_mode true`` (default) starts the processes on the driver;
 ``false`` runs them as barrier tasks on the executors of ``--cluster.spark_master`` (any master URL;
 default ``local[num_workers]``). TorchDistributor waits silently when the cluster has fewer task
-slots than processes, so that is checked before it starts.
+slots than processes, so that is checked before it starts; executors of a standalone (or any cluster
+manager's) master register after the session starts, so the check waits for them first. Processes on
+executors that all run on one machine (``local-cluster``, or a standalone worker on this host) are
+presented as the ranks of one node: they share that machine's ``/dev/shm``, which StreamingDataset
+coordinates through.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 from cluster.config import ClusterConfig
@@ -59,6 +64,20 @@ def failure_line(log: str) -> str:
     return (log.splitlines() or [""])[0][:300]
 
 
+def executor_hosts(spark: Any, n: int, wait_s: float = 60.0) -> tuple[set[str], int]:
+    """The hosts of the driver and the application's executors, and the task slots, once executors
+    offer ``n`` slots (or ``wait_s`` passed): a cluster manager starts them after the session is up."""
+    sc = spark.sparkContext
+    tracker = sc._jsc.sc().statusTracker()
+    deadline = time.monotonic() + wait_s
+    while True:
+        infos = tracker.getExecutorInfos()  # the driver's entry and one per executor
+        slots = int(sc.defaultParallelism)
+        if (len(infos) > 1 and slots >= n) or time.monotonic() > deadline:
+            return {i.host() for i in infos}, slots
+        time.sleep(0.5)
+
+
 def master_of(cluster: ClusterConfig) -> str:
     return cluster.spark_master or f"local[{cluster.num_workers}]"
 
@@ -72,8 +91,13 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
     spark = spark_session(master, f"recsys-{name}", "--backend spark")
     try:
         n = cluster.num_workers
+        colocated = single_host(master)
         if not cluster.spark_local_mode:
-            slots = spark.sparkContext.defaultParallelism
+            if colocated:
+                slots = spark.sparkContext.defaultParallelism
+            else:
+                hosts, slots = executor_hosts(spark, n)
+                colocated = len(hosts) == 1  # driver and executors on one machine
             if slots < n:
                 raise RecsysError(
                     f"--num-workers {n}: the Spark cluster has {slots} task slots (TorchDistributor would wait forever)"
@@ -82,7 +106,7 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
             num_processes=n, local_mode=cluster.spark_local_mode, use_gpu=accelerator == "gpu"
         )
         try:
-            result = distributor.run(worker, fn, payload, accelerator, single_host(master))
+            result = distributor.run(worker, fn, payload, accelerator, colocated)
         except Exception as e:  # a failed torchrun surfaces as a RuntimeError with its whole log
             raise RecsysError(f"--backend spark: training failed ({failure_line(str(e))})") from None
         return dict(result or {})

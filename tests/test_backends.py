@@ -37,7 +37,10 @@ def local_ray_session() -> Iterator[None]:
     """A local Ray for one run: a connected Ray driver must not live on while Spark tests fork."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from cluster.ray_node import LOOPBACK_IP, single_host_mode
+
+    with single_host_mode():  # every server of it on 127.0.0.1, as the Ray a run starts itself
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address=LOOPBACK_IP)
     try:
         yield
     finally:

@@ -14,6 +14,7 @@ from mlflow.entities import Run
 
 from app.cli import main
 from cluster.local import free_port
+from cluster.ray_node import SINGLE_HOST_ENV
 
 pytestmark = pytest.mark.cluster
 
@@ -31,8 +32,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     home = tmp_path_factory.mktemp("ray-home")
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # the job runs this venv's `recsys`
-    subprocess.run(
-        [f"{BIN}/ray", "get-auth-token", "--generate"],
+    subprocess.run(  # as the README says: the token file private from the start
+        ["bash", "-c", f"umask 077 && {BIN}/ray get-auth-token --generate"],
         env={**base, "HOME": str(home)},
         check=True,
         capture_output=True,
@@ -40,7 +41,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     )
     token = home / ".ray" / "auth_token"
     assert token.stat().st_size > 0
-    env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    assert token.stat().st_mode & 0o777 == 0o600
+    # single-host mode keeps --node-ip-address 127.0.0.1 as it is: GCS, raylet and agents on loopback only
+    env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), SINGLE_HOST_ENV: "0"}
     dashboard = free_port()
     start = [
         f"{BIN}/ray",
