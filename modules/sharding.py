@@ -259,6 +259,33 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return load_trainer_state(checkpoint)
 
 
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_store(host: str, port: int, world_size: int, is_master: bool, timeout: Any) -> dist.TCPStore:
+    """A rendezvous store whose server (rank 0) listens on ``host`` only: the socket is bound here and
+    passed to torch, which otherwise binds every interface."""
+    import socket
+
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, False, timeout=timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    store = dist.TCPStore(host, port, world_size, True, timeout=timeout, master_listen_fd=sock.detach())
+    return store
+
+
 class TorchRecMixin:
     """Turns a DDP strategy (Lightning's, or a backend's subclass of it such as Ray's) into one whose
     model wrapping is TorchRec's DistributedModelParallel.
@@ -278,6 +305,26 @@ class TorchRecMixin:
     num_processes: int
     is_global_zero: bool
     optimizers: Any
+    _timeout: Any
+    set_world_ranks: Any
+    _get_process_group_backend: Any
+
+    def setup_distributed(self) -> None:
+        """Lightning's, with the process group's rendezvous store on loopback when the main address is
+        (``--backend local``, Spark on one host): torch's own ``env://`` rendezvous makes rank 0's
+        TCPStore listen on every interface whatever MASTER_ADDR says, so rank 0 binds the socket itself
+        and hands it over. A group someone else made (Ray Train's) is left alone."""
+        env: Any = getattr(self, "cluster_environment", None)
+        if env is not None and not dist.is_initialized() and is_loopback_host(env.main_address):
+            self.set_world_ranks()
+            backend = self._get_process_group_backend()
+            rank, world = env.global_rank(), env.world_size()
+            store = loopback_store(env.main_address, env.main_port, world, rank == 0, self._timeout)
+            device = self.root_device if self.root_device.type != "cpu" else None
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world, timeout=self._timeout, device_id=device
+            )
+        super().setup_distributed()  # type: ignore[misc]  # Lightning skips its own init when a group exists
 
     def model_to_device(self) -> None:
         lm: Any = self.lightning_module

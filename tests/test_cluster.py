@@ -221,6 +221,33 @@ def test_local_ray_for_a_run_listens_on_loopback_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
 
 
+# -- the processes of --backend local ---------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_local_processes_listen_on_loopback_only(ctr_wide_dataset: Path, tmp_path: Path) -> None:
+    """``recsys train --num-workers 2``: every socket the run's processes listen on, watched while it
+    trains (rank 0's rendezvous store, gloo's pairs), is on 127.0.0.1: torch's own ``env://``
+    rendezvous would have the store listen on every interface."""
+    flags = [f for f in shrunk_flags(tmp_path, ctr_wide_dataset) if not f.startswith("--max-epochs")]
+    cmd = [str(BIN / "recsys"), "train", "--config", str(CONFIGS / "dlrm-synthetic-ctr.yaml"), *flags]
+    cmd += ["--max-epochs=2", "--num-workers=2"]
+    proc = subprocess.Popen(
+        cmd, env=user_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    seen: set[tuple[str, int, str]] = set()
+    with services() as procs:
+        procs.append(proc)
+        while proc.poll() is None:
+            seen |= set(listening(tree(proc.pid)))
+            time.sleep(0.2)
+        output = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, output[-4000:]
+    assert len({port for _, port, _ in seen}) >= 2, seen  # the store and the gloo pairs were seen
+    exposed = [s for s in seen if s[0] not in LOOPBACK_IPS]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
 # -- a two-node Ray cluster on 127.0.0.1 ------------------------------------------------------------
 
 SECOND_NODE = """
