@@ -25,6 +25,7 @@ from cluster.ray_node import LOOPBACK_IP, is_loopback, private_token, single_hos
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
 from core.logs import setup_logging
+from core.rendezvous import host_loopback_store, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,36 @@ def worker_error(error: BaseException) -> str:
     return lines[-1][:400] if lines else type(error).__name__
 
 
+def loopback_torch_config() -> Any:
+    """Ray Train's ``TorchConfig`` whose process group, when worker 0 is on a loopback address (Ray's
+    single-host mode), meets at a store listening on that address only: Ray's own backend has torch
+    bind every interface. Worker 0 first hosts a multi-tenant store server on the port Ray picks
+    (``core.rendezvous``); Ray's ``init_process_group`` there then reuses it. Ray's backend is reused
+    as is, only its choice of address and port is made once beforehand (a private hook, checked by
+    ``tests/test_cluster.py``)."""
+    import ray.train.torch.config as ray_torch
+    from ray.train.torch.config import TorchConfig, _TorchBackend
+
+    class LoopbackTorchBackend(_TorchBackend):  # type: ignore[misc]
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            pick = ray_torch.get_address_and_port
+            addr, port = worker_group.execute_single(0, pick)
+            if is_loopback_host(addr):
+                worker_group.execute_single(0, host_loopback_store, addr, port, len(worker_group))
+            ray_torch.get_address_and_port = lambda: (addr, port)
+            try:
+                super().on_start(worker_group, backend_config)
+            finally:
+                ray_torch.get_address_and_port = pick
+
+    class LoopbackTorchConfig(TorchConfig):  # type: ignore[misc]
+        @property
+        def backend_cls(self) -> type:
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig()
+
+
 def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
     """Run ``fn`` with Ray Train; returns rank 0's final metrics."""
     import ray.train
@@ -151,6 +182,7 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
     trainer = TorchTrainer(
         worker,
         train_loop_config={"fn": fn, "payload": payload, "use_gpu": gpu},
+        torch_config=loopback_torch_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cluster.num_workers,
             use_gpu=gpu,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from core.errors import RecsysError
+from core.rendezvous import is_loopback_host, loopback_store
 from modules.safe_checkpoint import TRAINER_STATE, dcp_load, load_trainer_state
 
 log = logging.getLogger(__name__)
@@ -259,33 +261,6 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return load_trainer_state(checkpoint)
 
 
-def is_loopback_host(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def loopback_store(host: str, port: int, world_size: int, is_master: bool, timeout: Any) -> dist.TCPStore:
-    """A rendezvous store whose server (rank 0) listens on ``host`` only: the socket is bound here and
-    passed to torch, which otherwise binds every interface."""
-    import socket
-
-    if not is_master:
-        return dist.TCPStore(host, port, world_size, False, timeout=timeout)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    store = dist.TCPStore(host, port, world_size, True, timeout=timeout, master_listen_fd=sock.detach())
-    return store
-
-
 class TorchRecMixin:
     """Turns a DDP strategy (Lightning's, or a backend's subclass of it such as Ray's) into one whose
     model wrapping is TorchRec's DistributedModelParallel.
@@ -313,9 +288,11 @@ class TorchRecMixin:
         """Lightning's, with the process group's rendezvous store on loopback when the main address is
         (``--backend local``, Spark on one host): torch's own ``env://`` rendezvous makes rank 0's
         TCPStore listen on every interface whatever MASTER_ADDR says, so rank 0 binds the socket itself
-        and hands it over. A group someone else made (Ray Train's) is left alone."""
+        and hands it over. A group someone else made (Ray Train's), or a store torchrun's agent serves
+        (Spark's TorchDistributor), is left alone."""
         env: Any = getattr(self, "cluster_environment", None)
-        if env is not None and not dist.is_initialized() and is_loopback_host(env.main_address):
+        under_torchrun = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # its agent holds the store
+        if env is not None and not dist.is_initialized() and not under_torchrun and is_loopback_host(env.main_address):
             self.set_world_ranks()
             backend = self._get_process_group_backend()
             rank, world = env.global_rank(), env.world_size()

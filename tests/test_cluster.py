@@ -225,13 +225,15 @@ def test_local_ray_for_a_run_listens_on_loopback_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
-def test_local_processes_listen_on_loopback_only(ctr_wide_dataset: Path, tmp_path: Path) -> None:
-    """``recsys train --num-workers 2``: every socket the run's processes listen on, watched while it
-    trains (rank 0's rendezvous store, gloo's pairs), is on 127.0.0.1: torch's own ``env://``
-    rendezvous would have the store listen on every interface."""
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_a_training_listens_on_loopback_only(backend: str, ctr_wide_dataset: Path, tmp_path: Path) -> None:
+    """``recsys train --backend local|ray --num-workers 2`` (what ``ss -ltn`` would show): every socket
+    the run's processes listen on, watched while it trains (Ray's servers and workers, rank 0's
+    rendezvous store, gloo's pairs), is on 127.0.0.1. Without ``core.rendezvous`` torch has the store
+    listen on every interface, under both backends."""
     flags = [f for f in shrunk_flags(tmp_path, ctr_wide_dataset) if not f.startswith("--max-epochs")]
     cmd = [str(BIN / "recsys"), "train", "--config", str(CONFIGS / "dlrm-synthetic-ctr.yaml"), *flags]
-    cmd += ["--max-epochs=2", "--num-workers=2"]
+    cmd += ["--max-epochs=2", "--num-workers=2", f"--backend={backend}", f"--cluster.storage_path={tmp_path / 'ray'}"]
     proc = subprocess.Popen(
         cmd, env=user_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
