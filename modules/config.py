@@ -16,6 +16,8 @@ class ModelConfig:
     """Dimension of every embedding table."""
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     """two-tower: MLP sizes of each tower (the last is the output embedding size)."""
+    tower_activation: Literal["relu", "tanh"] = "relu"
+    """two-tower: the nonlinearity between tower layers."""
     similarity: Literal["dot", "cosine"] = "dot"
     """two-tower: how user and item embeddings are compared."""
     temperature: float = 1.0
@@ -41,6 +43,13 @@ class ModelConfig:
     """two-tower history: keep only the most recent N items of a bag (0 = all)."""
     history_dropout: float = 0.0
     """two-tower history: drop each history item with this probability in training batches."""
+    history_pooling: Literal["mean", "sum", "sqrt"] = "mean"
+    """two-tower history: pool a bag's item embeddings by their mean, their sum, or their sum over
+    sqrt(bag length) (the L2-normalised multi-hot input of Mult-DAE/Mult-VAE)."""
+    history_leave_one_out: bool = True
+    """two-tower history: a training row's own item is masked out of its bag; false: every training
+    row reads its user's whole train history (with ``history_dropout``, the denoising objective of
+    Mult-DAE: the row's item is hidden only when dropout drops it)."""
     user_id_in_tower: bool = True
     """two-tower: the user tower reads the user id; false: a user is their history and side features
     alone, so users unseen in training embed exactly like the others."""

@@ -232,6 +232,7 @@ class RetrievalTask(RecTask):
             self.register_buffer("item_column", column, persistent=False)
         self.histories: UserHistories | None = None
         self.history_max_len, self.history_dropout = arch.history_max_len, arch.history_dropout
+        self.leave_one_out = arch.history_leave_one_out
         if arch.history:
             if corpus is None or corpus.histories is None:
                 raise RecsysError("--arch.history true: the dataset has no user histories; prepare it again")
@@ -242,7 +243,8 @@ class RetrievalTask(RecTask):
         """``kjt`` with each row's user history appended (models without history: unchanged).
 
         Training rows leave their own item out of the bag (leave-one-out: a masked lookup, the item
-        being predicted is never an input) and get history dropout; evaluation rows and corpus users
+        being predicted is never an input; unless ``--arch.history_leave_one_out false``) and get
+        history dropout; evaluation rows and corpus users
         read the whole train history. Rows without a user (corpus items) get an empty bag.
         """
         if self.histories is None:
@@ -250,7 +252,7 @@ class RetrievalTask(RecTask):
         users = single_ids(kjt, self.user_key)
         if users.device not in self._histories_on:
             self._histories_on[users.device] = self.histories.to(users.device)
-        exclude = single_ids(kjt, self.item_key) if training else None
+        exclude = single_ids(kjt, self.item_key) if training and self.leave_one_out else None
         dropout = self.history_dropout if training else 0.0
         values, lengths = self._histories_on[users.device].lookup(users, exclude, self.history_max_len, dropout)
         return with_feature(kjt, HISTORY_FEATURE, values, lengths)

@@ -20,7 +20,7 @@ from conftest import ratings_frame, shrink, tiny_prepare, write_ml100k
 
 from app.cli import main
 from datamodules.config import DataConfig
-from datamodules.corpus import RetrievalCorpus
+from datamodules.corpus import RetrievalCorpus, tower_inputs
 from datamodules.histories import UserHistories
 from datamodules.prepare import prepare
 from datamodules.schema import HISTORY_FEATURE, history_files, read_metadata
@@ -39,9 +39,9 @@ def history_table(path: Path) -> dict[int, list[int]]:
     return {int(u): [int(i) for i in items] for u, items in zip(table.user_id, table["items"], strict=True)}
 
 
-def history_task(path: Path, loss: str = "softmax") -> RetrievalTask:
+def history_task(path: Path, loss: str = "softmax", **arch: Any) -> RetrievalTask:
     meta = read_metadata(path)
-    cfg = ModelConfig(embedding_dim=8, tower_layers=[8], loss=loss, history=True)  # type: ignore[arg-type]
+    cfg = ModelConfig(**{"embedding_dim": 8, "tower_layers": [8], "loss": loss, "history": True, **arch})
     model = model_kind("two-tower").build_model(meta, cfg, "cpu")
     return RetrievalTask(model, OptimConfig(), cfg, meta, RetrievalCorpus.load(path, meta))
 
@@ -118,6 +118,45 @@ def test_a_training_row_never_sees_its_own_item_and_eval_rows_see_the_train_hist
             for u, bag in zip(kjt["user_id"].values().tolist(), bags(extended), strict=True):
                 assert bag == hist.get(u, [])
     dm.teardown()
+
+
+def test_without_leave_one_out_a_training_row_reads_the_whole_history(ml_dataset: Path, tmp_path: Path) -> None:
+    task = history_task(ml_dataset, history_leave_one_out=False)
+    hist = history_table(ml_dataset)
+    dm = StreamingDataModule(DataConfig(path=str(ml_dataset), batch_size=64, shuffle=False, cache_dir=str(tmp_path)))
+    batch = next(iter(dm.train_dataloader()))
+    kjt = batch.sparse_features
+    assert bags(task.with_history(kjt, training=True)) == [hist[u] for u in kjt["user_id"].values().tolist()]
+    dm.teardown()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum", "sqrt"])
+@pytest.mark.parametrize("table", ["own", "item"])
+def test_history_pooling_is_the_mean_the_sum_or_the_sum_over_sqrt_length(
+    ml_dataset: Path, pooling: str, table: str
+) -> None:
+    task = history_task(
+        ml_dataset, history_pooling=pooling, history_table=table, tower_activation="tanh", tower_layers=[8, 8]
+    )
+    model: Any = task.model
+    assert any(isinstance(m, torch.nn.Tanh) for m in model.user_mlp.modules())
+    assert task.corpus is not None
+    _, kjt = tower_inputs(task.corpus.users.iloc[:3], task.meta)
+    extended = task.with_history(kjt, training=False)
+    pooled = model._pool(extended)
+    assert all(bags(extended))
+    tables = dict(model.ebc.embedding_bags.items())
+    weights = tables[f"t_{HISTORY_FEATURE if table == 'own' else 'item_id'}"].weight
+    for row, bag in enumerate(bags(extended)):
+        scale = {"mean": len(bag), "sum": 1.0, "sqrt": len(bag) ** 0.5}[pooling]
+        expected = weights[torch.tensor(bag, dtype=torch.long)].sum(0) / scale
+        torch.testing.assert_close(pooled[HISTORY_FEATURE][row], expected, rtol=1e-5, atol=1e-6)
+    # a shared table's single-hot item id is its own row whatever the history's pooling
+    _, items = tower_inputs(task.corpus.items.iloc[:3], task.meta)
+    ids = items["item_id"].values()
+    torch.testing.assert_close(
+        model._pool(task.with_history(items, training=False))["item_id"], tables["t_item_id"].weight[ids]
+    )
 
 
 def test_history_two_tower_trains_with_sampled_and_full_softmax(ml_dataset: Path, tmp_path: Path) -> None:
