@@ -22,9 +22,13 @@ class ModelConfig:
     """two-tower: how user and item embeddings are compared."""
     temperature: float = 1.0
     """two-tower: logits = similarity / temperature."""
-    loss: Literal["bce", "softmax", "full_softmax"] = "bce"
+    loss: Literal["bce", "softmax", "full_softmax", "multinomial"] = "bce"
     """two-tower: pointwise BCE on the label; in-batch sampled softmax (positives only, log-Q corrected);
-    or full_softmax: each positive against every corpus item, all scored every batch (small corpora)."""
+    full_softmax: each positive against every corpus item, all scored every batch (small corpora); or
+    multinomial (needs ``history``): each positive row's user, embedded from the whole train history
+    (history dropout its only corruption: no leave-one-out), against every corpus item, with the mean
+    log-likelihood of all the user's history items as the objective (Mult-DAE, Liang et al. 2018;
+    users come up in proportion to their rows, so heavy users weigh more, as in its sum over items)."""
     logq_correction: bool = True
     """two-tower softmax: subtract log(expected count of the candidate among the negatives) from its
     logit (the sampled-softmax / log-Q correction; with mixed negatives the count is that of the mixture)."""
@@ -42,7 +46,9 @@ class ModelConfig:
     history_max_len: int = 0
     """two-tower history: keep only the most recent N items of a bag (0 = all)."""
     history_dropout: float = 0.0
-    """two-tower history: drop each history item with this probability in training batches."""
+    """two-tower history: drop each history item with this probability in training batches; a summed
+    bag is rescaled by 1/(1-p) (sqrt: 1/sqrt(1-p)) so that training bags match evaluation ones in
+    expectation (inverted dropout; a mean needs none)."""
     history_pooling: Literal["mean", "sum", "sqrt"] = "mean"
     """two-tower history: pool a bag's item embeddings by their mean, their sum, or their sum over
     sqrt(bag length) (the L2-normalised multi-hot input of Mult-DAE/Mult-VAE)."""
@@ -74,6 +80,7 @@ class ModelConfig:
             self.history or self.user_id_in_tower or self.tower_features == "all",
             "--arch.user_id_in_tower false: the user tower needs --arch.history true or side features",
         )
+        require(self.history or self.loss != "multinomial", "--arch.loss multinomial: needs --arch.history true")
 
 
 @dataclass(frozen=True)

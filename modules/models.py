@@ -93,7 +93,9 @@ class TwoTower(nn.Module):
 
     Each tower concatenates its features' pooled embeddings with its dense features and applies an
     MLP whose last layer is linear; ``cosine`` similarity L2-normalises the outputs. The sum-pooled
-    embeddings of the features in ``sqrt_pooled`` are divided by the square root of their bag's length.
+    embeddings of the features in ``sqrt_pooled`` are divided by the square root of their bag's length;
+    ``bag_scale`` multiplies the history's pooled embedding in training (inverted dropout: the task
+    drops history items, so a summed training bag would be smaller than the evaluation one).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class TwoTower(nn.Module):
         cosine: bool,
         activation: str = "relu",
         sqrt_pooled: tuple[str, ...] = (),
+        bag_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.ebc = ebc
@@ -114,12 +117,15 @@ class TwoTower(nn.Module):
         self.item_mlp = mlp(dim * len(item.sparse) + len(item.dense), layers, False, activation)
         self.cosine = cosine
         self.sqrt_pooled = sqrt_pooled
+        self.bag_scale = bag_scale
 
     def _pool(self, sparse_features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         pooled = self.ebc(sparse_features).to_dict()
         for name in self.sqrt_pooled:
             lengths = sparse_features[name].lengths().clamp(min=1).to(pooled[name].dtype)
             pooled[name] = pooled[name] / lengths.sqrt().unsqueeze(1)
+        if self.training and self.bag_scale != 1.0 and HISTORY_FEATURE in pooled:
+            pooled[HISTORY_FEATURE] = pooled[HISTORY_FEATURE] * self.bag_scale
         return pooled
 
     def _tower(
@@ -223,8 +229,11 @@ def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch
         user = dataclasses.replace(user, sparse=(*user.sparse, HISTORY_FEATURE))
     ebc = new_collection(meta, cfg, device, history)
     sqrt_pooled = (HISTORY_FEATURE,) if cfg.history and cfg.history_pooling == "sqrt" else ()
+    # inverted dropout: E[sum of kept items] = (1-p) sum; a sum over sqrt(kept length) ~ sqrt(1-p) x
+    keep = 1.0 - cfg.history_dropout
+    bag_scale = {"mean": 1.0, "sum": 1.0 / keep, "sqrt": keep**-0.5}[cfg.history_pooling] if cfg.history else 1.0
     cosine = cfg.similarity == "cosine"
-    return TwoTower(ebc, user, item, list(cfg.tower_layers), cosine, cfg.tower_activation, sqrt_pooled)
+    return TwoTower(ebc, user, item, list(cfg.tower_layers), cosine, cfg.tower_activation, sqrt_pooled, bag_scale)
 
 
 def build_deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:

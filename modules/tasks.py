@@ -220,9 +220,10 @@ class RetrievalTask(RecTask):
         self.user_key = meta.user_id_feature or "user_id"
         self.num_uniform = arch.uniform_negatives if corpus is not None and arch.loss == "softmax" else 0
         self.negative_pool: tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor] | None = None
-        if self.num_uniform or arch.loss == "full_softmax":
+        self.whole_corpus = arch.loss in ("full_softmax", "multinomial")
+        if self.num_uniform or self.whole_corpus:
             if corpus is None:
-                raise RecsysError("--arch.loss full_softmax: needs the dataset's item corpus")
+                raise RecsysError(f"--arch.loss {arch.loss}: needs the dataset's item corpus")
             dense, kjt = tower_inputs(corpus.items, meta)
             ids = torch.as_tensor(corpus.items[self.item_key].to_numpy(np.int64))
             self.negative_pool = (dense, kjt, ids)
@@ -232,7 +233,7 @@ class RetrievalTask(RecTask):
             self.register_buffer("item_column", column, persistent=False)
         self.histories: UserHistories | None = None
         self.history_max_len, self.history_dropout = arch.history_max_len, arch.history_dropout
-        self.leave_one_out = arch.history_leave_one_out
+        self.leave_one_out = arch.history_leave_one_out and arch.loss != "multinomial"
         if arch.history:
             if corpus is None or corpus.histories is None:
                 raise RecsysError("--arch.history true: the dataset has no user histories; prepare it again")
@@ -271,7 +272,7 @@ class RetrievalTask(RecTask):
             neg_ids = None
             if self.negative_pool is not None:
                 pool_dense, pool_kjt, pool_ids = self.negative_pool
-                if self.loss_kind == "full_softmax":
+                if self.whole_corpus:
                     neg_dense, neg_kjt, neg_ids = pool_dense, pool_kjt, pool_ids
                 else:
                     pick = torch.randint(len(pool_ids), (self.num_uniform,))
@@ -283,6 +284,9 @@ class RetrievalTask(RecTask):
             item_ids = batch.sparse_features[self.item_key].values()
             if self.loss_kind == "full_softmax":
                 loss = self.full_softmax_loss(user[:n], item[n:], item_ids, batch.labels)
+            elif self.loss_kind == "multinomial":
+                users = single_ids(batch.sparse_features, self.user_key)
+                loss = self.multinomial_loss(user[:n], item[n:], users, batch.labels)
             else:
                 negatives = None if neg_ids is None else (item[n:], neg_ids, len(self.negative_pool[2]))  # type: ignore[index]
                 loss = self.softmax_loss(user[:n], item[:n], item_ids, batch.labels, negatives)
@@ -340,6 +344,32 @@ class RetrievalTask(RecTask):
             return (user.sum() + corpus.sum()) * 0.0  # keeps every rank's backward in step
         logits = user[pos][known] @ corpus.t() / self.temperature
         return nn.functional.cross_entropy(logits, target[known])
+
+    def multinomial_loss(
+        self, user: torch.Tensor, corpus: torch.Tensor, users: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean over positive rows of the mean negative log-likelihood, under a softmax over every
+        corpus item, of all the items in the row's user's train history (Mult-DAE's multinomial
+        likelihood, per item so that a row weighs the same whatever its user's history length)."""
+        assert self.histories is not None
+        pos = labels > 0.5
+        if users.device not in self._histories_on:
+            self._histories_on[users.device] = self.histories.to(users.device)
+        values, lengths = self._histories_on[users.device].lookup(users[pos])
+        column: torch.Tensor = self.item_column  # type: ignore[assignment]
+        target = column[values]
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=user.device), lengths.long())
+        known = target >= 0
+        row, target = row[known], target[known]
+        counts = torch.zeros(len(lengths), device=user.device).index_add_(
+            0, row, torch.ones_like(row, dtype=torch.float)
+        )
+        if not bool((counts > 0).any()):
+            return (user.sum() + corpus.sum()) * 0.0  # keeps every rank's backward in step
+        log_probs = torch.log_softmax(user[pos] @ corpus.t() / self.temperature, dim=1)
+        per_row = torch.zeros(len(lengths), device=user.device).index_add_(0, row, log_probs[row, target])
+        has = counts > 0
+        return -(per_row[has] / counts[has]).mean()
 
     @torch.no_grad()
     def embed(self, table: pd.DataFrame, tower: int) -> torch.Tensor:

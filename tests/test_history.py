@@ -195,6 +195,36 @@ def test_full_softmax_is_cross_entropy_over_the_corpus(ml_dataset: Path) -> None
     assert float(task.full_softmax_loss(user, items, ids, labels)) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dataset: Path) -> None:
+    task = history_task(ml_dataset, loss="multinomial", history_dropout=0.5, history_pooling="sqrt")
+    assert task.corpus is not None and not task.leave_one_out  # the whole history is the input
+    hist = history_table(ml_dataset)
+    corpus_ids = task.corpus.items.item_id.tolist()
+    torch.manual_seed(0)
+    user, items = torch.randn(3, 8), torch.randn(len(corpus_ids), 8)
+    users = torch.tensor([1, 2, 1])
+    labels = torch.tensor([1.0, 1.0, 0.0])  # the negative row takes no part
+    log_probs = torch.log_softmax(user @ items.t() / task.temperature, dim=1)
+    expected = []
+    for r in (0, 1):
+        cols = [corpus_ids.index(i) for i in hist[int(users[r])] if i in corpus_ids]
+        expected.append(-log_probs[r, cols].mean())
+    got = task.multinomial_loss(user, items, users, labels)
+    assert float(got) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    # inverted dropout: a summed training bag over sqrt(length) is scaled by 1/sqrt(1 - p), evaluation not
+    model: Any = task.model
+    assert model.bag_scale == pytest.approx(2**0.5)
+
+
+def test_history_multinomial_trains(ml_dataset: Path, tmp_path: Path) -> None:
+    from app.train import train
+
+    flags = ["--max-epochs=1", "--arch.loss=multinomial", "--arch.history_table=own", "--arch.user_id_in_tower=false"]
+    flags += ["--arch.history_pooling=sqrt", "--arch.history_dropout=0.5", "--arch.tower_activation=tanh"]
+    metrics = train(shrink("two-tower-history-movielens", ml_dataset, tmp_path, *flags, "--arch.tower_layers=[8,8]"))
+    assert 0.0 <= metrics["test/ndcg_at_10"] <= 1.0 and np.isfinite(metrics["train_loss_per_epoch"][-1])
+
+
 def test_history_on_a_dataset_without_histories_is_one_line(
     ml_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
