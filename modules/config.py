@@ -25,10 +25,11 @@ class ModelConfig:
     loss: Literal["bce", "softmax", "full_softmax", "multinomial"] = "bce"
     """two-tower: pointwise BCE on the label; in-batch sampled softmax (positives only, log-Q corrected);
     full_softmax: each positive against every corpus item, all scored every batch (small corpora); or
-    multinomial (needs ``history``): each positive row's user, embedded from the whole train history
-    (history dropout its only corruption: no leave-one-out), against every corpus item, with the mean
-    log-likelihood of all the user's history items as the objective (Mult-DAE, Liang et al. 2018;
-    users come up in proportion to their rows, so heavy users weigh more, as in its sum over items)."""
+    multinomial (needs ``history``): Mult-DAE's objective (Liang et al. 2018): a user, embedded from
+    the whole train history (history dropout its only corruption: no leave-one-out), against every
+    corpus item, with the summed log-likelihood of all the user's history items; each positive row is
+    kept with probability 1 / its user's history length, so an epoch visits each user about once and
+    a batch of B rows trains about B / (mean history length) users."""
     logq_correction: bool = True
     """two-tower softmax: subtract log(expected count of the candidate among the negatives) from its
     logit (the sampled-softmax / log-Q correction; with mixed negatives the count is that of the mixture)."""

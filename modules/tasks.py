@@ -128,7 +128,7 @@ def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor
         offsets = jt.offsets()
         ln = jt.lengths()[rows]
         starts = offsets[rows]
-        within = torch.arange(int(ln.sum())) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
+        within = torch.arange(int(ln.sum()), device=ln.device) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
         values.append(jt.values()[torch.repeat_interleave(starts, ln) + within])
         lengths.append(ln)
     return KeyedJaggedTensor.from_lengths_sync(
@@ -269,6 +269,10 @@ class RetrievalTask(RecTask):
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         else:
             dense, kjt, n = batch.dense_features, batch.sparse_features, len(batch.labels)
+            if self.loss_kind == "multinomial":
+                users = single_ids(kjt, self.user_key)
+                rows = self.one_row_per_user(users, batch.labels)
+                dense, kjt, users, n = dense[rows], select_rows(kjt, rows), users[rows], len(rows)
             neg_ids = None
             if self.negative_pool is not None:
                 pool_dense, pool_kjt, pool_ids = self.negative_pool
@@ -285,8 +289,7 @@ class RetrievalTask(RecTask):
             if self.loss_kind == "full_softmax":
                 loss = self.full_softmax_loss(user[:n], item[n:], item_ids, batch.labels)
             elif self.loss_kind == "multinomial":
-                users = single_ids(batch.sparse_features, self.user_key)
-                loss = self.multinomial_loss(user[:n], item[n:], users, batch.labels)
+                loss = self.multinomial_loss(user[:n], item[n:], users)
             else:
                 negatives = None if neg_ids is None else (item[n:], neg_ids, len(self.negative_pool[2]))  # type: ignore[index]
                 loss = self.softmax_loss(user[:n], item[:n], item_ids, batch.labels, negatives)
@@ -345,31 +348,36 @@ class RetrievalTask(RecTask):
         logits = user[pos][known] @ corpus.t() / self.temperature
         return nn.functional.cross_entropy(logits, target[known])
 
-    def multinomial_loss(
-        self, user: torch.Tensor, corpus: torch.Tensor, users: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Mean over positive rows of the mean negative log-likelihood, under a softmax over every
-        corpus item, of all the items in the row's user's train history (Mult-DAE's multinomial
-        likelihood, per item so that a row weighs the same whatever its user's history length)."""
+    def user_histories_on(self, device: torch.device) -> UserHistories:
         assert self.histories is not None
-        pos = labels > 0.5
-        if users.device not in self._histories_on:
-            self._histories_on[users.device] = self.histories.to(users.device)
-        values, lengths = self._histories_on[users.device].lookup(users[pos])
+        if device not in self._histories_on:
+            self._histories_on[device] = self.histories.to(device)
+        return self._histories_on[device]
+
+    def one_row_per_user(self, users: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Indices of the positive rows kept for the multinomial loss: each with probability 1 / its
+        user's history length, so that an epoch visits every user once in expectation (Mult-DAE's
+        pass over users) rather than once per interaction; at least one row."""
+        histories = self.user_histories_on(users.device)
+        safe = users.long().clamp(0, histories.num_users - 1)
+        length = (histories.offsets[safe + 1] - histories.offsets[safe]).clamp(min=1)
+        keep = (labels > 0.5) & (torch.rand(len(users), device=users.device) * length < 1.0)
+        rows = keep.nonzero().squeeze(1)
+        return rows if len(rows) else (labels > 0.5).nonzero().squeeze(1)[:1]
+
+    def multinomial_loss(self, user: torch.Tensor, corpus: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of the negative log-likelihood, under a softmax over every corpus item, of
+        all the items in the row's user's train history, summed over them (Mult-DAE's multinomial
+        likelihood: a user with more items weighs more)."""
+        values, lengths = self.user_histories_on(users.device).lookup(users)
         column: torch.Tensor = self.item_column  # type: ignore[assignment]
         target = column[values]
         row = torch.repeat_interleave(torch.arange(len(lengths), device=user.device), lengths.long())
         known = target >= 0
-        row, target = row[known], target[known]
-        counts = torch.zeros(len(lengths), device=user.device).index_add_(
-            0, row, torch.ones_like(row, dtype=torch.float)
-        )
-        if not bool((counts > 0).any()):
+        if not bool(known.any()):
             return (user.sum() + corpus.sum()) * 0.0  # keeps every rank's backward in step
-        log_probs = torch.log_softmax(user[pos] @ corpus.t() / self.temperature, dim=1)
-        per_row = torch.zeros(len(lengths), device=user.device).index_add_(0, row, log_probs[row, target])
-        has = counts > 0
-        return -(per_row[has] / counts[has]).mean()
+        log_probs = torch.log_softmax(user @ corpus.t() / self.temperature, dim=1)
+        return -log_probs[row[known], target[known]].sum() / len(users)
 
     @torch.no_grad()
     def embed(self, table: pd.DataFrame, tower: int) -> torch.Tensor:

@@ -201,16 +201,21 @@ def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dat
     hist = history_table(ml_dataset)
     corpus_ids = task.corpus.items.item_id.tolist()
     torch.manual_seed(0)
-    user, items = torch.randn(3, 8), torch.randn(len(corpus_ids), 8)
-    users = torch.tensor([1, 2, 1])
-    labels = torch.tensor([1.0, 1.0, 0.0])  # the negative row takes no part
+    user, items = torch.randn(2, 8), torch.randn(len(corpus_ids), 8)
+    users = torch.tensor([1, 2])
     log_probs = torch.log_softmax(user @ items.t() / task.temperature, dim=1)
     expected = []
     for r in (0, 1):
         cols = [corpus_ids.index(i) for i in hist[int(users[r])] if i in corpus_ids]
-        expected.append(-log_probs[r, cols].mean())
-    got = task.multinomial_loss(user, items, users, labels)
+        expected.append(-log_probs[r, cols].sum())
+    got = task.multinomial_loss(user, items, users)
     assert float(got) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    # rows are kept with probability 1 / history length: about one per user per pass over the rows
+    train = pd.read_parquet(ml_dataset / "pairs" / "train.parquet")
+    rows = torch.as_tensor(train.user_id.to_numpy())
+    kept = [len(task.one_row_per_user(rows, torch.ones(len(rows)))) for _ in range(200)]
+    assert float(np.mean(kept)) == pytest.approx(len(hist), rel=0.05)
+    assert task.one_row_per_user(rows, torch.zeros(len(rows))).tolist() == []
     # inverted dropout: a summed training bag over sqrt(length) is scaled by 1/sqrt(1 - p), evaluation not
     model: Any = task.model
     assert model.bag_scale == pytest.approx(2**0.5)
