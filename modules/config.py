@@ -16,6 +16,10 @@ class ModelConfig:
     """Dimension of every embedding table."""
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     """two-tower: MLP sizes of each tower (the last is the output embedding size)."""
+    item_tower_layers: list[int] | None = None
+    """two-tower: MLP sizes of the item tower alone (None: ``tower_layers``); [] leaves an item its
+    pooled features as they are (with ids-only towers: its id embedding, Mult-DAE's output layer),
+    which the user tower's last size must then equal."""
     tower_activation: Literal["relu", "tanh"] = "relu"
     """two-tower: the nonlinearity between tower layers."""
     similarity: Literal["dot", "cosine"] = "dot"

@@ -17,6 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from core.errors import RecsysError
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata, history_files
 from modules.config import ModelConfig
 
@@ -108,13 +109,19 @@ class TwoTower(nn.Module):
         activation: str = "relu",
         sqrt_pooled: tuple[str, ...] = (),
         bag_scale: float = 1.0,
+        item_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.ebc = ebc
         self.user_spec, self.item_spec = user, item
         dim = ebc.embedding_bag_configs()[0].embedding_dim
+        item_in = dim * len(item.sparse) + len(item.dense)
+        item_layers = layers if item_layers is None else item_layers
+        user_out, item_out = (layers or [dim * len(user.sparse) + len(user.dense)])[-1], (item_layers or [item_in])[-1]
+        if user_out != item_out:
+            raise RecsysError(f"two-tower: the user tower gives {user_out} numbers, the item tower {item_out}")
         self.user_mlp = mlp(dim * len(user.sparse) + len(user.dense), layers, False, activation)
-        self.item_mlp = mlp(dim * len(item.sparse) + len(item.dense), layers, False, activation)
+        self.item_mlp = mlp(item_in, item_layers, False, activation)
         self.cosine = cosine
         self.sqrt_pooled = sqrt_pooled
         self.bag_scale = bag_scale
@@ -233,7 +240,9 @@ def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch
     keep = 1.0 - cfg.history_dropout
     bag_scale = {"mean": 1.0, "sum": 1.0 / keep, "sqrt": keep**-0.5}[cfg.history_pooling] if cfg.history else 1.0
     cosine = cfg.similarity == "cosine"
-    return TwoTower(ebc, user, item, list(cfg.tower_layers), cosine, cfg.tower_activation, sqrt_pooled, bag_scale)
+    item_layers = None if cfg.item_tower_layers is None else list(cfg.item_tower_layers)
+    layers = list(cfg.tower_layers)
+    return TwoTower(ebc, user, item, layers, cosine, cfg.tower_activation, sqrt_pooled, bag_scale, item_layers)
 
 
 def build_deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:

@@ -19,6 +19,7 @@ import torch
 from conftest import ratings_frame, shrink, tiny_prepare, write_ml100k
 
 from app.cli import main
+from core.errors import RecsysError
 from datamodules.config import DataConfig
 from datamodules.corpus import RetrievalCorpus, tower_inputs
 from datamodules.histories import UserHistories
@@ -219,6 +220,19 @@ def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dat
     # inverted dropout: a summed training bag over sqrt(length) is scaled by 1/sqrt(1 - p), evaluation not
     model: Any = task.model
     assert model.bag_scale == pytest.approx(2**0.5)
+
+
+def test_an_item_tower_without_layers_is_the_item_id_embedding(ml_dataset: Path) -> None:
+    ids_only = {"tower_features": "ids", "user_id_in_tower": False, "tower_layers": [8, 8], "item_tower_layers": []}
+    task = history_task(ml_dataset, **ids_only)
+    model: Any = task.model
+    assert task.corpus is not None and len(model.item_mlp) == 0
+    _, items = tower_inputs(task.corpus.items.iloc[:3], task.meta)
+    embedded = model.embed(torch.zeros(3, 0), task.with_history(items, training=False), "item")
+    weights = dict(model.ebc.embedding_bags.items())["t_item_id"].weight
+    torch.testing.assert_close(embedded, weights[items["item_id"].values()])
+    with pytest.raises(RecsysError, match="user tower gives 4 numbers, the item tower 8"):
+        history_task(ml_dataset, **{**ids_only, "tower_layers": [8, 4]})
 
 
 def test_history_multinomial_trains(ml_dataset: Path, tmp_path: Path) -> None:
