@@ -29,6 +29,21 @@ PRESET = Path(__file__).parent.parent / "configs" / "two-tower-history-movielens
 # Variants as flags over the preset; the preset is the one chosen on validation ("chosen").
 FULL = ["--arch.loss=full_softmax", "--arch.uniform_negatives=0", "--arch.history_table=own"]
 NO_UID = ["--arch.user_id_in_tower=false"]
+WIDE = ["--arch.similarity=dot", "--arch.temperature=1.0", "--arch.embedding_dim=256", "--arch.tower_layers=[256,256]"]
+MULT = [
+    "--arch.loss=multinomial",
+    "--arch.uniform_negatives=0",
+    "--arch.history_table=own",
+    *NO_UID,
+    *WIDE,
+    "--arch.tower_features=ids",
+    "--arch.tower_activation=tanh",
+    "--arch.history_pooling=sqrt",
+    "--arch.history_dropout=0.7",
+    "--optim.sparse=adagrad",
+    "--optim.sparse_lr=0.01",
+    "--batch-size=8192",
+]
 VARIANTS: dict[str, list[str]] = {
     "chosen": [],
     "full-softmax-no-user-id": [*FULL, *NO_UID, "--max-epochs=10"],
@@ -38,6 +53,16 @@ VARIANTS: dict[str, list[str]] = {
     "mixed-own-table": ["--arch.history_table=own", "--max-epochs=6"],
     "mixed-own-table-dropout0.5": ["--arch.history_table=own", "--arch.history_dropout=0.5", "--max-epochs=6"],
     "mixed-item-table-6-epochs": ["--max-epochs=6"],
+    # Mult-DAE-like user towers (issue 10's second round): history only, wide, dot product
+    "loo-full-softmax-dim256-relu-dropout0.5": [
+        *FULL,
+        *NO_UID,
+        *WIDE,
+        "--arch.tower_features=ids",
+        "--arch.history_dropout=0.5",
+        "--max-epochs=12",
+    ],
+    "multinomial-dim256-tanh-sqrt-dropout0.7-batch8192": [*MULT, "--max-epochs=60", "--trainer.patience=10"],
 }
 
 
@@ -73,13 +98,16 @@ def main() -> None:
     for name in args.variant or list(VARIANTS):
         flags = [f"--data={path}", f"--trainer.output_dir={work / 'runs' / f'{args.mode}-{args.split_seed}-{name}'}"]
         flags.append("--tracking.enabled=false")
-        flags += ["--trainer.progress_bar=false", *VARIANTS[name]]
-        if args.max_epochs:
-            flags.append(f"--max-epochs={args.max_epochs}")
+        flags.append("--trainer.progress_bar=false")
         if args.mode == "val":
             flags += [f"--trainer.monitor=val/ndcg_at_{K}", "--trainer.patience=3"]
         else:
             flags += ["--trainer.monitor=train/loss_epoch", "--trainer.patience=0"]
+        flags += VARIANTS[name]  # a variant may set its own patience (val mode)
+        if args.max_epochs:
+            flags.append(f"--max-epochs={args.max_epochs}")
+        if args.mode == "test":
+            flags.append("--trainer.patience=0")
         cfg = load_run_config(PRESET, flags)
         m = train(cfg)
         if args.mode == "val":

@@ -223,7 +223,8 @@ def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dat
 
 
 def test_an_item_tower_without_layers_is_the_item_id_embedding(ml_dataset: Path) -> None:
-    ids_only = {"tower_features": "ids", "user_id_in_tower": False, "tower_layers": [8, 8], "item_tower_layers": []}
+    ids_only: dict[str, Any] = {"tower_features": "ids", "user_id_in_tower": False, "tower_layers": [8, 8]}
+    ids_only["item_tower_layers"] = []
     task = history_task(ml_dataset, **ids_only)
     model: Any = task.model
     assert task.corpus is not None and len(model.item_mlp) == 0
