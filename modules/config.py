@@ -16,13 +16,24 @@ class ModelConfig:
     """Dimension of every embedding table."""
     tower_layers: list[int] = field(default_factory=lambda: [128, 64])
     """two-tower: MLP sizes of each tower (the last is the output embedding size)."""
+    item_tower_layers: list[int] | None = None
+    """two-tower: MLP sizes of the item tower alone (None: ``tower_layers``); [] leaves an item its
+    pooled features as they are (with ids-only towers: its id embedding, Mult-DAE's output layer),
+    which the user tower's last size must then equal."""
+    tower_activation: Literal["relu", "tanh"] = "relu"
+    """two-tower: the nonlinearity between tower layers."""
     similarity: Literal["dot", "cosine"] = "dot"
     """two-tower: how user and item embeddings are compared."""
     temperature: float = 1.0
     """two-tower: logits = similarity / temperature."""
-    loss: Literal["bce", "softmax", "full_softmax"] = "bce"
+    loss: Literal["bce", "softmax", "full_softmax", "multinomial"] = "bce"
     """two-tower: pointwise BCE on the label; in-batch sampled softmax (positives only, log-Q corrected);
-    or full_softmax: each positive against every corpus item, all scored every batch (small corpora)."""
+    full_softmax: each positive against every corpus item, all scored every batch (small corpora); or
+    multinomial (needs ``history``): Mult-DAE's objective (Liang et al. 2018): a user, embedded from
+    the whole train history (history dropout its only corruption: no leave-one-out), against every
+    corpus item, with the summed log-likelihood of all the user's history items; each positive row is
+    kept with probability 1 / its user's history length, so an epoch visits each user about once and
+    a batch of B rows trains about B / (mean history length) users."""
     logq_correction: bool = True
     """two-tower softmax: subtract log(expected count of the candidate among the negatives) from its
     logit (the sampled-softmax / log-Q correction; with mixed negatives the count is that of the mixture)."""
@@ -40,7 +51,16 @@ class ModelConfig:
     history_max_len: int = 0
     """two-tower history: keep only the most recent N items of a bag (0 = all)."""
     history_dropout: float = 0.0
-    """two-tower history: drop each history item with this probability in training batches."""
+    """two-tower history: drop each history item with this probability in training batches; a summed
+    bag is rescaled by 1/(1-p) (sqrt: 1/sqrt(1-p)) so that training bags match evaluation ones in
+    expectation (inverted dropout; a mean needs none)."""
+    history_pooling: Literal["mean", "sum", "sqrt"] = "mean"
+    """two-tower history: pool a bag's item embeddings by their mean, their sum, or their sum over
+    sqrt(bag length) (the L2-normalised multi-hot input of Mult-DAE/Mult-VAE)."""
+    history_leave_one_out: bool = True
+    """two-tower history: a training row's own item is masked out of its bag; false: every training
+    row reads its user's whole train history (with ``history_dropout``, the denoising objective of
+    Mult-DAE: the row's item is hidden only when dropout drops it)."""
     user_id_in_tower: bool = True
     """two-tower: the user tower reads the user id; false: a user is their history and side features
     alone, so users unseen in training embed exactly like the others."""
@@ -65,6 +85,7 @@ class ModelConfig:
             self.history or self.user_id_in_tower or self.tower_features == "all",
             "--arch.user_id_in_tower false: the user tower needs --arch.history true or side features",
         )
+        require(self.history or self.loss != "multinomial", "--arch.loss multinomial: needs --arch.history true")
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,14 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from core.errors import RecsysError
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata, history_files
 from modules.config import ModelConfig
 
 
-def table_configs(meta: DatasetMetadata, dim: int, history: str | None = None) -> list[EmbeddingBagConfig]:
+def table_configs(
+    meta: DatasetMetadata, dim: int, history: str | None = None, history_pooling: str = "mean"
+) -> list[EmbeddingBagConfig]:
     """One table per sparse feature: ``cardinality`` rows (index 0 = out of vocabulary).
 
     ``history`` adds the multi-hot ``user_history`` feature (item indices, mean-pooled): with ``own``
@@ -31,15 +34,17 @@ def table_configs(meta: DatasetMetadata, dim: int, history: str | None = None) -
     ``own`` allows (the default, the general choice); ``item`` halves the item parameters and lets
     the history and the item tower train the same rows, a regulariser on small data. On MovieLens-100K
     the shared table was the better of the two on validation (docs/HISTORY.md), so the preset shares.
-    A shared table pools by mean, which leaves the single-hot item id as it is.
+    A shared table pools by mean, which leaves the single-hot item id as it is. ``history_pooling``
+    ``sum`` or ``sqrt`` pools the history by sum (the model divides ``sqrt`` bags by sqrt(length)).
     """
+    history_mean = history_pooling == "mean"
     item_key = meta.item_id_feature or "item_id"
     configs = []
     for f in meta.sparse_features:
         names = [f.name]
         mean = f.multi_hot
         if history == "item" and f.name == item_key:
-            names, mean = [f.name, HISTORY_FEATURE], True
+            names, mean = [f.name, HISTORY_FEATURE], history_mean
         configs.append(
             EmbeddingBagConfig(
                 name=f"t_{f.name}",
@@ -56,19 +61,22 @@ def table_configs(meta: DatasetMetadata, dim: int, history: str | None = None) -
                 embedding_dim=dim,
                 num_embeddings=meta.feature(item_key).cardinality,
                 feature_names=[HISTORY_FEATURE],
-                pooling=PoolingType.MEAN,
+                pooling=PoolingType.MEAN if history_mean else PoolingType.SUM,
             )
         )
     return configs
 
 
-def mlp(in_size: int, sizes: list[int], last_activation: bool = True) -> nn.Sequential:
-    """Linear layers with ReLU between them (and after the last one unless told otherwise)."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def mlp(in_size: int, sizes: list[int], last_activation: bool = True, activation: str = "relu") -> nn.Sequential:
+    """Linear layers with ``activation`` between them (and after the last one unless told otherwise)."""
     layers: list[nn.Module] = []
     for i, size in enumerate(sizes):
         layers.append(nn.Linear(in_size, size))
         if last_activation or i < len(sizes) - 1:
-            layers.append(nn.ReLU())
+            layers.append(ACTIVATIONS[activation]())
         in_size = size
     return nn.Sequential(*layers)
 
@@ -85,19 +93,47 @@ class TwoTower(nn.Module):
     """User and item towers over shared-collection embeddings; ``forward`` returns both embeddings.
 
     Each tower concatenates its features' pooled embeddings with its dense features and applies an
-    MLP whose last layer is linear; ``cosine`` similarity L2-normalises the outputs.
+    MLP whose last layer is linear; ``cosine`` similarity L2-normalises the outputs. The sum-pooled
+    embeddings of the features in ``sqrt_pooled`` are divided by the square root of their bag's length;
+    ``bag_scale`` multiplies the history's pooled embedding in training (inverted dropout: the task
+    drops history items, so a summed training bag would be smaller than the evaluation one).
     """
 
     def __init__(
-        self, ebc: EmbeddingBagCollection, user: TowerSpec, item: TowerSpec, layers: list[int], cosine: bool
+        self,
+        ebc: EmbeddingBagCollection,
+        user: TowerSpec,
+        item: TowerSpec,
+        layers: list[int],
+        cosine: bool,
+        activation: str = "relu",
+        sqrt_pooled: tuple[str, ...] = (),
+        bag_scale: float = 1.0,
+        item_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.ebc = ebc
         self.user_spec, self.item_spec = user, item
         dim = ebc.embedding_bag_configs()[0].embedding_dim
-        self.user_mlp = mlp(dim * len(user.sparse) + len(user.dense), layers, last_activation=False)
-        self.item_mlp = mlp(dim * len(item.sparse) + len(item.dense), layers, last_activation=False)
+        item_in = dim * len(item.sparse) + len(item.dense)
+        item_layers = layers if item_layers is None else item_layers
+        user_out, item_out = (layers or [dim * len(user.sparse) + len(user.dense)])[-1], (item_layers or [item_in])[-1]
+        if user_out != item_out:
+            raise RecsysError(f"two-tower: the user tower gives {user_out} numbers, the item tower {item_out}")
+        self.user_mlp = mlp(dim * len(user.sparse) + len(user.dense), layers, False, activation)
+        self.item_mlp = mlp(item_in, item_layers, False, activation)
         self.cosine = cosine
+        self.sqrt_pooled = sqrt_pooled
+        self.bag_scale = bag_scale
+
+    def _pool(self, sparse_features: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        pooled = self.ebc(sparse_features).to_dict()
+        for name in self.sqrt_pooled:
+            lengths = sparse_features[name].lengths().clamp(min=1).to(pooled[name].dtype)
+            pooled[name] = pooled[name] / lengths.sqrt().unsqueeze(1)
+        if self.training and self.bag_scale != 1.0 and HISTORY_FEATURE in pooled:
+            pooled[HISTORY_FEATURE] = pooled[HISTORY_FEATURE] * self.bag_scale
+        return pooled
 
     def _tower(
         self, pooled: dict[str, torch.Tensor], dense: torch.Tensor, spec: TowerSpec, net: nn.Module
@@ -111,14 +147,14 @@ class TwoTower(nn.Module):
     def forward(
         self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.ebc(sparse_features).to_dict()
+        pooled = self._pool(sparse_features)
         user = self._tower(pooled, dense_features, self.user_spec, self.user_mlp)
         item = self._tower(pooled, dense_features, self.item_spec, self.item_mlp)
         return user, item
 
     def embed(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor, tower: str) -> torch.Tensor:
         """The embeddings of one tower (``user`` or ``item``) alone: the other tower's inputs may be empty."""
-        pooled = self.ebc(sparse_features).to_dict()
+        pooled = self._pool(sparse_features)
         if tower == "user":
             return self._tower(pooled, dense_features, self.user_spec, self.user_mlp)
         return self._tower(pooled, dense_features, self.item_spec, self.item_mlp)
@@ -182,7 +218,7 @@ def new_collection(
 ) -> EmbeddingBagCollection:
     """One EmbeddingBagCollection with a table per sparse feature of the dataset (and the history
     feature's, see ``table_configs``), on ``device``."""
-    tables = table_configs(meta, cfg.embedding_dim, history)
+    tables = table_configs(meta, cfg.embedding_dim, history, cfg.history_pooling)
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 
 
@@ -199,7 +235,14 @@ def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch
         history = cfg.history_table
         user = dataclasses.replace(user, sparse=(*user.sparse, HISTORY_FEATURE))
     ebc = new_collection(meta, cfg, device, history)
-    return TwoTower(ebc, user, item, list(cfg.tower_layers), cfg.similarity == "cosine")
+    sqrt_pooled = (HISTORY_FEATURE,) if cfg.history and cfg.history_pooling == "sqrt" else ()
+    # inverted dropout: E[sum of kept items] = (1-p) sum; a sum over sqrt(kept length) ~ sqrt(1-p) x
+    keep = 1.0 - cfg.history_dropout
+    bag_scale = {"mean": 1.0, "sum": 1.0 / keep, "sqrt": keep**-0.5}[cfg.history_pooling] if cfg.history else 1.0
+    cosine = cfg.similarity == "cosine"
+    item_layers = None if cfg.item_tower_layers is None else list(cfg.item_tower_layers)
+    layers = list(cfg.tower_layers)
+    return TwoTower(ebc, user, item, layers, cosine, cfg.tower_activation, sqrt_pooled, bag_scale, item_layers)
 
 
 def build_deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:

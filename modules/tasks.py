@@ -128,7 +128,7 @@ def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor) -> KeyedJaggedTensor
         offsets = jt.offsets()
         ln = jt.lengths()[rows]
         starts = offsets[rows]
-        within = torch.arange(int(ln.sum())) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
+        within = torch.arange(int(ln.sum()), device=ln.device) - torch.repeat_interleave(torch.cumsum(ln, 0) - ln, ln)
         values.append(jt.values()[torch.repeat_interleave(starts, ln) + within])
         lengths.append(ln)
     return KeyedJaggedTensor.from_lengths_sync(
@@ -220,9 +220,10 @@ class RetrievalTask(RecTask):
         self.user_key = meta.user_id_feature or "user_id"
         self.num_uniform = arch.uniform_negatives if corpus is not None and arch.loss == "softmax" else 0
         self.negative_pool: tuple[torch.Tensor, KeyedJaggedTensor, torch.Tensor] | None = None
-        if self.num_uniform or arch.loss == "full_softmax":
+        self.whole_corpus = arch.loss in ("full_softmax", "multinomial")
+        if self.num_uniform or self.whole_corpus:
             if corpus is None:
-                raise RecsysError("--arch.loss full_softmax: needs the dataset's item corpus")
+                raise RecsysError(f"--arch.loss {arch.loss}: needs the dataset's item corpus")
             dense, kjt = tower_inputs(corpus.items, meta)
             ids = torch.as_tensor(corpus.items[self.item_key].to_numpy(np.int64))
             self.negative_pool = (dense, kjt, ids)
@@ -232,6 +233,7 @@ class RetrievalTask(RecTask):
             self.register_buffer("item_column", column, persistent=False)
         self.histories: UserHistories | None = None
         self.history_max_len, self.history_dropout = arch.history_max_len, arch.history_dropout
+        self.leave_one_out = arch.history_leave_one_out and arch.loss != "multinomial"
         if arch.history:
             if corpus is None or corpus.histories is None:
                 raise RecsysError("--arch.history true: the dataset has no user histories; prepare it again")
@@ -242,7 +244,8 @@ class RetrievalTask(RecTask):
         """``kjt`` with each row's user history appended (models without history: unchanged).
 
         Training rows leave their own item out of the bag (leave-one-out: a masked lookup, the item
-        being predicted is never an input) and get history dropout; evaluation rows and corpus users
+        being predicted is never an input; unless ``--arch.history_leave_one_out false``) and get
+        history dropout; evaluation rows and corpus users
         read the whole train history. Rows without a user (corpus items) get an empty bag.
         """
         if self.histories is None:
@@ -250,7 +253,7 @@ class RetrievalTask(RecTask):
         users = single_ids(kjt, self.user_key)
         if users.device not in self._histories_on:
             self._histories_on[users.device] = self.histories.to(users.device)
-        exclude = single_ids(kjt, self.item_key) if training else None
+        exclude = single_ids(kjt, self.item_key) if training and self.leave_one_out else None
         dropout = self.history_dropout if training else 0.0
         values, lengths = self._histories_on[users.device].lookup(users, exclude, self.history_max_len, dropout)
         return with_feature(kjt, HISTORY_FEATURE, values, lengths)
@@ -266,10 +269,14 @@ class RetrievalTask(RecTask):
             loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         else:
             dense, kjt, n = batch.dense_features, batch.sparse_features, len(batch.labels)
+            if self.loss_kind == "multinomial":
+                users = single_ids(kjt, self.user_key)
+                rows = self.one_row_per_user(users, batch.labels)
+                dense, kjt, users, n = dense[rows], select_rows(kjt, rows), users[rows], len(rows)
             neg_ids = None
             if self.negative_pool is not None:
                 pool_dense, pool_kjt, pool_ids = self.negative_pool
-                if self.loss_kind == "full_softmax":
+                if self.whole_corpus:
                     neg_dense, neg_kjt, neg_ids = pool_dense, pool_kjt, pool_ids
                 else:
                     pick = torch.randint(len(pool_ids), (self.num_uniform,))
@@ -281,6 +288,8 @@ class RetrievalTask(RecTask):
             item_ids = batch.sparse_features[self.item_key].values()
             if self.loss_kind == "full_softmax":
                 loss = self.full_softmax_loss(user[:n], item[n:], item_ids, batch.labels)
+            elif self.loss_kind == "multinomial":
+                loss = self.multinomial_loss(user[:n], item[n:], users)
             else:
                 negatives = None if neg_ids is None else (item[n:], neg_ids, len(self.negative_pool[2]))  # type: ignore[index]
                 loss = self.softmax_loss(user[:n], item[:n], item_ids, batch.labels, negatives)
@@ -338,6 +347,37 @@ class RetrievalTask(RecTask):
             return (user.sum() + corpus.sum()) * 0.0  # keeps every rank's backward in step
         logits = user[pos][known] @ corpus.t() / self.temperature
         return nn.functional.cross_entropy(logits, target[known])
+
+    def user_histories_on(self, device: torch.device) -> UserHistories:
+        assert self.histories is not None
+        if device not in self._histories_on:
+            self._histories_on[device] = self.histories.to(device)
+        return self._histories_on[device]
+
+    def one_row_per_user(self, users: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Indices of the positive rows kept for the multinomial loss: each with probability 1 / its
+        user's history length, so that an epoch visits every user once in expectation (Mult-DAE's
+        pass over users) rather than once per interaction; at least one row."""
+        histories = self.user_histories_on(users.device)
+        safe = users.long().clamp(0, histories.num_users - 1)
+        length = (histories.offsets[safe + 1] - histories.offsets[safe]).clamp(min=1)
+        keep = (labels > 0.5) & (torch.rand(len(users), device=users.device) * length < 1.0)
+        rows = keep.nonzero().squeeze(1)
+        return rows if len(rows) else (labels > 0.5).nonzero().squeeze(1)[:1]
+
+    def multinomial_loss(self, user: torch.Tensor, corpus: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of the negative log-likelihood, under a softmax over every corpus item, of
+        all the items in the row's user's train history, summed over them (Mult-DAE's multinomial
+        likelihood: a user with more items weighs more)."""
+        values, lengths = self.user_histories_on(users.device).lookup(users)
+        column: torch.Tensor = self.item_column  # type: ignore[assignment]
+        target = column[values]
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=user.device), lengths.long())
+        known = target >= 0
+        if not bool(known.any()):
+            return (user.sum() + corpus.sum()) * 0.0  # keeps every rank's backward in step
+        log_probs = torch.log_softmax(user @ corpus.t() / self.temperature, dim=1)
+        return -log_probs[row[known], target[known]].sum() / len(users)
 
     @torch.no_grad()
     def embed(self, table: pd.DataFrame, tower: int) -> torch.Tensor:

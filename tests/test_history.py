@@ -19,8 +19,9 @@ import torch
 from conftest import ratings_frame, shrink, tiny_prepare, write_ml100k
 
 from app.cli import main
+from core.errors import RecsysError
 from datamodules.config import DataConfig
-from datamodules.corpus import RetrievalCorpus
+from datamodules.corpus import RetrievalCorpus, tower_inputs
 from datamodules.histories import UserHistories
 from datamodules.prepare import prepare
 from datamodules.schema import HISTORY_FEATURE, history_files, read_metadata
@@ -39,9 +40,9 @@ def history_table(path: Path) -> dict[int, list[int]]:
     return {int(u): [int(i) for i in items] for u, items in zip(table.user_id, table["items"], strict=True)}
 
 
-def history_task(path: Path, loss: str = "softmax") -> RetrievalTask:
+def history_task(path: Path, loss: str = "softmax", **arch: Any) -> RetrievalTask:
     meta = read_metadata(path)
-    cfg = ModelConfig(embedding_dim=8, tower_layers=[8], loss=loss, history=True)  # type: ignore[arg-type]
+    cfg = ModelConfig(**{"embedding_dim": 8, "tower_layers": [8], "loss": loss, "history": True, **arch})
     model = model_kind("two-tower").build_model(meta, cfg, "cpu")
     return RetrievalTask(model, OptimConfig(), cfg, meta, RetrievalCorpus.load(path, meta))
 
@@ -120,6 +121,45 @@ def test_a_training_row_never_sees_its_own_item_and_eval_rows_see_the_train_hist
     dm.teardown()
 
 
+def test_without_leave_one_out_a_training_row_reads_the_whole_history(ml_dataset: Path, tmp_path: Path) -> None:
+    task = history_task(ml_dataset, history_leave_one_out=False)
+    hist = history_table(ml_dataset)
+    dm = StreamingDataModule(DataConfig(path=str(ml_dataset), batch_size=64, shuffle=False, cache_dir=str(tmp_path)))
+    batch = next(iter(dm.train_dataloader()))
+    kjt = batch.sparse_features
+    assert bags(task.with_history(kjt, training=True)) == [hist[u] for u in kjt["user_id"].values().tolist()]
+    dm.teardown()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum", "sqrt"])
+@pytest.mark.parametrize("table", ["own", "item"])
+def test_history_pooling_is_the_mean_the_sum_or_the_sum_over_sqrt_length(
+    ml_dataset: Path, pooling: str, table: str
+) -> None:
+    task = history_task(
+        ml_dataset, history_pooling=pooling, history_table=table, tower_activation="tanh", tower_layers=[8, 8]
+    )
+    model: Any = task.model
+    assert any(isinstance(m, torch.nn.Tanh) for m in model.user_mlp.modules())
+    assert task.corpus is not None
+    _, kjt = tower_inputs(task.corpus.users.iloc[:3], task.meta)
+    extended = task.with_history(kjt, training=False)
+    pooled = model._pool(extended)
+    assert all(bags(extended))
+    tables = dict(model.ebc.embedding_bags.items())
+    weights = tables[f"t_{HISTORY_FEATURE if table == 'own' else 'item_id'}"].weight
+    for row, bag in enumerate(bags(extended)):
+        scale = {"mean": len(bag), "sum": 1.0, "sqrt": len(bag) ** 0.5}[pooling]
+        expected = weights[torch.tensor(bag, dtype=torch.long)].sum(0) / scale
+        torch.testing.assert_close(pooled[HISTORY_FEATURE][row], expected, rtol=1e-5, atol=1e-6)
+    # a shared table's single-hot item id is its own row whatever the history's pooling
+    _, items = tower_inputs(task.corpus.items.iloc[:3], task.meta)
+    ids = items["item_id"].values()
+    torch.testing.assert_close(
+        model._pool(task.with_history(items, training=False))["item_id"], tables["t_item_id"].weight[ids]
+    )
+
+
 def test_history_two_tower_trains_with_sampled_and_full_softmax(ml_dataset: Path, tmp_path: Path) -> None:
     from app.train import train
 
@@ -154,6 +194,55 @@ def test_full_softmax_is_cross_entropy_over_the_corpus(ml_dataset: Path) -> None
     logits = user[[0, 1, 3]] @ items.t() / task.temperature
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([3, 0, 3]))
     assert float(task.full_softmax_loss(user, items, ids, labels)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dataset: Path) -> None:
+    task = history_task(ml_dataset, loss="multinomial", history_dropout=0.5, history_pooling="sqrt")
+    assert task.corpus is not None and not task.leave_one_out  # the whole history is the input
+    hist = history_table(ml_dataset)
+    corpus_ids = task.corpus.items.item_id.tolist()
+    torch.manual_seed(0)
+    user, items = torch.randn(2, 8), torch.randn(len(corpus_ids), 8)
+    users = torch.tensor([1, 2])
+    log_probs = torch.log_softmax(user @ items.t() / task.temperature, dim=1)
+    expected = []
+    for r in (0, 1):
+        cols = [corpus_ids.index(i) for i in hist[int(users[r])] if i in corpus_ids]
+        expected.append(-log_probs[r, cols].sum())
+    got = task.multinomial_loss(user, items, users)
+    assert float(got) == pytest.approx(float(torch.stack(expected).mean()), rel=1e-5)
+    # rows are kept with probability 1 / history length: about one per user per pass over the rows
+    train = pd.read_parquet(ml_dataset / "pairs" / "train.parquet")
+    rows = torch.as_tensor(train.user_id.to_numpy())
+    kept = [len(task.one_row_per_user(rows, torch.ones(len(rows)))) for _ in range(200)]
+    assert float(np.mean(kept)) == pytest.approx(len(hist), rel=0.05)
+    assert task.one_row_per_user(rows, torch.zeros(len(rows))).tolist() == []
+    # inverted dropout: a summed training bag over sqrt(length) is scaled by 1/sqrt(1 - p), evaluation not
+    model: Any = task.model
+    assert model.bag_scale == pytest.approx(2**0.5)
+
+
+def test_an_item_tower_without_layers_is_the_item_id_embedding(ml_dataset: Path) -> None:
+    ids_only: dict[str, Any] = {"tower_features": "ids", "user_id_in_tower": False, "tower_layers": [8, 8]}
+    ids_only["item_tower_layers"] = []
+    task = history_task(ml_dataset, **ids_only)
+    model: Any = task.model
+    assert task.corpus is not None and len(model.item_mlp) == 0
+    _, items = tower_inputs(task.corpus.items.iloc[:3], task.meta)
+    embedded = model.embed(torch.zeros(3, 0), task.with_history(items, training=False), "item")
+    weights = dict(model.ebc.embedding_bags.items())["t_item_id"].weight
+    torch.testing.assert_close(embedded, weights[items["item_id"].values()])
+    with pytest.raises(RecsysError, match="user tower gives 4 numbers, the item tower 8"):
+        history_task(ml_dataset, **{**ids_only, "tower_layers": [8, 4]})
+
+
+def test_history_multinomial_trains(ml_dataset: Path, tmp_path: Path) -> None:
+    from app.train import train
+
+    flags = ["--max-epochs=1", "--arch.loss=multinomial", "--arch.history_table=own", "--arch.user_id_in_tower=false"]
+    flags += ["--arch.history_pooling=sqrt", "--arch.history_dropout=0.5", "--arch.tower_activation=tanh"]
+    metrics = train(shrink("two-tower-history-movielens", ml_dataset, tmp_path, *flags, "--arch.tower_layers=[8,8]"))
+    assert 0.0 <= metrics["test/ndcg_at_10"] <= 1.0 and np.isfinite(metrics["train_loss_per_epoch"][-1])
 
 
 def test_history_on_a_dataset_without_histories_is_one_line(
