@@ -10,7 +10,7 @@ from typing import Any
 from app.config import RunConfig, TrackingConfig
 from app.resolve import resolve_run
 from app.tracking import resolve_tracking_uri
-from app.train import build_task
+from app.train import build_strategy, build_task
 from cluster.runtime import WorkerRuntime
 from core.errors import RecsysError
 from core.logs import setup_logging
@@ -63,27 +63,18 @@ def evaluate_worker(payload: tuple[RunConfig, str, str], runtime: WorkerRuntime)
     import lightning as L
 
     from datamodules.streaming import StreamingDataModule
-    from modules.sharding import make_strategy, parse_bytes
 
     cfg, checkpoint, split = payload
     setup_logging(cfg.verbose, runtime.rank, runtime.world_size)
     dm = StreamingDataModule(cfg.data)
     task = build_task(cfg, dm)
-    gpu = runtime.accelerator == "gpu"
-    budget = cfg.cluster.memory_per_worker
     trainer = L.Trainer(
-        accelerator="gpu" if gpu else "cpu",
+        accelerator="gpu" if runtime.accelerator == "gpu" else "cpu",
         devices=runtime.devices,
         num_nodes=runtime.num_nodes,
         plugins=runtime.plugins or None,
         logger=False,
-        strategy=make_strategy(
-            runtime.strategy_base,
-            memory_per_worker=parse_bytes(budget) if budget else None,
-            batch_size=cfg.data.batch_size if budget else None,
-            sharding=cfg.cluster.sharding,
-            process_group_backend="nccl" if gpu else "gloo",
-        ),
+        strategy=build_strategy(cfg, runtime),
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
     )

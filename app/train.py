@@ -120,13 +120,28 @@ def build_task(cfg: RunConfig, data: Any) -> Any:
     return kind.build_task(kind.build_model(data.meta, cfg.arch, "meta"), inputs)
 
 
+def build_strategy(cfg: RunConfig, runtime: WorkerRuntime) -> Any:
+    """The TorchRec strategy of this worker (training and evaluation alike)."""
+    from modules.sharding import make_strategy, parse_bytes
+
+    budget = cfg.cluster.memory_per_worker
+    return make_strategy(
+        runtime.strategy_base,
+        memory_per_worker=parse_bytes(budget) if budget else None,
+        # the planner sizes I/O buffers from the batch only when it must fit a budget: its choice of
+        # sharding (and so the numbers a run gives) stays the default one otherwise
+        batch_size=cfg.data.batch_size if budget else None,
+        sharding=cfg.cluster.sharding,
+        process_group_backend="nccl" if runtime.accelerator == "gpu" else "gloo",
+    )
+
+
 def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple[Any, dict[str, Any]]:
     """The Lightning Trainer on the TorchRec strategy, and the callbacks whose results the run reports."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from modules.callbacks import EpochLosses, FirstStepTime, RunIdInCheckpoint
-    from modules.sharding import make_strategy, parse_bytes
 
     monitor = cfg.trainer.monitor or ""
     mode = "min" if "loss" in monitor else "max"
@@ -141,16 +156,7 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     if cfg.trainer.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     gpu = runtime.accelerator == "gpu"
-    budget = cfg.cluster.memory_per_worker
-    strategy = make_strategy(
-        runtime.strategy_base,
-        memory_per_worker=parse_bytes(budget) if budget else None,
-        # the planner sizes I/O buffers from the batch only when it must fit a budget: its choice of
-        # sharding (and so the numbers a run gives) stays the default one otherwise
-        batch_size=cfg.data.batch_size if budget else None,
-        sharding=cfg.cluster.sharding,
-        process_group_backend="nccl" if gpu else "gloo",
-    )
+    strategy = build_strategy(cfg, runtime)
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
         devices=runtime.devices,
