@@ -2,13 +2,14 @@
 the ``user_history`` multi-hot feature.
 
     .venv/bin/python bench/ranking_history.py --split-seed 0 [--variant NAME ...]          # choose on val
-    .venv/bin/python bench/ranking_history.py --split-seed 1 --variant chosen --test       # then test
+    .venv/bin/python bench/ranking_history.py --split-seed 1 --variant chosen --seeds 3 --test   # then test
 
 The data is ``bench/baselines.py``'s ``prepare_ranking`` (label rating >= 4, per-user random
 80/10/10, ``--split-seed`` seeds it); the tuned LightGBM of docs/BASELINES.md is the bar. Each variant
 is ``configs/dlrm-movielens.yaml`` plus its flags, trained with early stopping on val AUC; the table
 shows the best val AUC and its epoch, and with ``--test`` the test AUC of that epoch's checkpoint
-(look at it only for the recipe chosen on val). Results go to docs/HISTORY.md.
+(look at it only for the recipe chosen on val); ``--seeds N`` trains each variant with N weight
+seeds and reports the mean AUCs (differences of 0.002 are within one seed's noise). Results go to docs/HISTORY.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -57,12 +59,13 @@ VARIANTS: dict[str, list[str]] = {
 
 
 class ValCurve(Callback):
-    """Val AUC after every epoch (the sanity check left out)."""
+    """Val AUC after every epoch (the sanity check left out). Read in ``on_validation_end``: a
+    callback's ``on_validation_epoch_end`` runs before the task's, which logs the epoch's metrics."""
 
     def __init__(self) -> None:
         self.auc: list[float] = []
 
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking and "val/auroc" in trainer.callback_metrics:
             self.auc.append(float(trainer.callback_metrics["val/auroc"]))
 
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--variant", choices=list(VARIANTS), action="append")
     parser.add_argument("--test", action="store_true", help="also report test AUC (the chosen recipe only)")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="weight seeds (--trainer.seed 0..N-1); AUCs are their mean"
+    )
     parser.add_argument("--work", type=str, default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="recsys-ranking-history-"))
@@ -80,23 +86,29 @@ def main() -> None:
         prepare_ranking(path, args.split_seed)
     rows = []
     for name in args.variant or list(VARIANTS):
-        flags = [
-            f"--data={path}",
-            f"--trainer.output_dir={work / 'runs' / f'{args.split_seed}-{name}'}",
-            "--tracking.enabled=false",
-            "--trainer.progress_bar=false",
-            *VARIANTS[name],
-        ]
-        curve = ValCurve()
-        m = train(load_run_config(PRESET, flags), WorkerRuntime(callbacks=[curve]))
-        best = max(range(len(curve.auc)), key=lambda e: curve.auc[e])
-        row: tuple[Any, ...] = (name, args.split_seed, best, curve.auc[best])
+        runs = []
+        for seed in range(args.seeds):
+            flags = [
+                f"--data={path}",
+                f"--trainer.output_dir={work / 'runs' / f'{args.split_seed}-{name}-{seed}'}",
+                "--tracking.enabled=false",
+                "--trainer.progress_bar=false",
+                f"--trainer.seed={seed}",
+                *VARIANTS[name],
+            ]
+            curve = ValCurve()
+            m = train(load_run_config(PRESET, flags), WorkerRuntime(callbacks=[curve]))
+            best = max(range(len(curve.auc)), key=lambda e: curve.auc[e])
+            runs.append((best, curve.auc[best], m.get("test/auroc", float("nan"))))
+            print(f"[ranking-history] {name} seed {seed}: val curve {[round(a, 4) for a in curve.auc]}", flush=True)
+        row: tuple[Any, ...] = (name, args.split_seed, ",".join(str(r[0]) for r in runs), mean(r[1] for r in runs))
         if args.test:
-            row = (*row, m["test/auroc"])
+            row = (*row, mean(r[2] for r in runs))
         rows.append(row)
-        print(f"[ranking-history] {row} val curve {[round(a, 4) for a in curve.auc]}", flush=True)
+        print(f"[ranking-history] {row}", flush=True)
     test = " test AUC |" if args.test else ""
-    print(f"\n| variant | split seed | best epoch | val AUC |{test}\n| --- | --- | --- | ---: |{' ---: |' * args.test}")
+    print(f"\n| variant | split seed | best epoch per weight seed | val AUC |{test}")
+    print(f"| --- | --- | --- | ---: |{' ---: |' * args.test}")
     for r in rows:
         print("| " + " | ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in r) + " |")
 
