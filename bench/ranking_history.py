@@ -1,8 +1,8 @@
 """Ranking with the user's history (issue 10): DLRM on the movielens-ranking protocol, with and without
 the ``user_history`` multi-hot feature.
 
-    .venv/bin/python bench/ranking_history.py --split-seed 0 [--variant NAME ...]          # choose on val
-    .venv/bin/python bench/ranking_history.py --split-seed 1 --variant chosen --seeds 3 --test   # then test
+    .venv/bin/python bench/ranking_history.py --split-seed 0 [--variant NAME ...] [--seeds 3]     # choose on val
+    .venv/bin/python bench/ranking_history.py --split-seed 1 --variant history-own-dim32 --seeds 3 --test
 
 The data is ``bench/baselines.py``'s ``prepare_ranking`` (label rating >= 4, per-user random
 80/10/10, ``--split-seed`` seeds it); the tuned LightGBM of docs/BASELINES.md is the bar. Each variant
@@ -41,14 +41,19 @@ BASE = [
 ]
 HISTORY = [*BASE, "--arch.history=true"]
 VARIANTS: dict[str, list[str]] = {
-    "chosen": [],  # the preset as it is now
+    "preset": [],  # configs/dlrm-movielens.yaml as it is now
     "no-history": BASE,
     "history-own": [*HISTORY, "--arch.history_table=own"],
     "history-item": [*HISTORY, "--arch.history_table=item"],
     "history-own-dropout0.3": [*HISTORY, "--arch.history_table=own", "--arch.history_dropout=0.3"],
     "history-item-dropout0.3": [*HISTORY, "--arch.history_table=item", "--arch.history_dropout=0.3"],
+    # the val-best on split seed 0 (the mean of 3 weight seeds), by a margin within the noise
     "history-own-dim32": [*HISTORY, "--arch.history_table=own", "--arch.embedding_dim=32"],
     "history-own-max50": [*HISTORY, "--arch.history_table=own", "--arch.history_max_len=50"],
+    "dcn-no-history": [*BASE, "--model=dcn"],
+    "dcn-history-own-dim32": [*HISTORY, "--model=dcn", "--arch.history_table=own", "--arch.embedding_dim=32"],
+    "deepfm-no-history": [*BASE, "--model=deepfm"],
+    "deepfm-history-own-dim32": [*HISTORY, "--model=deepfm", "--arch.history_table=own", "--arch.embedding_dim=32"],
     "no-history-dim32": [*BASE, "--arch.embedding_dim=32"],
     "history-item-dim32": [*HISTORY, "--arch.history_table=item", "--arch.embedding_dim=32"],
     "no-history-dim16": [*BASE, "--arch.embedding_dim=16"],
@@ -85,12 +90,13 @@ def main() -> None:
     if not (path / "metadata.json").exists():
         prepare_ranking(path, args.split_seed)
     rows = []
+    tag = "-test" if args.test else ""  # runs of their own: a checkpoint directory is never reused
     for name in args.variant or list(VARIANTS):
         runs = []
         for seed in range(args.seeds):
             flags = [
                 f"--data={path}",
-                f"--trainer.output_dir={work / 'runs' / f'{args.split_seed}-{name}-{seed}'}",
+                f"--trainer.output_dir={work / 'runs' / f'{args.split_seed}-{name}-{seed}{tag}'}",
                 "--tracking.enabled=false",
                 "--trainer.progress_bar=false",
                 f"--trainer.seed={seed}",
@@ -100,7 +106,10 @@ def main() -> None:
             m = train(load_run_config(PRESET, flags), WorkerRuntime(callbacks=[curve]))
             best = max(range(len(curve.auc)), key=lambda e: curve.auc[e])
             runs.append((best, curve.auc[best], m.get("test/auroc", float("nan"))))
-            print(f"[ranking-history] {name} seed {seed}: val curve {[round(a, 4) for a in curve.auc]}", flush=True)
+            shown = f", test AUC {runs[-1][2]:.4f}" if args.test else ""
+            print(
+                f"[ranking-history] {name} seed {seed}: val curve {[round(a, 4) for a in curve.auc]}{shown}", flush=True
+            )
         row: tuple[Any, ...] = (name, args.split_seed, ",".join(str(r[0]) for r in runs), mean(r[1] for r in runs))
         if args.test:
             row = (*row, mean(r[2] for r in runs))
