@@ -14,6 +14,7 @@ from test_history import bags, history_table
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from app.cli import main
+from app.evaluate import evaluate
 from app.train import train
 from core.errors import RecsysError
 from datamodules.config import DataConfig
@@ -64,8 +65,12 @@ def test_ranking_models_with_history_train_and_evaluate(
     ml_dataset: Path, tmp_path: Path, model: str, table: str
 ) -> None:
     flags = ["--max-epochs=1", f"--model={model}", "--arch.history=true", f"--arch.history_table={table}"]
-    metrics = train(shrink("dlrm-movielens", ml_dataset, tmp_path, *flags, "--arch.history_dropout=0.2"))
+    cfg = shrink("dlrm-movielens", ml_dataset, tmp_path, *flags, "--arch.history_dropout=0.2")
+    metrics = train(cfg)
     assert 0.0 <= metrics["test/auroc"] <= 1.0 and np.isfinite(metrics["train_loss_per_epoch"][-1])
+    if model == "dlrm":  # `recsys evaluate` rebuilds the lookup: the same bags, the same AUC
+        again = evaluate(cfg, metrics["best_checkpoint"], "test")
+        assert again["test/auroc"] == pytest.approx(metrics["test/auroc"], abs=1e-6)
 
 
 def test_dlrm_with_history_through_the_cli(ml_dataset: Path, tmp_path: Path) -> None:
