@@ -51,6 +51,8 @@ VARIANTS: dict[str, list[str]] = {
     "history-own-dim32": [*HISTORY, "--arch.history_table=own", "--arch.embedding_dim=32"],
     "history-own-max50": [*HISTORY, "--arch.history_table=own", "--arch.history_max_len=50"],
     "dcn-no-history": [*BASE, "--model=dcn"],
+    "dcn-no-history-dim32": [*BASE, "--model=dcn", "--arch.embedding_dim=32"],
+    # the val-best DCN on both split seeds: configs/dcn-history-movielens.yaml
     "dcn-history-own-dim32": [*HISTORY, "--model=dcn", "--arch.history_table=own", "--arch.embedding_dim=32"],
     "deepfm-no-history": [*BASE, "--model=deepfm"],
     "deepfm-history-own-dim32": [*HISTORY, "--model=deepfm", "--arch.history_table=own", "--arch.embedding_dim=32"],
