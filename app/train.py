@@ -105,15 +105,21 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
 
 def build_task(cfg: RunConfig, data: Any) -> Any:
     """The LightningModule of ``cfg.model`` around a fresh model (tables on ``meta``), for the
-    dataset of ``data`` (a StreamingDataModule: its metadata, and the corpus when the kind needs it)."""
+    dataset of ``data`` (a StreamingDataModule: its metadata, the corpus when the kind needs it, the
+    users' train histories when the model reads them)."""
     from modules.registry import TaskInputs, model_kind
 
     kind = model_kind(cfg.model)
+    corpus = data.corpus() if kind.needs_corpus else None
+    histories = None
+    if cfg.arch.history:
+        histories = corpus.histories if corpus is not None else data.histories()
     inputs = TaskInputs(
         optim=cfg.optim,
         arch=cfg.arch,
         meta=data.meta,
-        corpus=data.corpus() if kind.needs_corpus else None,
+        corpus=corpus,
+        histories=histories,
         k=cfg.trainer.k,
         eval_batch=cfg.data.eval_batch_size or cfg.data.batch_size,
     )

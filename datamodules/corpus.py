@@ -51,11 +51,15 @@ class RetrievalCorpus:
         pos = train[train.label > 0.5]
         counts = np.bincount(pos.item_id.to_numpy(), minlength=n_items).astype(np.float64) + 1.0
         log_q = torch.tensor(np.log(counts / counts.sum()), dtype=torch.float32)
-        histories = None
-        if meta.history:
-            n_users = meta.feature(meta.user_id_feature or "user_id").cardinality
-            histories = UserHistories.from_table(table(history_files(meta)), n_users)
+        histories = load_histories(path, meta, cache) if meta.history else None
         return cls(table(files["items"]), table(files["users"]), pairs, log_q, histories)
+
+
+def load_histories(path: str | Path, meta: DatasetMetadata, cache: str | Path | None = None) -> UserHistories:
+    """The users' train histories of the dataset at ``path`` alone (what a ranking model reading them
+    needs); a dataset prepared without them is one line."""
+    n_users = meta.feature(meta.user_id_feature or "user_id").cardinality
+    return UserHistories.from_table(read_parquet(str(path), history_files(meta), cache), n_users)
 
 
 def read_parquet(root: str, relative: list[str], cache: str | Path | None) -> pd.DataFrame:

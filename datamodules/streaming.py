@@ -25,7 +25,8 @@ import lightning as L
 from core.errors import RecsysError
 from datamodules.blocks import BlockCollate
 from datamodules.config import DataConfig
-from datamodules.corpus import RetrievalCorpus
+from datamodules.corpus import RetrievalCorpus, load_histories
+from datamodules.histories import UserHistories
 from datamodules.integrity import check_dataset, one_line
 from datamodules.schema import METADATA_FILE, DatasetMetadata, read_metadata
 from datamodules.storage import fetch_file, is_remote
@@ -180,6 +181,10 @@ class StreamingDataModule(L.LightningDataModule):
     def corpus(self) -> RetrievalCorpus:
         """The retrieval corpus (users, items, pairs) of the dataset, local or remote."""
         return RetrievalCorpus.load(self.cfg.path, self.meta, self._files_cache)
+
+    def histories(self) -> UserHistories:
+        """The users' train histories of the dataset (``histories.parquet``), local or remote."""
+        return load_histories(self.cfg.path, self.meta, self._files_cache)
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position in its epoch (StreamingDataset's resumption state)."""

@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from core.errors import RecsysError
+from core.errors import RecsysError, require
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata, history_files
 from modules.config import ModelConfig
 
@@ -213,13 +213,31 @@ def tower_spec(meta: DatasetMetadata, tower: str, ids_only: bool = False) -> Tow
     )
 
 
-def new_collection(
-    meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device, history: str | None = None
-) -> EmbeddingBagCollection:
-    """One EmbeddingBagCollection with a table per sparse feature of the dataset (and the history
-    feature's, see ``table_configs``), on ``device``."""
-    tables = table_configs(meta, cfg.embedding_dim, history, cfg.history_pooling)
+def history_table(meta: DatasetMetadata, cfg: ModelConfig) -> str | None:
+    """How the model embeds ``user_history`` (``--arch.history_table``), or None without history; a
+    dataset prepared without histories is one line here."""
+    if not cfg.history:
+        return None
+    history_files(meta)
+    return cfg.history_table
+
+
+def new_collection(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device) -> EmbeddingBagCollection:
+    """One EmbeddingBagCollection with a table per sparse feature of the dataset (and, with
+    ``--arch.history``, the history feature's, see ``table_configs``), on ``device``."""
+    tables = table_configs(meta, cfg.embedding_dim, history_table(meta, cfg), cfg.history_pooling)
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
+
+
+def ranking_collection(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device) -> EmbeddingBagCollection:
+    """The tables of a ranking model: every sparse feature is one more field of its interaction, the
+    history (``--arch.history``) a mean-pooled multi-hot one beside them."""
+    require(
+        not cfg.history or (cfg.history_pooling == "mean" and cfg.history_leave_one_out),
+        "ranking models read the history mean-pooled and leave-one-out "
+        "(--arch.history_pooling mean, --arch.history_leave_one_out true)",
+    )
+    return new_collection(meta, cfg, device)
 
 
 def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
@@ -229,12 +247,9 @@ def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch
     user, item = tower_spec(meta, "user", ids_only), tower_spec(meta, "item", ids_only)
     if not cfg.user_id_in_tower:
         user = dataclasses.replace(user, sparse=tuple(n for n in user.sparse if n != meta.user_id_feature))
-    history = None
     if cfg.history:
-        history_files(meta)  # a dataset prepared without histories is one line here
-        history = cfg.history_table
         user = dataclasses.replace(user, sparse=(*user.sparse, HISTORY_FEATURE))
-    ebc = new_collection(meta, cfg, device, history)
+    ebc = new_collection(meta, cfg, device)
     sqrt_pooled = (HISTORY_FEATURE,) if cfg.history and cfg.history_pooling == "sqrt" else ()
     # inverted dropout: E[sum of kept items] = (1-p) sum; a sum over sqrt(kept length) ~ sqrt(1-p) x
     keep = 1.0 - cfg.history_dropout
@@ -246,8 +261,8 @@ def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch
 
 
 def build_deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
-    """DeepFM over every sparse feature plus the dense ones as one field."""
-    return DeepFM(new_collection(meta, cfg, device), len(meta.dense_features), list(cfg.deepfm_hidden))
+    """DeepFM over every sparse feature (and the history) plus the dense ones as one field."""
+    return DeepFM(ranking_collection(meta, cfg, device), len(meta.dense_features), list(cfg.deepfm_hidden))
 
 
 def build_dlrm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:
@@ -255,7 +270,7 @@ def build_dlrm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.devi
     from torchrec.models.dlrm import DLRM
 
     return _with_dense(
-        meta, lambda dense_in, dense, over: DLRM(new_collection(meta, cfg, device), dense_in, dense, over), cfg
+        meta, lambda dense_in, dense, over: DLRM(ranking_collection(meta, cfg, device), dense_in, dense, over), cfg
     )
 
 
@@ -264,7 +279,7 @@ def build_dcn(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.devic
     from torchrec.models.dlrm import DLRM_DCN
 
     def make(dense_in: int, dense: list[int], over: list[int]) -> nn.Module:
-        ebc = new_collection(meta, cfg, device)
+        ebc = ranking_collection(meta, cfg, device)
         return DLRM_DCN(ebc, dense_in, dense, over, cfg.dcn_layers, cfg.dcn_low_rank)
 
     return _with_dense(meta, make, cfg)

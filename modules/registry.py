@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from datamodules.corpus import RetrievalCorpus
+    from datamodules.histories import UserHistories
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class TaskInputs:
     arch: ModelConfig
     meta: DatasetMetadata
     corpus: RetrievalCorpus | None = None
+    histories: UserHistories | None = None
+    """The users' train histories when ``arch.history`` asks for them (the corpus's, for kinds that load it)."""
     k: int = 10
     eval_batch: int = 4096
 
@@ -109,9 +112,9 @@ def _retrieval_task(model: nn.Module, inputs: TaskInputs) -> Any:
 
 
 def _ranking_task(model: nn.Module, inputs: TaskInputs) -> Any:
-    from modules.tasks import RankingTask
+    from modules.tasks import HistoryFeature, RankingTask
 
-    return RankingTask(model, inputs.optim)
+    return RankingTask(model, inputs.optim, HistoryFeature.of(inputs.arch, inputs.meta, inputs.histories))
 
 
 def _pair_scorer(model: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -32,13 +32,54 @@ DENSE_OPTIMIZERS: dict[str, Any] = {
 }
 
 
-class RecTask(L.LightningModule):
-    """Shared parts: optimizers, AUROC/logloss on every split, device transfer of ``Batch``."""
+class HistoryFeature:
+    """Appends each row's user train history (``user_history``) to a batch's KJT, looked up by user id.
 
-    def __init__(self, model: nn.Module, optim: OptimConfig) -> None:
+    Training rows leave their own item out of the bag (leave-one-out: a masked lookup, the item being
+    predicted is never an input; unless ``--arch.history_leave_one_out false``) and get history
+    dropout; evaluation rows read the whole train history. Rows without a user get an empty bag.
+    """
+
+    def __init__(self, histories: UserHistories, arch: ModelConfig, meta: DatasetMetadata) -> None:
+        self.histories = histories
+        self.user_key = meta.user_id_feature or "user_id"
+        self.item_key = meta.item_id_feature or "item_id"
+        self.max_len, self.dropout = arch.history_max_len, arch.history_dropout
+        self.leave_one_out = arch.history_leave_one_out and arch.loss != "multinomial"
+        self._on: dict[torch.device, UserHistories] = {}
+
+    @classmethod
+    def of(cls, arch: ModelConfig, meta: DatasetMetadata, histories: UserHistories | None) -> HistoryFeature | None:
+        """The feature ``--arch.history`` asks for (None without it); a dataset without histories is one line."""
+        if not arch.history:
+            return None
+        if histories is None:
+            raise RecsysError("--arch.history true: the dataset has no user histories; prepare it again")
+        return cls(histories, arch, meta)
+
+    def on(self, device: torch.device) -> UserHistories:
+        """The histories on ``device`` (copied there once)."""
+        if device not in self._on:
+            self._on[device] = self.histories.to(device)
+        return self._on[device]
+
+    def __call__(self, kjt: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
+        users = single_ids(kjt, self.user_key)
+        exclude = single_ids(kjt, self.item_key) if training and self.leave_one_out else None
+        dropout = self.dropout if training else 0.0
+        values, lengths = self.on(users.device).lookup(users, exclude, self.max_len, dropout)
+        return with_feature(kjt, HISTORY_FEATURE, values, lengths)
+
+
+class RecTask(L.LightningModule):
+    """Shared parts: optimizers, AUROC/logloss on every split, device transfer of ``Batch``, the user
+    history appended to batches when the model reads it."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, history: HistoryFeature | None = None) -> None:
         super().__init__()
         self.model = model
         self.optim = optim
+        self.history = history
         self.metrics = nn.ModuleDict(
             {
                 split: nn.ModuleDict(
@@ -70,6 +111,10 @@ class RecTask(L.LightningModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch.to(device, non_blocking=True)
+
+    def with_history(self, kjt: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
+        """``kjt`` with each row's user history appended (``HistoryFeature``); unchanged without history."""
+        return kjt if self.history is None else self.history(kjt, training)
 
     def logits(self, batch: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -107,13 +152,14 @@ class RecTask(L.LightningModule):
 
 
 class RankingTask(RecTask):
-    """Binary classification of the label with BCE on the model's logit (DLRM, DCN, DeepFM)."""
+    """Binary classification of the label with BCE on the model's logit (DLRM, DCN, DeepFM); with
+    ``history`` the model also reads the user's train history, the row's own item left out in training."""
 
-    def logits(self, batch: Any) -> torch.Tensor:
-        return self.model(batch.dense_features, batch.sparse_features).squeeze(-1)
+    def logits(self, batch: Any, training: bool = False) -> torch.Tensor:
+        return self.model(batch.dense_features, self.with_history(batch.sparse_features, training)).squeeze(-1)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch.labels)
+        loss = nn.functional.binary_cross_entropy_with_logits(self.logits(batch, training=True), batch.labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.labels))
         return loss
 
@@ -205,7 +251,7 @@ class RetrievalTask(RecTask):
         k: int = 10,
         eval_batch: int = 4096,
     ) -> None:
-        super().__init__(model, optim)
+        super().__init__(model, optim, HistoryFeature.of(arch, meta, corpus.histories if corpus is not None else None))
         self.loss_kind = arch.loss
         self.logq = arch.logq_correction
         self.temperature = arch.temperature
@@ -231,32 +277,6 @@ class RetrievalTask(RecTask):
             column = torch.full((meta.feature(self.item_key).cardinality,), -1, dtype=torch.long)
             column[ids] = torch.arange(len(ids))
             self.register_buffer("item_column", column, persistent=False)
-        self.histories: UserHistories | None = None
-        self.history_max_len, self.history_dropout = arch.history_max_len, arch.history_dropout
-        self.leave_one_out = arch.history_leave_one_out and arch.loss != "multinomial"
-        if arch.history:
-            if corpus is None or corpus.histories is None:
-                raise RecsysError("--arch.history true: the dataset has no user histories; prepare it again")
-            self.histories = corpus.histories
-        self._histories_on: dict[torch.device, UserHistories] = {}
-
-    def with_history(self, kjt: KeyedJaggedTensor, training: bool) -> KeyedJaggedTensor:
-        """``kjt`` with each row's user history appended (models without history: unchanged).
-
-        Training rows leave their own item out of the bag (leave-one-out: a masked lookup, the item
-        being predicted is never an input; unless ``--arch.history_leave_one_out false``) and get
-        history dropout; evaluation rows and corpus users
-        read the whole train history. Rows without a user (corpus items) get an empty bag.
-        """
-        if self.histories is None:
-            return kjt
-        users = single_ids(kjt, self.user_key)
-        if users.device not in self._histories_on:
-            self._histories_on[users.device] = self.histories.to(users.device)
-        exclude = single_ids(kjt, self.item_key) if training and self.leave_one_out else None
-        dropout = self.history_dropout if training else 0.0
-        values, lengths = self._histories_on[users.device].lookup(users, exclude, self.history_max_len, dropout)
-        return with_feature(kjt, HISTORY_FEATURE, values, lengths)
 
     def logits(self, batch: Any) -> torch.Tensor:
         user, item = self.model(batch.dense_features, self.with_history(batch.sparse_features, training=False))
@@ -349,10 +369,8 @@ class RetrievalTask(RecTask):
         return nn.functional.cross_entropy(logits, target[known])
 
     def user_histories_on(self, device: torch.device) -> UserHistories:
-        assert self.histories is not None
-        if device not in self._histories_on:
-            self._histories_on[device] = self.histories.to(device)
-        return self._histories_on[device]
+        assert self.history is not None
+        return self.history.on(device)
 
     def one_row_per_user(self, users: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Indices of the positive rows kept for the multinomial loss: each with probability 1 / its

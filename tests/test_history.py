@@ -198,7 +198,8 @@ def test_full_softmax_is_cross_entropy_over_the_corpus(ml_dataset: Path) -> None
 
 def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dataset: Path) -> None:
     task = history_task(ml_dataset, loss="multinomial", history_dropout=0.5, history_pooling="sqrt")
-    assert task.corpus is not None and not task.leave_one_out  # the whole history is the input
+    assert task.corpus is not None and task.history is not None
+    assert not task.history.leave_one_out  # the whole history is the input
     hist = history_table(ml_dataset)
     corpus_ids = task.corpus.items.item_id.tolist()
     torch.manual_seed(0)
