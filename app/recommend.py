@@ -101,8 +101,13 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
             )
         shutil.copy(download(client, run_id, STATE_DICT_ARTIFACT, work, flag), dest / STAGE_WEIGHTS)
         shutil.copy(download(client, run_id, "config.yaml", work, flag), dest / STAGE_CONFIG)
-        shutil.copy(download(client, run_id, "dataset/metadata.json", work, flag), dest / STAGE_META)
         cfg = yaml.safe_load((dest / STAGE_CONFIG).read_text())
+        if (cfg.get("arch") or {}).get("history"):
+            raise RecsysError(
+                f"{flag} {run_id}: trained with --arch.history true; recommend, index and package do not "
+                "look up user histories yet: pass a run trained without it"
+            )
+        shutil.copy(download(client, run_id, "dataset/metadata.json", work, flag), dest / STAGE_META)
         data_path = str(cfg["data"]["path"])
         meta = read_metadata(dest, shown_as=f"run {run_id}: dataset")
         if meta.task != "retrieval":

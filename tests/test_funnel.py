@@ -224,7 +224,15 @@ def test_refusals_are_one_line(runs: Runs, tmp_path: Path, capsys: pytest.Captur
 
     client = MlflowClient(runs.tracking)
     empty = client.create_run(client.get_run(runs.retrieval).info.experiment_id).info.run_id  # no weights logged
+    # a model that reads user histories: the funnel does not look them up (one line, before any download)
+    history_run = client.create_run(client.get_run(runs.retrieval).info.experiment_id).info.run_id
+    (tmp_path / "model_state").mkdir()
+    (tmp_path / "model_state" / "state_dict.pt").write_bytes(b"")
+    client.log_artifact(history_run, str(tmp_path / "model_state" / "state_dict.pt"), "model_state")
+    (tmp_path / "config.yaml").write_text("model: dcn\narch:\n  history: true\ndata:\n  path: nowhere\n")
+    client.log_artifact(history_run, str(tmp_path / "config.yaml"))
     cases = [
+        (["recommend", "--retrieval", runs.retrieval, "--ranking", history_run, "--user", "1"], "--arch.history"),
         (["recommend", "--retrieval", empty, "--user", "1"], "the run has no model_state/state_dict.pt"),
         (["recommend", "--retrieval", runs.retrieval], "exactly one of --user"),
         (["recommend", "--retrieval", runs.retrieval, "--user", "1", "--history", "1"], "exactly one of --user"),
