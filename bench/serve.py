@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from funnel import setup
 from app.recommend import assemble_bundle, load_bundle
 from app.serving import package
 from cluster.local import free_port
+from core.services import running_service
 
 NAME = "recommender-bench"
 
@@ -68,18 +68,9 @@ def served(uri: str, tracking: str, users: list[str], requests: int, k: int, can
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # mlflow starts `uvicorn` by name
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
     cmd += ["-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(480):
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(Path(log.name).read_text()[-3000:]) from None
-                time.sleep(0.5)
+    log = Path(tempfile.mkdtemp(prefix="recsys-serve-")) / "serve.log"
+    with running_service(cmd, url + "/ping", log, env, wait_s=240):
         params = {"candidates": candidates}
         for u in users[:20]:
             post(url + "/invocations", {"dataframe_records": [{"user": u, "k": k}], "params": params})
@@ -93,10 +84,6 @@ def served(uri: str, tracking: str, users: list[str], requests: int, k: int, can
         started = time.perf_counter()
         post(url + "/invocations", {"dataframe_records": [{"user": u, "k": k} for u in batch], "params": params})
         elapsed = time.perf_counter() - started
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
     p50, p99 = percentiles(times)
     return {"p50_ms": p50, "p99_ms": p99, "batch_users_per_s": len(batch) / elapsed}
 

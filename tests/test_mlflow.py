@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import torch
 
 from app.cli import main
 from cluster.local import free_port
+from core.services import running_service
 from datamodules.config import DataConfig
 from datamodules.streaming import StreamingDataModule
 
@@ -40,23 +38,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--workers",
         "1",
     ]
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((root / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
+    with running_service(cmd, url + "/health", root / "server.log", wait_s=120):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 def test_train_logs_a_complete_run(

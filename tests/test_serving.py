@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from app.cli import main
 from app.recommend import assemble_bundle, load_bundle
 from app.serving import predict_frame
 from cluster.local import free_port
+from core.services import running_service
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "recommender-test"
@@ -109,18 +108,8 @@ def test_mlflow_models_serve_answers_over_http(served: tuple[Runs, str, Any], tm
     }
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
     cmd += ["-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError((tmp_path / "serve.log").read_text()[-3000:]) from None
-                time.sleep(0.5)
+    with running_service(cmd, url + "/ping", tmp_path / "serve.log", env, wait_s=240):
         frame = requests_frame(recommender)
         body = {
             "dataframe_records": json.loads(frame.to_json(orient="records")),
@@ -136,7 +125,3 @@ def test_mlflow_models_serve_answers_over_http(served: tuple[Runs, str, Any], tm
         assert [p["source"] for p in predictions] == want["source"].tolist()
         for p, scores in zip(predictions, want["scores"], strict=True):
             assert p["scores"] == pytest.approx(list(scores), rel=1e-5)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
