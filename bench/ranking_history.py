@@ -1,8 +1,8 @@
 """Ranking with the user's history (issue 10): DLRM on the movielens-ranking protocol, with and without
 the ``user_history`` multi-hot feature.
 
-    .venv/bin/python bench/ranking_history.py --split-seed 0 [--variant NAME ...] [--seeds 3]     # choose on val
-    .venv/bin/python bench/ranking_history.py --split-seed 1 --variant history-own-dim32 --seeds 3 --test
+    .venv/bin/python -m bench.ranking_history --split-seed 0 [--variant NAME ...] [--seeds 3]     # choose on val
+    .venv/bin/python -m bench.ranking_history --split-seed 1 --variant history-own-dim32 --seeds 3 --test
 
 The data is ``bench/baselines.py``'s ``prepare_ranking`` (label rating >= 4, per-user random
 80/10/10, ``--split-seed`` seeds it); the tuned LightGBM of docs/BASELINES.md is the bar. Each variant
