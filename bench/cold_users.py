@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--held-frac", type=float, default=0.1)
     parser.add_argument("--work", type=str, default=None)
+    parser.add_argument("--flag", action="append", default=[], help="an extra training flag (repeatable)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="recsys-cold-"))
     source, held = held_out_source(work, args.held_frac, args.split_seed)
@@ -100,7 +101,7 @@ def main() -> None:
     recipe.export_model = keep
     flags = [f"--data={data}", f"--trainer.output_dir={work / 'runs'}", "--tracking.enabled=false"]
     flags += ["--trainer.progress_bar=false", f"--trainer.monitor=val/ndcg_at_{K}", "--trainer.patience=3"]
-    flags += ["--arch.user_id_in_tower=false", "--max-epochs=15"]
+    flags += ["--arch.user_id_in_tower=false", "--max-epochs=15", *args.flag]
     recipe.train(load_run_config(PRESET, flags), WorkerRuntime())
     model = trained["model"]
 
