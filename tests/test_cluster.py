@@ -113,6 +113,17 @@ def recsys(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.Co
     )
 
 
+def train_dlrm_one_epoch(
+    env: dict[str, str], dataset: Path, tmp_path: Path, *cluster_flags: str
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``recsys train`` of the shrunk synthetic-ctr DLRM for one epoch with ``cluster_flags``, tracked in a
+    sqlite store under ``tmp_path``: the process and the store's URI."""
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    flags = [f for f in shrunk_flags(tmp_path, dataset, tracking=True) if not f.startswith("--max-epochs")]
+    config = str(CONFIGS / "dlrm-synthetic-ctr.yaml")
+    return recsys(env, "train", "--config", config, *flags, "--max-epochs=1", *cluster_flags), tracking
+
+
 def finished_run(tracking: str) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
@@ -331,15 +342,10 @@ def test_ray_two_nodes_train_with_a_worker_on_each(
     assert_loopback_only(ray_two_nodes["pids"])  # type: ignore[arg-type]
 
     shared = tmp_path / "shared"
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    flags = [f for f in shrunk_flags(tmp_path, ctr_wide_dataset, tracking=True) if not f.startswith("--max-epochs")]
-    proc = recsys(
+    proc, tracking = train_dlrm_one_epoch(
         ray_two_nodes["env"],  # type: ignore[arg-type]
-        "train",
-        "--config",
-        str(CONFIGS / "dlrm-synthetic-ctr.yaml"),
-        *flags,
-        "--max-epochs=1",
+        ctr_wide_dataset,
+        tmp_path,
         "--backend=ray",
         f"--ray-address={ray_two_nodes['address']}",
         "--num-workers=2",
@@ -401,15 +407,10 @@ def test_spark_standalone_trains_on_executors(
     """``recsys train --backend spark --spark-master spark://127.0.0.1:PORT`` with barrier tasks on the
     worker's executors (not on the driver)."""
     assert_loopback_only(spark_standalone["pids"])  # type: ignore[arg-type]
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    flags = [f for f in shrunk_flags(tmp_path, ctr_wide_dataset, tracking=True) if not f.startswith("--max-epochs")]
-    proc = recsys(
+    proc, tracking = train_dlrm_one_epoch(
         spark_standalone["env"],  # type: ignore[arg-type]
-        "train",
-        "--config",
-        str(CONFIGS / "dlrm-synthetic-ctr.yaml"),
-        *flags,
-        "--max-epochs=1",
+        ctr_wide_dataset,
+        tmp_path,
         "--backend=spark",
         f"--spark-master={spark_standalone['url']}",
         "--num-workers=2",
