@@ -32,6 +32,7 @@ from datamodules.config import PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
     BlockPacker,
+    ParquetParts,
     SplitWriter,
     assign_split,
     build_metadata,
@@ -180,8 +181,7 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
 
     writers = {name: SplitWriter(tmp / name, 0) for name in SPLIT_CODES}
     packers = {name: BlockPacker(w, cfg.block_rows) for name, w in writers.items()}
-    (tmp / "pairs").mkdir()
-    pairs: dict[str, Any] = {}
+    pairs = ParquetParts()
     try:
         for r in range(by_key.count):
             part = by_key.read(r)
@@ -189,27 +189,25 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
             for name, code in SPLIT_CODES.items():
                 enc = encode_frame(part[part["split"] == code], plan)
                 packers[name].add(enc)
-                append_parquet(pairs, name, tmp / "pairs" / f"{name}.parquet", id_pairs(enc))
+                pairs.write(tmp / "pairs" / f"{name}.parquet", id_pairs(enc))
         for p in packers.values():
             p.finish()
     finally:
         for w in writers.values():
             w.__exit__()
-        for w in pairs.values():
-            w.close()
+        pairs.close()
     by_key.remove()
     log.info("wrote the splits (%.1fs)", time.time() - started)
 
-    histories: dict[str, Any] = {}
+    histories = ParquetParts()
     try:
         for b in range(by_user.count):
             part = with_split(by_user.read(b), cfg)
             table = user_histories(part[part["split"] == 0], plan)
             if len(table):
-                append_parquet(histories, "histories", tmp / "histories.parquet", table)
+                histories.write(tmp / "histories.parquet", table)
     finally:
-        for w in histories.values():
-            w.close()
+        histories.close()
     by_user.remove()
     spill.rmdir()
     user_rows = pd.DataFrame({"user": list(plan.vocabs["user_id"]), "item": ""})
@@ -227,14 +225,3 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
 def with_split(part: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     """A user bucket's rows with their split code (the bucket holds all of its users' rows)."""
     return part.assign(split=assign_split(part, cfg.split, cfg.val_frac, cfg.test_frac))
-
-
-def append_parquet(writers: dict[str, Any], name: str, path: Path, frame: pd.DataFrame) -> None:
-    """Append ``frame`` to the Parquet file ``path`` (its writer kept in ``writers`` under ``name``)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    if name not in writers:
-        writers[name] = pq.ParquetWriter(path, table.schema)
-    writers[name].write_table(table.cast(writers[name].schema))

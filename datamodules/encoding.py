@@ -63,11 +63,13 @@ def assign_split(frame: pd.DataFrame, rule: str, val_frac: float, test_frac: flo
     n_rows = len(frame)
     if n_rows == 0:
         return np.zeros(0, dtype=np.int8)
+    # users as integer codes: sorting Python strings would compare them one pair at a time
+    user = pd.factorize(frame["user"], sort=False)[0]
     if rule == "temporal":
-        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), frame["user"].to_numpy()))
+        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), user))
     else:
-        order = np.lexsort((frame["key"].to_numpy(), frame["user"].to_numpy()))
-    users = frame["user"].to_numpy()[order]
+        order = np.lexsort((frame["key"].to_numpy(), user))
+    users = user[order]
     starts = np.r_[True, users[1:] != users[:-1]]
     group = np.cumsum(starts) - 1
     first = np.flatnonzero(starts)
@@ -289,6 +291,29 @@ class BlockPacker:
             self.pending = None
 
 
+class ParquetParts:
+    """Parquet files written a part at a time: one writer per file, opened at its first part (the schema
+    of later parts is cast to the first's); ``close`` finishes them all."""
+
+    def __init__(self) -> None:
+        self.writers: dict[Path, Any] = {}
+
+    def write(self, path: Path, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if path not in self.writers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[path] = pq.ParquetWriter(path, table.schema)
+        self.writers[path].write_table(table.cast(self.writers[path].schema))
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
 def write_tables(user_rows: pd.DataFrame, item_rows: pd.DataFrame, plan: EncodingPlan, tmp: Path) -> None:
     """``users.parquet`` / ``items.parquet``: encoded features of each train user / item, by index.
 
@@ -338,10 +363,9 @@ def user_histories(train: pd.DataFrame, plan: EncodingPlan) -> pd.DataFrame:
     rows = pd.DataFrame({"user_id": users.astype(np.int64), "item_id": items.astype(np.int64), "ts": ts})
     rows = rows.sort_values(["user_id", "ts", "item_id"], kind="stable")
     rows = rows.drop_duplicates(["user_id", "item_id"], keep="last")
-    grouped = rows.groupby("user_id", sort=True).item_id
-    return pd.DataFrame(
-        {"user_id": grouped.size().index.to_numpy(np.int64), "items": [g.to_numpy(np.int64) for _, g in grouped]}
-    )
+    user, item = rows["user_id"].to_numpy(), rows["item_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, np.int64)
+    return pd.DataFrame({"user_id": user[starts], "items": np.split(item, starts[1:]) if len(user) else []})
 
 
 def sparse_feature(name: str, vocab: Sequence[str], tower: str, multi_hot: bool) -> SparseFeature:

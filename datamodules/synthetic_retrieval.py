@@ -44,6 +44,7 @@ from datamodules.encoding import (
     SPLIT_CODES,
     BlockPacker,
     EncodingPlan,
+    ParquetParts,
     SplitWriter,
     assign_split,
     build_metadata,
@@ -588,7 +589,7 @@ def write_shards(
 
     writers = {name: SplitWriter(tmp / name, len(plan.multi)) for name in SPLIT_CODES}
     packers = {name: BlockPacker(w, cfg.block_rows) for name, w in writers.items()}
-    pairs = PairsWriter(tmp / "pairs")
+    pairs = ParquetParts()
     try:
         for r in tqdm(range(by_key.count), desc="write", unit="bucket", disable=by_key.count < 4):
             part = by_key.read(r)
@@ -608,7 +609,7 @@ def write_shards(
                     items,
                 )
                 packers[name].add(enc)
-                pairs.write(name, id_pairs(enc))
+                pairs.write(tmp / "pairs" / f"{name}.parquet", id_pairs(enc))
         for p in packers.values():
             p.finish()
     finally:
@@ -616,29 +617,6 @@ def write_shards(
             w.__exit__()
         pairs.close()
     return {name: w.info() for name, w in writers.items()}
-
-
-class PairsWriter:
-    """``pairs/{split}.parquet`` appended a part at a time (what ``id_pairs(...).to_parquet`` writes
-    for a whole split)."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(exist_ok=True)
-        self.directory = directory
-        self.writers: dict[str, Any] = {}
-
-    def write(self, split: str, frame: pd.DataFrame) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        if split not in self.writers:
-            self.writers[split] = pq.ParquetWriter(self.directory / f"{split}.parquet", table.schema)
-        self.writers[split].write_table(table)
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
 
 
 def write_histories(history: Buckets, lookups: Lookups, path: Path) -> None:
