@@ -146,7 +146,8 @@ def build_parser() -> Any:
     )
     index.add_argument("--run_id", type=str, help="MLflow run of a two-tower model")
     index.add_argument("--index", type=str, default="flat", help="index spec: flat, hnsw32, ivf,pq16x4fs,rflat, ...")
-    index.add_argument("--out", type=str | None, default=None, help="also write the index into this directory")
+    index.add_argument("--out", type=str | None, default=None, help="also write the index into this new directory")
+    index.add_argument("--overwrite", type=bool, default=False, help="--out may replace an index directory")
     index.add_argument("--tracking_uri", type=str | None, default=None)
     commands.add_subcommand("index", index, help="build a run's item index (vectors + FAISS) and log it")
 
@@ -161,7 +162,8 @@ def build_parser() -> Any:
     recommend.add_argument("--history", type=str | None, default=None, help="raw item ids, comma-separated")
     recommend.add_argument("--k", type=int, default=10, help="recommendations per user")
     recommend.add_argument("--candidates", type=int, default=200, help="candidates retrieved for the ranking stage")
-    recommend.add_argument("--out", type=str | None, default=None, help="write a Parquet file instead of printing")
+    recommend.add_argument("--out", type=str | None, default=None, help="write a new Parquet file instead of printing")
+    recommend.add_argument("--overwrite", type=bool, default=False, help="--out may replace a Parquet file")
     recommend.add_argument(
         "--index", type=str | None, default=None, help="a saved index directory (default: the run's)"
     )
@@ -232,6 +234,8 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             "evaluate": bool_flags(ClusterConfig),
             "data": bool_flags(PrepareConfig),
             "submit": {"--no_wait"},
+            "index": {"--overwrite"},
+            "recommend": {"--overwrite"},
         }.get(argv[0] if argv else "", set())
         args = normalize_flags(argv, switches)
         if args[:1] == ["train"]:
@@ -273,7 +277,7 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         from app.recommend import index_run
 
         require(bool(ns.index.run_id), "index: --run-id is required")
-        print(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri))
+        print(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri, ns.index.overwrite))
     elif ns.command == "recommend":
         from app.recommend import recommend
 
@@ -281,7 +285,17 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         require(bool(r.retrieval), "recommend: --retrieval RUN is required")
         print(
             recommend(
-                r.retrieval, r.ranking, r.user, r.users, r.history, r.k, r.candidates, r.out, r.index, r.tracking_uri
+                r.retrieval,
+                r.ranking,
+                r.user,
+                r.users,
+                r.history,
+                r.k,
+                r.candidates,
+                r.out,
+                r.index,
+                r.tracking_uri,
+                r.overwrite,
             )
         )
     elif ns.command == "package":
