@@ -296,7 +296,7 @@ def test_a_request_past_its_deadline_stops_using_the_cpu(
 ) -> None:
     """Requests that outlive the server's timeout are answered 504 and their work stops: before, the
     server answered 504 at its timeout while the worker thread kept computing."""
-    url, proc, _ = server
+    url, proc, log = server
     items = served[2].retrieval.item_vocab
     body = json.dumps(
         records(*[{"history": ",".join(items[: 1 + i % 40])} for i in range(MAX_ROWS)], candidates=MAX_CANDIDATES)
@@ -312,6 +312,7 @@ def test_a_request_past_its_deadline_stops_using_the_cpu(
     before = server_cpu_s(proc)
     time.sleep(4)
     assert server_cpu_s(proc) - before < 0.5, "the server kept computing after answering 504"
-    assert any("ran past its deadline" in text for _, text in answers), answers  # our reason, not only a 504
+    # our deadline stopped them (the client may get the server's own 504 first when the machine is busy)
+    assert log.read_text().count("ran past its deadline") == len(threads), log.read_text()[-2000:]
     status, _ = post(url, records({"user": "1"}))  # and still serves
     assert status == 200
