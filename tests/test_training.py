@@ -236,6 +236,8 @@ BAD_CONFIGS = {
     "unreachable tracking": (["--model", "dlrm", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     "unknown key": (["--model", "dlrm", "--arch.bogus", "1"], "bogus"),
     "negative sample count": (["--model", "two-tower", "--arch.uniform_negatives", "-1"], "uniform_negatives"),
+    "negative eval users": (["--model", "two-tower", "--trainer.eval_users", "-1"], "--trainer.eval_users"),
+    "eval block not a size": (["--model", "two-tower", "--trainer.eval_block_memory", "lots"], "eval_block_memory"),
 }
 
 
