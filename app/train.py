@@ -108,6 +108,7 @@ def build_task(cfg: RunConfig, data: Any) -> Any:
     dataset of ``data`` (a StreamingDataModule: its metadata, the corpus when the kind needs it, the
     users' train histories when the model reads them)."""
     from modules.registry import TaskInputs, model_kind
+    from modules.sharding import parse_bytes
 
     kind = model_kind(cfg.model)
     corpus = data.corpus() if kind.needs_corpus else None
@@ -122,6 +123,9 @@ def build_task(cfg: RunConfig, data: Any) -> Any:
         histories=histories,
         k=cfg.trainer.k,
         eval_batch=cfg.data.eval_batch_size or cfg.data.batch_size,
+        eval_users=cfg.trainer.eval_users,
+        eval_seed=cfg.trainer.seed,
+        eval_block_bytes=parse_bytes(cfg.trainer.eval_block_memory, "--trainer.eval_block_memory"),
     )
     return kind.build_task(kind.build_model(data.meta, cfg.arch, "meta"), inputs)
 
@@ -149,17 +153,18 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
 
     from modules.callbacks import EpochLosses, FirstStepTime, RunIdInCheckpoint
 
-    monitor = cfg.trainer.monitor or ""
-    mode = "min" if "loss" in monitor else "max"
+    monitor = cfg.trainer.monitor  # None: validation is off (--trainer.limit_val_batches 0)
+    mode = "min" if "loss" in (monitor or "") else "max"
     observers: dict[str, Any] = {
-        # the best epoch (what is tested and packaged) and the last one (where a resume continues)
+        # the best epoch (what is tested and packaged; without a monitor, the latest) and the last one
+        # (where a resume continues)
         "best": ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}", save_last=True),
         "losses": EpochLosses(),
         "first_step": FirstStepTime(),
     }
     logger = tracker.logger if tracker is not None else False
     callbacks: list[Any] = [*observers.values(), RunIdInCheckpoint(logger), *runtime.callbacks]
-    if cfg.trainer.patience > 0:
+    if cfg.trainer.patience > 0 and monitor:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
     gpu = runtime.accelerator == "gpu"
     strategy = build_strategy(cfg, runtime)

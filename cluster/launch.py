@@ -45,6 +45,13 @@ def local_accelerator(choice: str) -> str:
     return choice
 
 
+def workers_here(cluster: ClusterConfig) -> int:
+    """How many of the run's processes run on this machine: every one for the local backend and Spark's
+    local mode (processes on the driver), none known for the others (their hosts are the cluster's)."""
+    here = cluster.backend == "local" or (cluster.backend == "spark" and cluster.spark_local_mode)
+    return cluster.num_workers if here else 0
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
