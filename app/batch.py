@@ -319,7 +319,9 @@ class Progress:
 
     def watch(self) -> None:
         while not self.stop.wait(0.5):
-            for partition in list(self.pending):
+            with self.lock:
+                pending = list(self.pending)
+            for partition in pending:
                 if (self.out / part_name(partition)).exists():
                     self.done(partition)
 

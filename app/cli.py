@@ -287,12 +287,13 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
 
         r = ns.recommend
         require(bool(r.retrieval), "recommend: --retrieval RUN is required")
+        cluster = r.cluster if isinstance(r.cluster, ClusterConfig) else to_config(ClusterConfig, r.cluster)
         if r.all_users:
             from app.batch import all_users_config, recommend_all_users
 
-            cluster = r.cluster if isinstance(r.cluster, ClusterConfig) else to_config(ClusterConfig, r.cluster)
             print(recommend_all_users(all_users_config(r, cluster)))
             return 0
+        require(cluster == ClusterConfig(), "recommend: --backend, --num-workers and --cluster.* go with --all-users")
         print(
             recommend(
                 r.retrieval, r.ranking, r.user, r.users, r.history, r.k, r.candidates, r.out, r.index, r.tracking_uri

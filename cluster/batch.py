@@ -15,6 +15,7 @@ A new backend is a new module and one entry in ``BATCH_BACKENDS``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -95,6 +96,7 @@ def map_partitions(
 
 # -- inside a worker ---------------------------------------------------------------------------------
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _LOADED: dict[str, tuple[PartitionFn | None, str]] = {}
 _LOADS: dict[str, int] = {}
 
@@ -105,13 +107,38 @@ def limit_threads(threads: int) -> None:
 
     import torch
 
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for var in THREAD_VARIABLES:
         os.environ[var] = str(threads)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     faiss = sys.modules.get("faiss")
     if faiss is not None:  # already started its OpenMP pool: the variable above comes too late
         faiss.omp_set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def threads_restored() -> Iterator[None]:
+    """Give back this process's thread settings afterwards (a job run in the driver's own process)."""
+    import sys
+
+    import torch
+
+    env = {var: os.environ.get(var) for var in THREAD_VARIABLES}
+    torch_threads = torch.get_num_threads()
+    faiss = sys.modules.get("faiss")
+    omp = faiss.omp_get_max_threads() if faiss is not None else None
+    try:
+        yield
+    finally:
+        for var, value in env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        torch.set_num_threads(torch_threads)
+        faiss = sys.modules.get("faiss")
+        if faiss is not None and omp is not None:
+            faiss.omp_set_num_threads(omp)
 
 
 class Worker:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections.abc import Iterator
 
-from cluster.batch import PartitionJob, PartitionResult, PartitionTask, Worker, forget
+from cluster.batch import PartitionJob, PartitionResult, PartitionTask, Worker, forget, threads_restored
 from cluster.config import ClusterConfig
 
 _WORKER: Worker | None = None
@@ -25,12 +25,13 @@ def _run(task: PartitionTask) -> PartitionResult:
 def map_partitions(job: PartitionJob, tasks: list[PartitionTask], cluster: ClusterConfig) -> Iterator[PartitionResult]:
     """Run ``job`` over ``tasks`` here (one worker) or in a pool of spawned processes."""
     if cluster.num_workers == 1:
-        try:
-            worker = Worker(job)
-            for task in tasks:
-                yield worker.run(task)
-        finally:
-            forget(job.key)  # the driver keeps nothing loaded once the job is over
+        with threads_restored():  # the driver's own process: its thread settings back afterwards
+            try:
+                worker = Worker(job)
+                for task in tasks:
+                    yield worker.run(task)
+            finally:
+                forget(job.key)  # nor does it keep the job's function loaded
         return
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch/OpenMP threads
     pool = ctx.Pool(min(cluster.num_workers, len(tasks)), initializer=_start, initargs=(job,))

@@ -131,6 +131,15 @@ def test_rerun_with_other_settings_is_refused(
         err = capsys.readouterr().err
         assert err.count("recsys: error:") == 1 and message in err and "Traceback" not in err, err
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    single_user = ["recommend", "--retrieval", runs.retrieval, "--user", "1", "--tracking-uri", runs.tracking]
+    for args, message in [
+        ([*all_users(runs, tmp_path / "x"), "--user", "1"], "takes no --user"),
+        ([*single_user, "--backend", "ray"], "--backend, --num-workers and --cluster.* go with --all-users"),
+        (all_users(runs, tmp_path / "x", backend="dask"), "dask"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("recsys: error:") == 1 and message in err, err
     assert main([*all_users(runs, tmp_path / "bad"), "--ranking", "0" * 32]) == 2  # checked before any worker
     assert "--ranking " + "0" * 32 in capsys.readouterr().err
     assert not list((tmp_path / "bad").glob("part-*"))
