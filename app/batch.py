@@ -419,6 +419,7 @@ def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> 
         log.info("%s: %d of %d partitions finished earlier, kept", cfg.out, len(finished), partitions)
     progress = Progress(out, {t.partition: len(t.keys) for t in tasks}, len(users), cfg.progress)
     loads: dict[int, int] = {}  # worker process -> how many times it loaded the bundle
+    seconds = cpu_seconds = 0.0
     try:
         for result in map_partitions(job, tasks, cfg.cluster):
             if result.error:
@@ -426,12 +427,16 @@ def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> 
             progress.done(result.partition)
             run["partitions_written"] += 1
             loads[result.pid] = max(loads.get(result.pid, 0), result.loads)
+            seconds += result.seconds
+            cpu_seconds += result.cpu_seconds
     finally:
         progress.close()
         run.update(
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             worker_processes=len(loads),
             bundle_loads=sum(loads.values()),
+            partition_seconds=round(seconds, 3),  # in the workers, summed over the partitions
+            partition_cpu_seconds=round(cpu_seconds, 3),
         )
         write_manifest(out, manifest)
     missing = [p for p in range(partitions) if not (out / part_name(p)).exists()]

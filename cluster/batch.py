@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,9 +68,13 @@ class PartitionResult:
     """The worker process that ran it."""
     loads: int = 0
     """How many times that process had built the job's function so far (1 when it loads once)."""
+    seconds: float = 0.0
+    """Wall time of the partition's function in the worker."""
+    cpu_seconds: float = 0.0
+    """CPU time of the worker process meanwhile (what contention for the cores does not inflate)."""
 
 
-RESULT_FIELDS = ("partition", "keys", "rows", "error", "pid", "loads")
+RESULT_FIELDS = ("partition", "keys", "rows", "error", "pid", "loads", "seconds", "cpu_seconds")
 
 
 def check_batch_cluster(cluster: ClusterConfig) -> None:
@@ -163,13 +168,15 @@ class Worker:
         done = {"partition": task.partition, "keys": len(task.keys), "pid": os.getpid(), "loads": _LOADS[self.job.key]}
         if self.fn is None:
             return PartitionResult(**done, error=self.error)  # type: ignore[arg-type]
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
             rows = self.fn(task.partition, list(task.keys))
         except BaseException as e:
             if not isinstance(e, RecsysError):
                 log.debug("partition %d failed", task.partition, exc_info=True)
             return PartitionResult(**done, error=one_line(e))  # type: ignore[arg-type]
-        return PartitionResult(**done, rows=int(rows))  # type: ignore[arg-type]
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return PartitionResult(**done, rows=int(rows), seconds=wall, cpu_seconds=cpu)  # type: ignore[arg-type]
 
 
 def forget(key: str) -> None:
@@ -186,4 +193,6 @@ def result_of(row: Any) -> PartitionResult:
         error=str(row["error"] or ""),
         pid=int(row["pid"]),
         loads=int(row["loads"]),
+        seconds=float(row["seconds"]),
+        cpu_seconds=float(row["cpu_seconds"]),
     )

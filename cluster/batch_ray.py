@@ -73,8 +73,9 @@ def map_partitions(job: PartitionJob, tasks: list[PartitionTask], cluster: Clust
             actor,
             batch_size=1,
             batch_format="numpy",
-            concurrency=min(cluster.num_workers, len(tasks)),
+            compute=ray.data.ActorPoolStrategy(size=min(cluster.num_workers, len(tasks))),
             num_cpus=cluster.cpus_per_worker,
+            udf_modifying_row_count=False,  # one result row per partition row
         )
         try:
             for row in dataset.iter_rows():

@@ -19,7 +19,9 @@ from cluster.launch import one_line
 from core.errors import RecsysError
 from core.spark import spark_session
 
-RESULT_SCHEMA = "partition long, keys long, rows long, error string, pid long, loads long"
+RESULT_SCHEMA = (
+    "partition long, keys long, rows long, error string, pid long, loads long, seconds double, cpu_seconds double"
+)
 RESULT_COLUMNS = [part.split()[0] for part in RESULT_SCHEMA.split(", ")]
 
 
