@@ -25,10 +25,8 @@ log = logging.getLogger(__name__)
 class PartitionActor:
     """A Ray Data actor: the job's function built once; each call is a batch of whole partitions."""
 
-    job: PartitionJob
-
-    def __init__(self) -> None:
-        self.worker = Worker(self.job)
+    def __init__(self, job: PartitionJob) -> None:
+        self.worker = Worker(job)
 
     def __call__(self, batch: Any) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {name: [] for name in RESULT_FIELDS}
@@ -66,11 +64,9 @@ def map_partitions(job: PartitionJob, tasks: list[PartitionTask], cluster: Clust
         if not verbose:
             logging.getLogger("ray.data").setLevel(logging.ERROR)
         rows = [{"partition": t.partition, "keys": list(t.keys)} for t in tasks]
-        # the job travels with the class: constructor arguments would sit in the object store, which
-        # Ray warns about for restartable actors (ray-project/ray#53727)
-        actor = type("PartitionActor", (PartitionActor,), {"job": job})
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            actor,
+            PartitionActor,
+            fn_constructor_args=(job,),
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(cluster.num_workers, len(tasks))),
