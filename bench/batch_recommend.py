@@ -147,15 +147,18 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- bench/batch_recommend.py: begin -->", "<!-- bench/batch_recommend.py: end -->"
+
+
 def write_doc(doc: Path, text: str) -> None:
-    """Replace (or add) the section in docs/SCALE.md, leaving the other helpers' sections alone."""
+    """Replace the generated part of docs/SCALE.md's section (between its markers; the section is added
+    when missing), leaving the notes around it and the other sections alone."""
     current = doc.read_text() if doc.is_file() else "# Scale\n"
-    start = current.find(SECTION)
-    if start < 0:
-        current = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in current and END in current:
+        current = current[: current.index(BEGIN)] + block + current[current.index(END) + len(END) :]
     else:
-        nxt = current.find("\n## ", start + len(SECTION))
-        current = current[:start] + text.rstrip("\n") + "\n" + (current[nxt:] if nxt >= 0 else "")
+        current = current.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
     doc.write_text(current)
 
 
@@ -191,7 +194,7 @@ def main() -> None:
     print(text)
     if args.doc:
         note = (
-            f"{SECTION}\n\n`python -m bench.batch_recommend` on {platform.machine()} with {os.cpu_count()} cores "
+            f"`python -m bench.batch_recommend` on {platform.machine()} with {os.cpu_count()} cores "
             f"({time.strftime('%Y-%m-%d')}): every user's top {args.k} of {args.candidates} candidates.\n\n{text}\n"
         )
         write_doc(Path(args.doc), note)
