@@ -5,6 +5,7 @@
     recsys data summary data/ctr
     recsys index --run-id RUN [--index hnsw32]
     recsys recommend --retrieval RUN [--ranking RUN] --user 196
+    recsys recommend --retrieval RUN [--ranking RUN] --all-users --out DIR --backend ray --num-workers 2
 
 Flags may be written with dashes or underscores (``--val-frac`` or ``--val_frac``). Every user-facing
 problem ends as one line on stderr and exit status 2. ``--verbose`` (anywhere) shows the libraries'
@@ -163,11 +164,18 @@ def build_parser() -> Any:
     recommend.add_argument("--k", type=int, default=10, help="recommendations per user")
     recommend.add_argument("--candidates", type=int, default=200, help="candidates retrieved for the ranking stage")
     recommend.add_argument("--out", type=str | None, default=None, help="write a new Parquet file instead of printing")
-    recommend.add_argument("--overwrite", type=bool, default=False, help="--out may replace a Parquet file")
+    recommend.add_argument(
+        "--overwrite", type=bool, default=False, help="--out may replace a Parquet file (--all-users: DIR's settings)"
+    )
     recommend.add_argument(
         "--index", type=str | None, default=None, help="a saved index directory (default: the run's)"
     )
     recommend.add_argument("--tracking_uri", type=str | None, default=None)
+    recommend.add_argument(
+        "--all_users", type=bool, default=False, help="every user of the vocabulary -> partitioned Parquet in --out DIR"
+    )
+    recommend.add_argument("--partitions", type=int | None, default=None, help="--all-users: output partitions")
+    recommend.add_class_arguments(ClusterConfig, "cluster", as_group=False)  # --all-users: where it runs
     commands.add_subcommand("recommend", recommend, help="top-K raw item ids for users or an item history")
 
     package = ArgumentParser(
@@ -235,13 +243,13 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             "data": bool_flags(PrepareConfig),
             "submit": {"--no_wait"},
             "index": {"--overwrite"},
-            "recommend": {"--overwrite"},
+            "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
         }.get(argv[0] if argv else "", set())
         args = normalize_flags(argv, switches)
         if args[:1] == ["train"]:
             args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
-        elif args[:1] == ["evaluate"]:
-            args = ["evaluate", *expand_aliases(args[1:], EVALUATE_ALIASES)]
+        elif args[:1] in (["evaluate"], ["recommend"]):
+            args = [args[0], *expand_aliases(args[1:], EVALUATE_ALIASES)]
         ns = parser.parse_args(args)
         ns = parser.instantiate(ns)
     except argparse.ArgumentError as e:
@@ -283,6 +291,13 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
 
         r = ns.recommend
         require(bool(r.retrieval), "recommend: --retrieval RUN is required")
+        cluster = r.cluster if isinstance(r.cluster, ClusterConfig) else to_config(ClusterConfig, r.cluster)
+        if r.all_users:
+            from app.batch import all_users_config, recommend_all_users
+
+            print(recommend_all_users(all_users_config(r, cluster)))
+            return 0
+        require(cluster == ClusterConfig(), "recommend: --backend, --num-workers and --cluster.* go with --all-users")
         print(
             recommend(
                 r.retrieval,
