@@ -76,6 +76,9 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     trainer.fit(task, datamodule=data, ckpt_path=resume_from)
     best_path = trainer.strategy.broadcast(observers["best"].best_model_path)
     last_path = trainer.strategy.broadcast(observers["best"].last_model_path)
+    if not best_path and last_path:  # no validation ran (--max-steps ended the first epoch early)
+        log.info("no validation ran: the last checkpoint is tested and published as the best")
+        best_path = last_path
     tested: list[dict[str, Any]] = []
     if data.meta.splits["test"].rows:
         tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
@@ -160,7 +163,9 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     logger = tracker.logger if tracker is not None else False
     callbacks: list[Any] = [*observers.values(), RunIdInCheckpoint(logger), *runtime.callbacks]
     if cfg.trainer.patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
+        # not strict: an epoch cut short by --max-steps ends before validation, with no value to compare
+        # (the monitored name itself was checked against the model's metrics in resolve_run)
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience, strict=False))
     gpu = runtime.accelerator == "gpu"
     strategy = build_strategy(cfg, runtime)
     trainer = L.Trainer(
