@@ -51,8 +51,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def one_line(error: BaseException) -> str:
     """A worker's error as one line without terminal colours: its message, or its type and first line
     when it is not ours."""
+    from core.signals import Interrupted
+
     text = ANSI.sub("", str(error))
-    if isinstance(error, RecsysError):
+    if isinstance(error, RecsysError | Interrupted):
         return " ".join(text.split())
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {first}"[:400]
