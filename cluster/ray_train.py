@@ -21,7 +21,14 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.launch import one_line
-from cluster.ray_node import LOOPBACK_IP, is_loopback, private_token, single_host_mode
+from cluster.ray_node import (
+    LOOPBACK_IP,
+    TOKEN_HINT,
+    check_token,
+    is_loopback,
+    private_token,
+    single_host_mode,
+)
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
 from core.logs import setup_logging
@@ -38,6 +45,7 @@ METRICS = "final_metrics.json"
 def connect(cluster: ClusterConfig) -> None:
     """Attach to (or start) Ray; an unreachable address fails fast with one line."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -45,6 +53,8 @@ def connect(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     private_token(create=not address)  # a new local Ray turns token auth on and would write the token
+    if address and "://" not in address:  # a GCS address: a refused token is one line now, not 30 s of retries
+        check_token(address)
     try:
         if address:
             # a loopback address must stay loopback (Ray would swap in this host's routable IP)
@@ -58,6 +68,8 @@ def connect(cluster: ClusterConfig) -> None:
                     log_to_driver=True,
                     _node_ip_address=LOOPBACK_IP,
                 )
+    except AuthenticationError as e:  # token auth on in this client, and no token to send
+        raise RecsysError(f"--ray-address {address}: {' '.join(str(e).split())[:200]}; {TOKEN_HINT}") from None
     except SystemExit as e:  # ray.init's own SIGTERM handler, while it started, is sys.exit(signum)
         if e.code in STOP_SIGNALS:
             raise Interrupted(int(e.code)) from None  # type: ignore[arg-type]
