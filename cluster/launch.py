@@ -11,6 +11,7 @@ from typing import Any
 from cluster.config import ClusterConfig
 from cluster.runtime import WorkerFn
 from core.errors import RecsysError
+from core.signals import Interrupted
 
 BACKENDS = {"local": "cluster.local", "ray": "cluster.ray_train", "spark": "cluster.spark_distributor"}
 
@@ -51,8 +52,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def one_line(error: BaseException) -> str:
     """A worker's error as one line without terminal colours: its message, or its type and first line
     when it is not ours."""
-    from core.signals import Interrupted
-
     text = ANSI.sub("", str(error))
     if isinstance(error, RecsysError | Interrupted):
         return " ".join(text.split())

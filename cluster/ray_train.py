@@ -53,7 +53,8 @@ def connect(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     private_token(create=not address)  # a new local Ray turns token auth on and would write the token
-    if address and "://" not in address:  # a GCS address: a refused token is one line now, not 30 s of retries
+    if address and "://" not in address and address not in ("auto", "local"):
+        # a GCS address: a refused token is one line now, not 30 s of retries
         check_token(address)
     try:
         if address:
