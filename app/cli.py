@@ -8,8 +8,9 @@
     recsys recommend --retrieval RUN [--ranking RUN] --all-users --out DIR --backend ray --num-workers 2
 
 Flags may be written with dashes or underscores (``--val-frac`` or ``--val_frac``). Every user-facing
-problem ends as one line on stderr and exit status 2. ``--verbose`` (anywhere) shows the libraries'
-warnings and info lines.
+problem ends as one line on stderr and exit status 2; a command stopped by SIGINT, SIGTERM or SIGHUP
+exits with 128 + the signal's number and one line (``core.signals``). ``--verbose`` (anywhere) shows
+the libraries' warnings and info lines.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from app.config import RunConfig, TrackingConfig, TrainerConfig
 from cluster.config import ClusterConfig
 from core.errors import RecsysError, require
 from core.logs import setup_logging
+from core.signals import Interrupted, interruption, stop_signals
 from datamodules.config import DataConfig, PrepareConfig
 from modules.config import ModelConfig, OptimConfig
 
@@ -366,13 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     try:
-        return run(args, verbose)
+        with stop_signals():  # SIGINT/SIGTERM/SIGHUP: unwind (children stopped, run KILLED), 128 + signal
+            try:
+                return run(args, verbose)
+            except BaseException as e:  # whatever a stop signal turned into on its way out is that signal
+                stop = interruption(e)
+                if stop is None or stop is e:
+                    raise
+                raise stop from None
     except RecsysError as e:
         print(f"recsys: error: {e}", file=sys.stderr)
         return int(getattr(e, "exit_code", 2))
-    except KeyboardInterrupt:
-        print("recsys: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        print(f"recsys: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ class StreamingDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool, blocks: int) -> Any:
-        collate = BlockCollate(self.meta)
+        collate = BlockCollate(self.meta, self.cfg.path.rstrip("/"))
         return _loader_class()(
             self.dataset(split, shuffle, blocks),
             batch_size=blocks,
