@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import random
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from cluster.config import ClusterConfig
@@ -24,10 +26,36 @@ from core.signals import interruption, stop_signals
 log = logging.getLogger(__name__)
 
 
+EPHEMERAL_PORTS = (32768, 60999)
+"""Linux's default ``ip_local_port_range``: the kernel hands these out to every ``bind(0)`` and
+outgoing connection on the machine."""
+
+
 def free_port() -> int:
+    """A loopback port free now, for a rendezvous the workers reach later: drawn below the ephemeral
+    range when one is free there, so that no other process's ``bind(0)`` or connection takes it in
+    the meantime (a port the kernel picked would be handed out again at once)."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS
 
 
 def torchrun_env(rank: int, world: int, port: int, run_id: str) -> dict[str, str]:
