@@ -46,7 +46,7 @@ from datamodules.encoding import (
     write_tables,
 )
 from datamodules.schema import DatasetMetadata
-from datamodules.sources import RawTable, canonical_interactions, interactions_path, sha256_of
+from datamodules.sources import RawTable, arrow_as_text, canonical_interactions, interactions_path, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,6 @@ CSV_BLOCK_BYTES = 4 << 20
 
 def is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
-
-
-def text_frame(table: Any) -> pd.DataFrame:
-    """A chunk of a Parquet file with every column as text, as ``sources.read_interactions`` reads the
-    whole file (numbers as their text; nested and binary columns, which no canonical column is, left out)."""
-    import pyarrow as pa
-
-    columns = {}
-    for name, column in zip(table.column_names, table.columns, strict=True):
-        if pa.types.is_nested(column.type) or pa.types.is_binary(column.type):
-            continue
-        columns[str(name)] = column.to_pandas()
-    frame = pd.DataFrame(columns)
-    for c in frame.columns:
-        frame[c] = frame[c].astype(str)
-    return frame
 
 
 def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -85,7 +69,7 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         try:
             parquet = pq.ParquetFile(path)
             for batch in parquet.iter_batches(batch_size=chunk_rows):
-                yield text_frame(pa.Table.from_batches([batch]))
+                yield arrow_as_text(pa.Table.from_batches([batch]), where)
         except (pa.ArrowException, OSError) as e:
             raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
         return
@@ -123,11 +107,12 @@ def interaction_chunks(path: Path, rows: int | None, chunk_rows: int) -> Iterato
     """Canonical interaction rows of the file (``sources.canonical_interactions``, errors naming the
     line), at most ``rows`` of them, ``chunk_rows`` at a time."""
     seen = 0
+    lines = not is_parquet(path)  # Parquet has no lines: its errors name the value alone, as the whole-file reader's
     for raw in raw_chunks(path, chunk_rows):
         if rows is not None:
             raw = raw.iloc[: rows - seen]
         if len(raw):
-            yield canonical_interactions(raw, str(path), offset=2 + seen)
+            yield canonical_interactions(raw, str(path), offset=2 + seen if lines else None)
         seen += len(raw)
         if rows is not None and seen >= rows:
             break
