@@ -46,7 +46,15 @@ from datamodules.encoding import (
     write_tables,
 )
 from datamodules.schema import DatasetMetadata
-from datamodules.sources import RawTable, arrow_as_text, canonical_interactions, interactions_path, sha256_of
+from datamodules.sources import (
+    RawTable,
+    arrow_as_text,
+    canonical_interactions,
+    check_id_types,
+    interaction_columns,
+    interactions_path,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,9 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
 
         try:
             parquet = pq.ParquetFile(path)
+            whole_file = parquet_id_types(parquet, where)
             for batch in parquet.iter_batches(batch_size=chunk_rows):
-                yield arrow_as_text(pa.Table.from_batches([batch]), where)
+                yield arrow_as_text(pa.Table.from_batches([batch]), where, check_types=not whole_file)
         except (pa.ArrowException, OSError) as e:
             raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
         return
@@ -101,6 +110,30 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
             yield pa.Table.from_batches(pending, schema=reader.schema).to_pandas()
     except pa.ArrowInvalid as e:
         raise RecsysError(f"{where}: cannot parse ({str(e).splitlines()[0]})") from None
+
+
+def parquet_id_types(parquet: Any, where: str) -> bool:
+    """The whole-file reader's id-type check from the file's footer, before any row is read: an id
+    column of floating-point type without a null (per its row groups' statistics) is refused; one with
+    a null is left to the canonical checks, which name the missing id. False where a row group lacks
+    the statistics: then each chunk is checked as the whole file would be."""
+    names = [str(n) for n in parquet.schema_arrow.names]
+    user, item, *_ = interaction_columns(names, where, need_rating=False)
+    meta = parquet.metadata
+    leaves = [meta.schema.column(k).path for k in range(meta.num_columns)]  # nested columns have several
+    types = {}
+    for name in (user, item):
+        j = leaves.index(name)
+        nulls = 0
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(j).statistics
+            if stats is None or not stats.has_null_count:
+                return False
+            nulls += stats.null_count
+        if nulls == 0:
+            types[name] = str(parquet.schema_arrow.field(name).type)
+    check_id_types(where, types)
+    return True
 
 
 def interaction_chunks(path: Path, rows: int | None, chunk_rows: int) -> Iterator[pd.DataFrame]:

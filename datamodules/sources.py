@@ -348,15 +348,17 @@ def read_parquet_as_text(path: Path) -> pd.DataFrame:
     return arrow_as_text(table, str(path))
 
 
-def arrow_as_text(table: Any, where: str) -> pd.DataFrame:
-    """``read_parquet_as_text`` for an Arrow table already read (the chunked engine calls it per chunk)."""
+def arrow_as_text(table: Any, where: str, *, check_types: bool = True) -> pd.DataFrame:
+    """``read_parquet_as_text`` for an Arrow table already read (the chunked engine calls it per chunk,
+    ``check_types=False`` where it checked the id types for the whole file)."""
     import pyarrow as pa
 
     names = [str(n) for n in table.column_names]
     user, item, *_ = interaction_columns(names, where, need_rating=False)
-    # a missing id is named by the canonical checks (it is also what made an integer column float)
-    whole = [c for c in (user, item) if table.column(c).null_count == 0]
-    check_id_types(where, {c: str(table.schema.field(c).type) for c in whole})
+    if check_types:
+        # a missing id is named by the canonical checks (it is also what made an integer column float)
+        whole = [c for c in (user, item) if table.column(c).null_count == 0]
+        check_id_types(where, {c: str(table.schema.field(c).type) for c in whole})
     columns = {}
     for name, column in zip(names, table.columns, strict=True):
         if pa.types.is_nested(column.type) or pa.types.is_binary(column.type):
