@@ -222,11 +222,11 @@ def main() -> None:
         )
         stages = "\n".join(f"    {line}" for line in spark_stages)
         text = f"""
-`python bench/prepare_engines.py {flags}`, {time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores (shared):
-one interactions CSV ({src.stat().st_size / 1e6:.0f} MB; {args.rows:,} rows of user, item, rating,
-timestamp; {args.users:,} users, {args.items:,} items), prepared by each engine through the CLI, one after
-the other. CPU: every process of the run (Spark's JVM and Python workers too), sampled; load: the
-1-minute load average before / after the run.
+`python bench/prepare_engines.py {flags}`
+({time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores, shared): one interactions CSV ({src.stat().st_size / 1e6:.0f} MB;
+{args.rows:,} rows of user, item, rating, timestamp; {args.users:,} users, {args.items:,} items), prepared by
+each engine through the CLI, one after the other. CPU: every process of the run (Spark's JVM and Python
+workers too), sampled; load: the 1-minute load average before / after the run.
 
 | engine | wall s | CPU s | peak RSS GB (largest process) | load |
 | --- | ---: | ---: | ---: | ---: |
