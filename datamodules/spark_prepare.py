@@ -1,9 +1,10 @@
 """``--engine spark``: the same prepared dataset as the local engine, computed by PySpark.
 
-Reading, the per-user split (``applyInPandas`` over user groups), vocabularies and statistics (Spark
-aggregations over the train split) and shard writing (``streaming``'s ``dataframe_to_mds``, one writer
-per partition, indexes merged) all run on the cluster; the row-level functions are the local engine's
-own (``assign_split``, ``encode_frame``, ``pack_blocks``), so both engines give the same rows.
+Reading and checking (``sources.canonical_interactions`` over every batch), the per-user split
+(``mapInPandas`` over hash partitions of whole users), vocabularies and statistics (Spark aggregations
+over the train split) and shard writing (one range-partitioned pass, one writer per partition, indexes
+merged) all run on the cluster, with a line per stage on stderr; the row-level functions are the local
+engine's own (``assign_split``, ``encode_frame``, ``BlockPacker``), so both engines give the same rows.
 """
 
 from __future__ import annotations
