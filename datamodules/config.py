@@ -26,8 +26,13 @@ class SyntheticConfig:
     """Popularity skew of ids (Zipf exponent)."""
     latent_dim: int = 8
     """synthetic-retrieval: dimension of the planted user/item factors."""
+    users: int | None = None
+    """synthetic-retrieval: number of users, up to 10,000,000 and --rows (default: rows / 40)."""
+    items: int | None = None
+    """synthetic-retrieval: number of items, up to 1,000,000 (default: rows / 20, at most 200,000)."""
     chunk_rows: int = 262144
-    """Rows generated per chunk: peak memory depends on this, not on --rows."""
+    """Rows generated (and, for synthetic-retrieval, spilled and written) per chunk: peak memory depends
+    on this, not on --rows."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,9 @@ class PrepareConfig:
     """Spark master URL for --engine spark."""
     block_rows: int = 512
     """Rows stored together in one MDS sample (the unit of shuffling across shards)."""
+    chunk_rows: int = 1_000_000
+    """--dataset interactions, local engine: rows read, and held, at a time; the file is spilled to
+    buckets of about this many rows on disk, so peak memory depends on this, not on the file's size."""
     overwrite: bool = False
     """Replace an existing output directory."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,11 +63,13 @@ def assign_split(frame: pd.DataFrame, rule: str, val_frac: float, test_frac: flo
     n_rows = len(frame)
     if n_rows == 0:
         return np.zeros(0, dtype=np.int8)
+    # users as integer codes: sorting Python strings would compare them one pair at a time
+    user = pd.factorize(frame["user"], sort=False)[0]
     if rule == "temporal":
-        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), frame["user"].to_numpy()))
+        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), user))
     else:
-        order = np.lexsort((frame["key"].to_numpy(), frame["user"].to_numpy()))
-    users = frame["user"].to_numpy()[order]
+        order = np.lexsort((frame["key"].to_numpy(), user))
+    users = user[order]
     starts = np.r_[True, users[1:] != users[:-1]]
     group = np.cumsum(starts) - 1
     first = np.flatnonzero(starts)
@@ -94,8 +96,15 @@ class EncodingPlan:
 
     sparse: list[FeatureSpec]
     dense: list[FeatureSpec]
-    vocabs: dict[str, list[str]] = field(default_factory=dict)
+    vocabs: dict[str, Sequence[str]] = field(default_factory=dict)
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _indexes: dict[str, pd.Index] = field(default_factory=dict, repr=False, compare=False)
+
+    def index(self, name: str) -> pd.Index:
+        """The vocabulary of ``name`` as a pandas Index (built once: chunked paths encode many chunks)."""
+        if name not in self._indexes:
+            self._indexes[name] = pd.Index(self.vocabs[name])
+        return self._indexes[name]
 
     @property
     def single(self) -> list[FeatureSpec]:
@@ -148,13 +157,13 @@ def encode_frame(frame: pd.DataFrame, plan: EncodingPlan) -> dict[str, Any]:
         dense[:, j] = np.nan_to_num((col - mean) / std, nan=0.0)
     sparse = np.zeros((n, len(plan.single)), dtype=np.int64)
     for j, f in enumerate(plan.single):
-        sparse[:, j] = pd.Index(plan.vocabs[f.name]).get_indexer(frame[column_of(f)].astype(str)) + 1
+        sparse[:, j] = plan.index(f.name).get_indexer(frame[column_of(f)].astype(str)) + 1
     multi = []
     for f in plan.multi:
         lists = frame[column_of(f)]
         lengths = lists.map(len).to_numpy(np.int32)
         flat = lists.explode().dropna().astype(str)
-        values = pd.Index(plan.vocabs[f.name]).get_indexer(flat) + 1
+        values = plan.index(f.name).get_indexer(flat) + 1
         multi.append((values.astype(np.int64), lengths))
     return {"dense": dense, "sparse": sparse, "multi": multi, "label": frame["label"].to_numpy(np.float32)}
 
@@ -234,6 +243,77 @@ class SplitWriter:
         self.writer.finish()
 
 
+def concat_encoded(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Encoded rows of several parts, one after the other."""
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        "dense": np.concatenate([p["dense"] for p in parts]),
+        "sparse": np.concatenate([p["sparse"] for p in parts]),
+        "label": np.concatenate([p["label"] for p in parts]),
+        "multi": [
+            (np.concatenate([p["multi"][i][0] for p in parts]), np.concatenate([p["multi"][i][1] for p in parts]))
+            for i in range(len(parts[0]["multi"]))
+        ],
+    }
+
+
+def slice_encoded(enc: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    """Rows ``lo:hi`` of encoded rows."""
+    multi = []
+    for values, lengths in enc["multi"]:
+        start = int(lengths[:lo].sum(dtype=np.int64))
+        stop = start + int(lengths[lo:hi].sum(dtype=np.int64))
+        multi.append((values[start:stop], lengths[lo:hi]))
+    return {"dense": enc["dense"][lo:hi], "sparse": enc["sparse"][lo:hi], "label": enc["label"][lo:hi], "multi": multi}
+
+
+class BlockPacker:
+    """Encoded rows arriving in parts (one bucket at a time), cut into the blocks ``pack_blocks`` would
+    cut from all of them at once: a part's last partial block waits for the next part."""
+
+    def __init__(self, writer: SplitWriter, block_rows: int) -> None:
+        self.writer = writer
+        self.block_rows = block_rows
+        self.pending: dict[str, Any] | None = None
+
+    def add(self, enc: dict[str, Any]) -> None:
+        rows = concat_encoded([self.pending, enc]) if self.pending is not None else enc
+        full = len(rows["label"]) // self.block_rows * self.block_rows
+        for sample in pack_blocks(slice_encoded(rows, 0, full), self.block_rows):
+            self.writer.write(sample)
+        self.pending = slice_encoded(rows, full, len(rows["label"])) if full < len(rows["label"]) else None
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            for sample in pack_blocks(self.pending, self.block_rows):
+                self.writer.write(sample)
+            self.pending = None
+
+
+class ParquetParts:
+    """Parquet files written a part at a time: one writer per file, opened at its first part (the schema
+    of later parts is cast to the first's); ``close`` finishes them all."""
+
+    def __init__(self) -> None:
+        self.writers: dict[Path, Any] = {}
+
+    def write(self, path: Path, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if path not in self.writers:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[path] = pq.ParquetWriter(path, table.schema)
+        self.writers[path].write_table(table.cast(self.writers[path].schema))
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
 def write_tables(user_rows: pd.DataFrame, item_rows: pd.DataFrame, plan: EncodingPlan, tmp: Path) -> None:
     """``users.parquet`` / ``items.parquet``: encoded features of each train user / item, by index.
 
@@ -277,29 +357,38 @@ def user_histories(train: pd.DataFrame, plan: EncodingPlan) -> pd.DataFrame:
     Both engines run this on the train rows (Spark one user group at a time), so they agree. Every
     train interaction counts, whatever its label: what a user touched describes them.
     """
-    users = pd.Index(plan.vocabs["user_id"]).get_indexer(train["user"].astype(str)) + 1
-    items = pd.Index(plan.vocabs["item_id"]).get_indexer(train["item"].astype(str)) + 1
+    users = plan.index("user_id").get_indexer(train["user"].astype(str)) + 1
+    items = plan.index("item_id").get_indexer(train["item"].astype(str)) + 1
     ts = train["timestamp"].to_numpy(np.int64) if "timestamp" in train.columns else np.zeros(len(train), np.int64)
     rows = pd.DataFrame({"user_id": users.astype(np.int64), "item_id": items.astype(np.int64), "ts": ts})
     rows = rows.sort_values(["user_id", "ts", "item_id"], kind="stable")
     rows = rows.drop_duplicates(["user_id", "item_id"], keep="last")
-    grouped = rows.groupby("user_id", sort=True).item_id
-    return pd.DataFrame(
-        {"user_id": grouped.size().index.to_numpy(np.int64), "items": [g.to_numpy(np.int64) for _, g in grouped]}
-    )
+    user, item = rows["user_id"].to_numpy(), rows["item_id"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.zeros(0, np.int64)
+    return pd.DataFrame({"user_id": user[starts], "items": np.split(item, starts[1:]) if len(user) else []})
 
 
-def sparse_feature(name: str, vocab: list[str], tower: str, multi_hot: bool) -> SparseFeature:
+def sparse_feature(name: str, vocab: Sequence[str], tower: str, multi_hot: bool) -> SparseFeature:
     """The metadata of a sparse feature whose vocabulary ``finish_dataset`` writes."""
     return SparseFeature(name, len(vocab) + 1, tower, multi_hot, f"{VOCAB_DIR}/{name}.json")
 
 
-def finish_dataset(meta: DatasetMetadata, vocabs: dict[str, list[str]], tmp: Path) -> None:
+def finish_dataset(meta: DatasetMetadata, vocabs: Mapping[str, Sequence[str]], tmp: Path) -> None:
     """Write the vocabularies and, last, ``metadata.json`` (what makes the directory a dataset)."""
     (tmp / VOCAB_DIR).mkdir(exist_ok=True)
     for name, vocab in vocabs.items():
-        (tmp / VOCAB_DIR / f"{name}.json").write_text(json.dumps(vocab))
+        write_vocab(tmp / VOCAB_DIR / f"{name}.json", vocab)
     write_metadata(meta, tmp)
+
+
+def write_vocab(path: Path, vocab: Sequence[str], step: int = 1 << 16) -> None:
+    """``json.dumps(list(vocab))``, written a slice at a time (a vocabulary of millions of ids is
+    never one string in memory)."""
+    with open(path, "w") as f:
+        f.write("[")
+        for lo in range(0, len(vocab), step):
+            f.write((", " if lo else "") + json.dumps(list(vocab[lo : lo + step]))[1:-1])
+        f.write("]")
 
 
 def build_metadata(

@@ -43,23 +43,36 @@ def prepare(cfg: PrepareConfig) -> DatasetMetadata:
     validate(cfg)
     out = Path(cfg.out)
     check_output(out, cfg.overwrite, cfg.source)  # before reading anything; atomic_output checks again
-    if cfg.dataset == "synthetic-ctr":
-        from datamodules.synthetic import prepare_synthetic_ctr
-
-        with atomic_output(out, cfg.overwrite) as tmp:
-            return prepare_synthetic_ctr(cfg, tmp)
     if cfg.engine == "spark":
         from datamodules.spark_prepare import prepare_with_spark
 
         with atomic_output(out, cfg.overwrite) as tmp:
             return prepare_with_spark(cfg, tmp)
+    if cfg.dataset in OUT_OF_CORE:
+        with atomic_output(out, cfg.overwrite) as tmp:
+            return out_of_core(cfg, tmp)
     raw = read_source(cfg)
     with atomic_output(out, cfg.overwrite) as tmp:
-        if cfg.dataset == "synthetic-retrieval":
-            from datamodules.synthetic import write_ground_truth
-
-            write_ground_truth(raw, tmp)
         return prepare_interactions(raw, cfg, tmp)
+
+
+OUT_OF_CORE = ("synthetic-ctr", "synthetic-retrieval", "interactions")
+"""Datasets the local engine prepares a chunk at a time (memory does not grow with their size)."""
+
+
+def out_of_core(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
+    """The chunked local paths: generated sets, and interaction files read in chunks."""
+    if cfg.dataset == "synthetic-ctr":
+        from datamodules.synthetic import prepare_synthetic_ctr
+
+        return prepare_synthetic_ctr(cfg, tmp)
+    if cfg.dataset == "synthetic-retrieval":
+        from datamodules.synthetic_retrieval import prepare_synthetic_retrieval
+
+        return prepare_synthetic_retrieval(cfg, tmp)
+    from datamodules.chunked import prepare_interactions_chunked
+
+    return prepare_interactions_chunked(cfg, tmp)
 
 
 def validate(cfg: PrepareConfig) -> None:
@@ -74,6 +87,8 @@ def validate(cfg: PrepareConfig) -> None:
     )
     require(cfg.rows is None or cfg.rows > 0, f"--rows: must be positive, got {cfg.rows}")
     require(cfg.block_rows > 0, f"--block-rows: must be positive, got {cfg.block_rows}")
+    require(cfg.chunk_rows > 0, f"--chunk-rows: must be positive, got {cfg.chunk_rows}")
+    require(cfg.synthetic.chunk_rows > 0, f"--synthetic.chunk_rows: must be positive, got {cfg.synthetic.chunk_rows}")
     if cfg.engine == "spark":
         require(
             cfg.dataset not in ("synthetic-ctr", "synthetic-retrieval"),
@@ -82,16 +97,17 @@ def validate(cfg: PrepareConfig) -> None:
 
 
 def read_source(cfg: PrepareConfig) -> RawTable:
-    """Read (or generate) the canonical table of an interaction dataset."""
+    """Read (or generate) the canonical table of an interaction dataset, whole, in memory."""
     if cfg.dataset == "synthetic-retrieval":
-        from datamodules.synthetic import generate_retrieval
+        from datamodules.synthetic_retrieval import generate_retrieval
 
         return generate_retrieval(cfg)
     return READERS[cfg.dataset](cfg.source, cfg.rows)
 
 
 def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
-    """The local engine for interaction datasets (users x items), in memory with pandas."""
+    """The local engine for interaction datasets (users x items), in memory with pandas (the chunked
+    paths, ``datamodules.chunked`` and ``datamodules.synthetic_retrieval``, write what this writes)."""
     started = time.time()
     frame = label_frame(raw.frame, cfg.label_threshold)
     frame = frame.assign(key=row_keys(frame, cfg.seed))

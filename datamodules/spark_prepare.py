@@ -1,9 +1,10 @@
 """``--engine spark``: the same prepared dataset as the local engine, computed by PySpark.
 
-Reading, the per-user split (``applyInPandas`` over user groups), vocabularies and statistics (Spark
-aggregations over the train split) and shard writing (``streaming``'s ``dataframe_to_mds``, one writer
-per partition, indexes merged) all run on the cluster; the row-level functions are the local engine's
-own (``assign_split``, ``encode_frame``, ``pack_blocks``), so both engines give the same rows.
+Reading and checking (``sources.canonical_interactions`` over every batch), the per-user split
+(``mapInPandas`` over hash partitions of whole users), vocabularies and statistics (Spark aggregations
+over the train split) and shard writing (one range-partitioned pass, one writer per partition, indexes
+merged) all run on the cluster, with a line per stage on stderr; the row-level functions are the local
+engine's own (``assign_split``, ``encode_frame``, ``BlockPacker``), so both engines give the same rows.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import pandas as pd
 
 from core.errors import RecsysError
 from core.spark import spark_session
-from datamodules.blocks import mds_columns
 from datamodules.config import PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
+    BlockPacker,
     EncodingPlan,
+    ParquetParts,
     SplitWriter,
     assign_split,
     build_metadata,
@@ -33,7 +35,6 @@ from datamodules.encoding import (
     finish_dataset,
     id_pairs,
     make_plan,
-    pack_blocks,
     row_keys,
     user_histories,
     write_item_titles,
@@ -54,48 +55,96 @@ from datamodules.sources import (
 log = logging.getLogger(__name__)
 
 
+class Stages:
+    """One line per stage on stderr (``spark: STAGE: WHAT (N.Ns, CPU N.Ns, total N.Ns)``): Spark's UI
+    and progress bar are off, and a prepare of millions of rows must not look hung. CPU counts this
+    process and its children (Spark's JVM and its Python workers)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.time()
+        self.cpu = self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        import psutil
+
+        me = psutil.Process()
+        total = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass  # a Python worker that just ended
+        return total
+
+    def done(self, stage: str, what: str = "") -> None:
+        now, cpu = time.time(), self._cpu()
+        what = f": {what}" if what else ""
+        log.info(
+            "spark: %s%s (%.1fs, CPU %.1fs, total %.1fs)",
+            stage,
+            what,
+            now - self.last,
+            cpu - self.cpu,
+            now - self.started,
+        )
+        self.last, self.cpu = now, cpu
+
+
 def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
     """Prepare an interaction dataset with Spark into ``tmp``; returns the metadata."""
     from pyspark.sql import functions as F
 
-    started = time.time()
+    stages = Stages()
     # streaming warns that a local `out` might be FUSE storage and that udf columns are unchecked.
     logging.getLogger("streaming.base.converters.dataframe_to_mds").setLevel(logging.ERROR)
     spark = spark_session(cfg.spark_master)
     spark.sparkContext.setLogLevel("ERROR")
+    # pandas calls over 100k rows rather than 10k: a tenth of the Python round trips, blocks and row groups
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "100000")
     try:
         df, raw = read_with_spark(cfg, spark, tmp)
+        # the first line only once the source passed its checks: bad input is one line, the error
+        slots = spark.sparkContext.defaultParallelism
+        stages.done(
+            "read and checked", f"{raw.source.get('path', cfg.dataset)} on {cfg.spark_master} ({slots} task slots)"
+        )
         from_rating = "label" not in df.columns
         if from_rating:
             df = df.withColumn("label", (F.col("rating") >= F.lit(cfg.label_threshold)).cast("float"))
-        df = with_split(df, cfg).cache()
-        train = df.filter(F.col("split") == 0)
-        plan = make_plan(raw.features)
-        fit_plan_spark(plan, train)
+        groups = user_groups(spark, raw)
+        df = with_split(df, cfg, groups).cache()
         counts = {
             r["split"]: (int(r["n"]), float(r["rate"] or 0.0))
             for r in df.groupBy("split").agg(F.count("*").alias("n"), F.avg("label").alias("rate")).collect()
         }
+        sizes = ", ".join(f"{name} {counts.get(code, (0, 0.0))[0]:,}" for name, code in SPLIT_CODES.items())
+        stages.done("split per user", f"{groups} groups of users; {sizes} rows")
+        train = df.filter(F.col("split") == 0)
+        plan = make_plan(raw.features)
+        fit_plan_spark(plan, train)
+        stages.done("vocabularies", ", ".join(f"{k} {len(v):,}" for k, v in plan.vocabs.items()))
+        written = write_splits_spark(df, plan, cfg, tmp, groups)
         splits = {}
         for name, code in SPLIT_CODES.items():
             rows, rate = counts.get(code, (0, 0.0))
-            blocks = write_split_spark(df.filter(F.col("split") == code), plan, cfg, tmp / name) if rows else 0
-            if not rows:
-                write_empty_split(tmp / name, len(plan.multi))
-            splits[name] = SplitInfo(rows=rows, blocks=blocks, label_rate=rate)
-            write_pairs_spark(df.filter(F.col("split") == code), plan, tmp / "pairs" / f"{name}.parquet")
-        user_rows = train.dropDuplicates(["user"]).drop("key", "split").toPandas()
-        item_rows = train.dropDuplicates(["item"]).drop("key", "split").toPandas()
-        write_tables(_lists(user_rows), _lists(item_rows), plan, tmp)
+            splits[name] = SplitInfo(rows=rows, blocks=written[name]["blocks"], label_rate=rate)
+        stages.done("wrote the splits", ", ".join(f"{k} {v.blocks:,} blocks" for k, v in splits.items()))
+        if raw.features:
+            user_rows = _lists(train.dropDuplicates(["user"]).drop("key", "split").toPandas())
+            item_rows = _lists(train.dropDuplicates(["item"]).drop("key", "split").toPandas())
+        else:  # ids alone: the tables are the vocabularies
+            user_rows = pd.DataFrame({"user": list(plan.vocabs["user_id"]), "item": ""})
+            item_rows = pd.DataFrame({"user": "", "item": list(plan.vocabs["item_id"])})
+        write_tables(user_rows, item_rows, plan, tmp)
         write_item_titles(raw, tmp)
         write_histories_spark(train, plan, tmp / "histories")
+        stages.done("users, items and histories")
         corpus = {
             "users": ["users.parquet"],
             "items": ["items.parquet"],
-            "pairs": {
-                s: sorted(str(p.relative_to(tmp)) for p in (tmp / "pairs" / f"{s}.parquet").glob("*.parquet"))
-                for s in SPLITS
-            },
+            "pairs": {s: written[s]["pairs"] for s in SPLITS},
             "histories": sorted(str(p.relative_to(tmp)) for p in (tmp / "histories").glob("*.parquet")),
         }
         meta = build_metadata(cfg, plan, raw, splits, engine="spark", label_from_rating=from_rating, corpus=corpus)
@@ -106,11 +155,22 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
             cfg.dataset,
             cfg.spark_master,
             ", ".join(f"{k} {v.rows:,}" for k, v in splits.items()),
-            time.time() - started,
+            time.time() - stages.started,
         )
         return meta
     finally:
         spark.stop()
+
+
+GROUP_BYTES = 64 << 20
+"""Source bytes per group of users handed to one pandas call (the split, the histories)."""
+
+
+def user_groups(spark: Any, raw: RawTable) -> int:
+    """How many groups of users the per-user steps run over: enough to keep every task slot busy,
+    and more for a large source so that one group stays small in a Python worker's memory."""
+    size = Path(raw.source["path"]).stat().st_size if "path" in raw.source else 0
+    return max(2 * spark.sparkContext.defaultParallelism, -(-size // GROUP_BYTES))
 
 
 def read_with_spark(cfg: PrepareConfig, spark: Any, tmp: Path) -> tuple[Any, RawTable]:
@@ -141,10 +201,15 @@ def read_table_spark(spark: Any, path: Path, where: str) -> Any:
     """CSV (all strings) or Parquet into Spark, with the local reader's errors."""
     if path.stat().st_size == 0:
         raise RecsysError(f"{where}: file is empty")
+    # at least 4 input splits per task slot (Spark's default, 128 MB a split, parses a 130 MB file in
+    # one task); at most Spark's default size
+    split_bytes = min(128 << 20, max(4 << 20, -(-path.stat().st_size // (4 * spark.sparkContext.defaultParallelism))))
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(split_bytes))
     if path.suffix.lower() in (".parquet", ".pq"):
         df = spark.read.parquet(str(path))
     else:
         df = spark.read.option("header", True).option("inferSchema", False).option("mode", "FAILFAST").csv(str(path))
+    df = df.cache()  # checked, then split: parsed once
     if df.isEmpty():
         raise RecsysError(f"{where}: no data rows")
     return df
@@ -193,21 +258,37 @@ def first_problem(df: Any, where: str, columns: list[str]) -> str | None:
     return str(rows[0]["problem"]) if rows else None
 
 
-def with_split(df: Any, cfg: PrepareConfig) -> Any:
-    """Add ``key`` and ``split`` with the local engine's functions, one user group at a time."""
+def with_split(df: Any, cfg: PrepareConfig, groups: int) -> Any:
+    """Add ``key`` and ``split`` with the local engine's functions, over partitions of whole users.
+
+    The rows are hash-partitioned by user into ``groups`` partitions and each partition is one pandas
+    call: ``assign_split`` splits many users at once, where a call per user (``groupBy("user")``)
+    costs a Python round trip per user, and ``groupBy(...).applyInPandas`` would sort every row by
+    its group first. The result keeps that partitioning (``write_histories_spark`` relies on it).
+    """
     from pyspark.sql.types import ByteType, LongType, StructField, StructType
 
     seed, rule, val_frac, test_frac = cfg.seed, cfg.split, cfg.val_frac, cfg.test_frac
-    schema = StructType([*df.schema.fields, StructField("key", LongType()), StructField("split", ByteType())])
+    kept = [f for f in df.schema.fields if f.name != "rating"]  # in the key and the label, no longer needed
+    schema = StructType([*kept, StructField("key", LongType()), StructField("split", ByteType())])
 
-    def add_split(pdf: pd.DataFrame) -> pd.DataFrame:
+    def add_split(batches: Any) -> Any:
+        pdf = whole(batches)
+        if pdf is None:
+            return
         keys = row_keys(pdf, seed)
         pdf = pdf.assign(key=keys)
         pdf["split"] = assign_split(pdf, rule, val_frac, test_frac)
         pdf["key"] = keys.view(np.int64)
-        return pdf
+        yield pdf[[f.name for f in schema.fields]]
 
-    return df.groupBy("user").applyInPandas(add_split, schema=schema)
+    return df.repartition(groups, "user").mapInPandas(add_split, schema=schema)
+
+
+def whole(batches: Any) -> pd.DataFrame | None:
+    """All the Arrow batches of one partition as one frame (None for an empty partition)."""
+    frames = list(batches)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def fit_plan_spark(plan: EncodingPlan, train: Any) -> None:
@@ -227,54 +308,103 @@ def fit_plan_spark(plan: EncodingPlan, train: Any) -> None:
         plan.stats[f.name] = (mean, std)
 
 
-def write_split_spark(part: Any, plan: EncodingPlan, cfg: PrepareConfig, out: Path) -> int:
-    """Shuffle by key, encode each partition into blocks and write them with ``dataframe_to_mds``."""
-    from streaming.base.converters import dataframe_to_mds
-
-    block_rows = cfg.block_rows
-    partitions = max(1, min(64, part.rdd.getNumPartitions()))
-    ordered = part.repartitionByRange(partitions, "key").sortWithinPartitions("key")
-
-    def to_blocks(pdf: pd.DataFrame) -> Any:
-        return pack_blocks(encode_frame(_lists(pdf), plan), block_rows)
-
-    dataframe_to_mds(
-        ordered,
-        merge_index=True,
-        mds_kwargs={"out": str(out), "columns": mds_columns(len(plan.multi)), "compression": "zstd"},
-        udf_iterable=to_blocks,
-    )
-    index = json.loads((out / "index.json").read_text())
-    return int(sum(s["samples"] for s in index["shards"]))
+MIN_LONG = -(1 << 63)
 
 
-def write_pairs_spark(part: Any, plan: EncodingPlan, out: Path) -> None:
-    """(user_id, item_id, label) per row as Parquet, for retrieval evaluation."""
-    from pyspark.sql.types import FloatType, LongType, StructField, StructType
+def write_splits_spark(df: Any, plan: EncodingPlan, cfg: PrepareConfig, tmp: Path, partitions: int) -> dict[str, Any]:
+    """Every split's shards and (user_id, item_id, label) pairs in one pass over the rows.
 
-    schema = StructType(
-        [StructField("user_id", LongType()), StructField("item_id", LongType()), StructField("label", FloatType())]
-    )
+    The rows are range-partitioned by (split, key) and sorted, so each split comes in the local engine's
+    key order (the key compared as unsigned, as numpy sorts it), and each partition is encoded once and
+    written by one task: MDS shards in ``SPLIT/PARTITION/`` (blocks cut across the partition's Arrow
+    batches) and its pairs in ``pairs/SPLIT.parquet/``; the driver merges each split's shard indexes
+    (``merge_mds_indexes``). Not streaming's ``dataframe_to_mds``: it writes one DataFrame
+    (split) per call, spends a job checking that it is not empty, and cuts a partial block at the end of
+    every Arrow batch. Returns, per split, its blocks and pairs files (of the successful task attempts).
+    """
+    from pyspark import TaskContext
+    from pyspark.sql import functions as F
 
-    def encode(frames: Any) -> Any:
-        for pdf in frames:
-            yield id_pairs(encode_frame(_lists(pdf), plan))
+    block_rows, num_multi, root = cfg.block_rows, len(plan.multi), str(tmp)
+    names = {code: name for name, code in SPLIT_CODES.items()}
+    order = F.col("key").bitwiseXOR(F.lit(MIN_LONG))
+    needed = {"label", "key", "split", *(column_of(f) for f in plan.sparse), *(column_of(f) for f in plan.dense)}
+    rows = df.select(*[c for c in df.columns if c in needed])  # no more than the encoder reads, shuffled
+    ordered = rows.repartitionByRange(partitions, "split", order).sortWithinPartitions("split", order)
 
-    part.mapInPandas(encode, schema=schema).write.parquet(str(out))
+    def write(batches: Any) -> Any:
+        context = TaskContext.get()
+        part = f"{context.partitionId():05d}-{context.attemptNumber()}" if context else "00000-0"
+        writers: dict[str, SplitWriter] = {}
+        packers: dict[str, BlockPacker] = {}
+        pairs = ParquetParts()
+        try:
+            for pdf in batches:
+                for code, rows in pdf.groupby("split", sort=True):
+                    name = names[int(code)]
+                    if name not in writers:
+                        writers[name] = SplitWriter(Path(root) / name / part, num_multi)
+                        packers[name] = BlockPacker(writers[name], block_rows)
+                    enc = encode_frame(_lists(rows), plan)
+                    packers[name].add(enc)
+                    pairs.write(Path(root) / "pairs" / f"{name}.parquet" / f"part-{part}.parquet", id_pairs(enc))
+            for packer in packers.values():
+                packer.finish()
+        finally:
+            for w in writers.values():
+                w.__exit__()
+            pairs.close()
+        yield pd.DataFrame(
+            {
+                "split": list(writers),
+                "part": part,
+                "blocks": [w.blocks for w in writers.values()],
+                "pairs": [f"pairs/{name}.parquet/part-{part}.parquet" for name in writers],
+            }
+        )
+
+    written = ordered.mapInPandas(write, schema="split string, part string, blocks long, pairs string").collect()
+    out: dict[str, Any] = {}
+    for name in SPLIT_CODES:
+        parts = sorted((r["part"], r["blocks"], r["pairs"]) for r in written if r["split"] == name)
+        if parts:
+            merge_mds_indexes(tmp / name, [p for p, _, _ in parts])
+        else:
+            write_empty_split(tmp / name, num_multi)
+        out[name] = {"blocks": sum(b for _, b, _ in parts), "pairs": [f for _, _, f in parts]}
+    return out
+
+
+def merge_mds_indexes(split: Path, parts: list[str]) -> None:
+    """``split/index.json`` listing the shards of every ``split/PART/index.json``, in ``parts`` order.
+
+    What ``streaming.base.util.merge_index`` does for local directories; not called because importing
+    ``streaming`` costs the driver about 10 s of CPU (it imports transformers and torch) for a JSON
+    concatenation."""
+    shards = []
+    for part in parts:
+        for shard in json.loads((split / part / "index.json").read_text())["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
+            shards.append(shard)
+    (split / "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
 
 
 def write_histories_spark(train: Any, plan: EncodingPlan, out: Path) -> None:
-    """The per-user train histories (``encoding.user_histories``, one user group at a time) as Parquet."""
+    """The per-user train histories (``encoding.user_histories``, one partition of whole users at a
+    time) as Parquet. ``train`` is ``with_split``'s output filtered: its partitions still hold whole
+    users, so no second shuffle is needed (Spark cannot know it: the rows came out of Python)."""
     from pyspark.sql.types import ArrayType, LongType, StructField, StructType
 
     schema = StructType([StructField("user_id", LongType()), StructField("items", ArrayType(LongType()))])
 
-    def histories(pdf: pd.DataFrame) -> pd.DataFrame:
-        return user_histories(pdf, plan).assign(items=lambda t: t["items"].map(list))
+    def histories(batches: Any) -> Any:
+        pdf = whole(batches)
+        if pdf is not None:
+            yield user_histories(pdf, plan)  # Arrow takes the numpy arrays as they are
 
-    train.select("user", "item", "timestamp").groupBy("user").applyInPandas(histories, schema=schema).write.parquet(
-        str(out)
-    )
+    train.select("user", "item", "timestamp").mapInPandas(histories, schema=schema).write.parquet(str(out))
 
 
 def write_empty_split(out: Path, num_multi: int) -> None:

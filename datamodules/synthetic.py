@@ -1,11 +1,7 @@
-"""Synthetic datasets with a known ground truth.
+"""synthetic-ctr: a ranking table with a known ground truth (synthetic-retrieval, the retrieval set,
+lives in ``datamodules.synthetic_retrieval``).
 
-synthetic-retrieval: users and items with planted latent factors and Zipf-skewed item popularity;
-each user picks items by sampling candidates from popularity and keeping the one with the highest
-(noisy) affinity, so a retrieval model can recover the factors. The factors are written to
-``ground_truth.npz``.
-
-synthetic-ctr: the DLRM/Criteo layout (13 dense + 26 sparse by default); labels are drawn from a
+The DLRM/Criteo layout (13 dense + 26 sparse by default); labels are drawn from a
 planted logistic model with first-order effects and factorised pairwise interactions, carried mostly
 by the Zipf-popular ids of each feature (an id's effect decays with its popularity rank), and ids
 seen fewer than ``MIN_ID_COUNT`` times in train map to the out-of-vocabulary index. The expected AUC
@@ -23,114 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from core.errors import require
 from datamodules.blocks import encode_block
 from datamodules.config import PrepareConfig
 from datamodules.encoding import SplitWriter, finish_dataset, sparse_feature
 from datamodules.schema import SPLITS, DatasetMetadata, DenseFeature
-from datamodules.sources import FeatureSpec, RawTable
 
 log = logging.getLogger(__name__)
-
-# -- synthetic-retrieval ----------------------------------------------------------------------------
-
-RETRIEVAL_FEATURES = [
-    FeatureSpec("user_segment", "sparse", "user"),
-    FeatureSpec("item_category", "sparse", "item"),
-    FeatureSpec("item_tags", "multi", "item"),
-    FeatureSpec("user_age", "dense", "user"),
-    FeatureSpec("item_year", "dense", "item"),
-]
-CANDIDATES = 32
-
-
-@dataclass
-class RetrievalTruth:
-    user_factors: np.ndarray
-    item_factors: np.ndarray
-    item_popularity: np.ndarray
-
-
-def retrieval_sizes(rows: int) -> tuple[int, int]:
-    """Users and items for a synthetic-retrieval set of ``rows`` interactions."""
-    return max(20, rows // 40), max(20, min(rows // 20, 200_000))
-
-
-def generate_retrieval(cfg: PrepareConfig) -> RawTable:
-    """Generate interactions (in memory) from planted user/item factors."""
-    rows = cfg.rows or 100_000
-    s = cfg.synthetic
-    require(s.latent_dim >= 2, "--synthetic.latent_dim: must be at least 2")
-    n_users, n_items = retrieval_sizes(rows)
-    rng = np.random.default_rng(cfg.seed)
-    d = s.latent_dim
-    users_f = rng.normal(size=(n_users, d)).astype(np.float32)
-    items_f = rng.normal(size=(n_items, d)).astype(np.float32)
-    pop = 1.0 / np.arange(1, n_items + 1) ** s.zipf
-    pop = pop[rng.permutation(n_items)]
-    pop /= pop.sum()
-    activity = rng.lognormal(0.0, 0.8, n_users)
-    counts = 1 + rng.multinomial(rows - n_users, activity / activity.sum()) if rows > n_users else np.ones(n_users, int)
-    user_of = np.repeat(np.arange(n_users), counts)
-    item_of = np.empty(len(user_of), dtype=np.int64)
-    step = 32768
-    for lo in range(0, len(user_of), step):
-        u = user_of[lo : lo + step]
-        cand = rng.choice(n_items, size=(len(u), CANDIDATES), p=pop)
-        affinity = np.einsum("md,mcd->mc", users_f[u], items_f[cand]) / np.sqrt(d)
-        pick = np.argmax(2.0 * affinity + rng.gumbel(size=affinity.shape), axis=1)
-        item_of[lo : lo + step] = cand[np.arange(len(u)), pick]
-    affinity = np.einsum("md,md->m", users_f[user_of], items_f[item_of]) / np.sqrt(d)
-    label = (rng.random(len(user_of)) < 1 / (1 + np.exp(-(2.0 * affinity - 2.0)))).astype(np.float32)
-    first = np.r_[0, np.cumsum(counts)[:-1]]
-    ts = 1_500_000_000 + (np.arange(len(user_of)) - np.repeat(first, counts)) * 60
-    tags = np.argsort(-items_f, axis=1)[:, :2]
-    items = pd.DataFrame(
-        {
-            "item": np.arange(n_items).astype(str),
-            "item_category": np.argmax(items_f[:, : min(4, d)], axis=1).astype(str),
-            "item_tags": [[f"t{a}", f"t{b}"] for a, b in tags],
-            "item_year": np.round(2000 + 8 * items_f[:, 1 % d]),
-        }
-    )
-    users = pd.DataFrame(
-        {
-            "user": np.arange(n_users).astype(str),
-            "user_segment": np.argmax(users_f[:, : min(4, d)], axis=1).astype(str),
-            "user_age": np.round(35 + 10 * users_f[:, -1] + rng.normal(0, 3, n_users)),
-        }
-    )
-    frame = pd.DataFrame(
-        {
-            "user": user_of.astype(str),
-            "item": item_of.astype(str),
-            "label": label,
-            "timestamp": ts.astype(np.int64),
-        }
-    )
-    frame = frame.merge(users, on="user", how="left").merge(items, on="item", how="left")
-    source = {"generator": "synthetic-retrieval", "seed": cfg.seed, "users": n_users, "items": n_items}
-    return RawTable(
-        frame,
-        list(RETRIEVAL_FEATURES),
-        source,
-        RetrievalTruth(users_f, items_f, pop),
-        label_definition="Bernoulli(sigmoid(2 * planted affinity - 2))",
-    )
-
-
-def write_ground_truth(raw: RawTable, tmp: Path) -> None:
-    """Save the planted factors (raw user/item id i is row i) next to the shards."""
-    truth: RetrievalTruth = raw.truth
-    np.savez(
-        tmp / "ground_truth.npz",
-        user_factors=truth.user_factors,
-        item_factors=truth.item_factors,
-        item_popularity=truth.item_popularity,
-    )
-
 
 # -- synthetic-ctr ----------------------------------------------------------------------------------
 
