@@ -212,7 +212,7 @@ def write_candidates(
     )
     m, n = found.ids.shape
     known = [features.known(u) for u in users]
-    values = features.compute(found.ids, found.scores, [k[0] for k in known], [k[1] for k in known])
+    values = features.compute(found.ids, found.scores, [k[0] for k in known], [k[1] for k in known], users)
     keep = (found.ids != "").reshape(-1)
     row_user = np.repeat(np.asarray(users, dtype=object), n)[keep]
     row_item = found.ids.reshape(-1)[keep]

@@ -23,6 +23,9 @@ Features (raw values; a dataset stores them standardised with its train statisti
   item_item_gap             that score minus the best one among the query's candidates (<= 0)
   item_item_rank            log(1 + position) of the candidate among the query's by that score
   popularity_rank           log(1 + position) of the candidate among the query's by popularity
+  touched_item_item_score   EASE^R score from every item the user touched (liked or not), fitted on
+                            every known interaction: what the user will rate, beside what they will like
+  user_like_rate            the user's share of liked among their known interactions, shrunk to the mean
 
 The ranks and gaps place a candidate within its list (what a listwise reranker compares); they assume
 the ranker is served the number of candidates it learned from.
@@ -56,8 +59,10 @@ FEATURES = (
     "item_item_gap",
     "item_item_rank",
     "popularity_rank",
+    "touched_item_item_score",
+    "user_like_rate",
 )
-ITEM_ITEM_FEATURES = ("item_item_score", "item_item_gap", "item_item_rank")
+ITEM_ITEM_FEATURES = ("item_item_score", "item_item_gap", "item_item_rank", "touched_item_item_score")
 MAX_ITEM_ITEM = 50_000
 """Most items the EASE^R feature accepts: its items x items matrix (float64 while fitted) grows as the
 square of the catalogue (50k items: 20 GB)."""
@@ -121,10 +126,23 @@ class CandidateFeatures:
         frame = pd.DataFrame({"user": users, "item": items, "liked": liked})
         self.touched = {str(u): g.to_numpy(np.int64) for u, g in frame.groupby("user").item}
         self.likes = {str(u): g.to_numpy(np.int64) for u, g in frame[frame.liked].groupby("user").item}
+        user_rate = frame.groupby("user").liked.agg(["sum", "count"])
+        self.user_like_rate = {
+            str(u): float((row["sum"] + LIKE_RATE_PRIOR * rate) / (row["count"] + LIKE_RATE_PRIOR))
+            for u, row in user_rate.iterrows()
+        }
+        self.prior_like_rate = rate
         self.item_item: np.ndarray | None = None
+        self.touched_item_item: np.ndarray | None = None
         if item_item_lambda > 0:
             codes, _ = pd.factorize(frame.user[frame.liked])
             self.item_item = ease_weights(np.stack([codes, frame.item[frame.liked].to_numpy()], 1), n, item_item_lambda)
+            codes, _ = pd.factorize(frame.user)
+            self.touched_item_item = ease_weights(np.stack([codes, frame.item.to_numpy()], 1), n, item_item_lambda)
+
+    def like_rate_of(self, user: str | None) -> float:
+        """A known user's like rate (shrunk); the global rate for a stranger or an anonymous history."""
+        return self.user_like_rate.get(str(user), self.prior_like_rate) if user is not None else self.prior_like_rate
 
     def known(self, user: str) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the items a known user touched and of those they liked (empty for a stranger)."""
@@ -136,11 +154,16 @@ class CandidateFeatures:
         return np.fromiter((self.position[r] for r in map(str, raw) if r in self.position), np.int64)
 
     def compute(
-        self, ids: np.ndarray, scores: np.ndarray, touched: Sequence[np.ndarray], liked: Sequence[np.ndarray]
+        self,
+        ids: np.ndarray,
+        scores: np.ndarray,
+        touched: Sequence[np.ndarray],
+        liked: Sequence[np.ndarray],
+        users: Sequence[str | None] | None = None,
     ) -> dict[str, np.ndarray]:
         """(queries, N) float32 arrays of every feature for candidates ``ids`` (raw, ``""`` where the index
         had no more) with similarities ``scores``, best first; ``touched[q]`` / ``liked[q]``: index
-        positions of the query's known items and likes."""
+        positions of the query's known items and likes; ``users[q]``: the raw user id (None: anonymous)."""
         m, n = ids.shape
         valid = ids != ""
         pos = np.fromiter((self.position.get(str(i), -1) for i in ids.reshape(-1)), np.int64, m * n).reshape(m, n)
@@ -156,15 +179,20 @@ class CandidateFeatures:
             "item_like_rate": self.like_rate[safe],
             "user_activity": np.repeat(np.log1p([len(t) for t in touched]).astype(np.float32)[:, None], n, 1),
         }
+        rates = [self.like_rate_of(u) for u in (users if users is not None else [None] * m)]
+        out["user_like_rate"] = np.repeat(np.asarray(rates, np.float32)[:, None], n, 1)
         sim_mean = np.zeros((m, n), np.float32)
         sim_max = np.zeros((m, n), np.float32)
         item_item = np.zeros((m, n), np.float32)
+        touched_item_item = np.zeros((m, n), np.float32)
         for q in range(m):
             if len(touched[q]):
                 sims = self.vectors[touched[q]] @ self.vectors[safe[q]].T
                 sim_mean[q], sim_max[q] = sims.mean(axis=0), sims.max(axis=0)
             if self.item_item is not None and len(liked[q]):
                 item_item[q] = self.item_item[liked[q]][:, safe[q]].sum(axis=0)
+            if self.touched_item_item is not None and len(touched[q]):
+                touched_item_item[q] = self.touched_item_item[touched[q]][:, safe[q]].sum(axis=0)
         best = np.where(valid, item_item, -np.inf).max(axis=1, keepdims=True)
         out.update(
             history_similarity_mean=sim_mean,
@@ -173,5 +201,6 @@ class CandidateFeatures:
             item_item_gap=np.where(np.isfinite(best), item_item - best, 0.0).astype(np.float32),
             item_item_rank=list_rank(np.where(valid, item_item, -np.inf)),
             popularity_rank=list_rank(np.where(valid, out["item_popularity"], -np.inf)),
+            touched_item_item_score=touched_item_item,
         )
         return {name: np.where(valid, value, 0.0).astype(np.float32) for name, value in out.items()}

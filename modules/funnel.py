@@ -362,9 +362,11 @@ class Recommender:
         if self.features is not None:
             if histories is None:
                 touched, liked = zip(*(self.features.known(u) for u in user_raw), strict=True)
+                who: list[str | None] = list(user_raw)
             else:
                 touched = liked = tuple(self.features.positions(h) for h in histories)
-            values = self.features.compute(found.ids, found.scores, touched, liked)
+                who = [None] * len(histories)
+            values = self.features.compute(found.ids, found.scores, touched, liked, who)
             candidate = {name: values[name].reshape(-1) for name in self.ranking_features}
         bags = self.ranking_bags(user_raw, histories, n) if self.ranking.arch.history else None
         return users, items, candidate, bags
