@@ -46,7 +46,7 @@ LIGHTGBM: dict[str, dict[str, Any]] = {
     "no-ids-no-list-ranks": {"drop": ["user_id", "item_id", "item_item_rank", "popularity_rank"]},
     "no-ids-no-item-item": {"drop": ["user_id", "item_id", "item_item_score", "item_item_gap", "item_item_rank"]},
 }
-LIGHTGBM_PARAMS = {"num_leaves": 15, "learning_rate": 0.05, "min_child_samples": 50}
+LIGHTGBM_PARAMS: dict[str, Any] = {"num_leaves": 15, "learning_rate": 0.05, "min_child_samples": 50}
 
 
 def folds(runs: Mapping[str, Any], work: Path, n: int, uri: str) -> list[Path]:
