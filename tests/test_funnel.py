@@ -426,6 +426,39 @@ def test_candidate_ranker_refuses_another_retrieval_run_or_dataset(
     assert code == 2 and "--candidates: must be at least 1" in one_line(err)
 
 
+def test_all_users_batch_serves_the_candidate_ranker_as_recommend_does(
+    runs: Runs, funnel: FunnelRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`recommend --all-users` goes through the same Recommender: the candidate ranker (features and
+    history) gives the lists `recommend --users` gives (one local process; the engines: test_batch.py)."""
+    from app.batch import AllUsersConfig, recommend_all_users
+
+    users = [str(u) for u in json.loads((runs.data / "vocab" / "user_id.json").read_text())]
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    base = ["recommend", "--retrieval", runs.retrieval, "--ranking", funnel.ranking, "--k", str(K)]
+    base += ["--candidates", str(CANDIDATES)]
+    code, _, err = cli(
+        capsys, runs, *base, "--users", str(tmp_path / "users.txt"), "--out", str(tmp_path / "one.parquet")
+    )
+    assert code == 0, err
+    single = pd.read_parquet(tmp_path / "one.parquet")
+    cfg = AllUsersConfig(
+        retrieval=runs.retrieval,
+        ranking=funnel.ranking,
+        out=str(tmp_path / "all"),
+        k=K,
+        candidates=CANDIDATES,
+        partitions=2,
+        tracking_uri=runs.tracking,
+        progress=False,
+    )
+    recommend_all_users(cfg)
+    table = pd.read_parquet(tmp_path / "all")
+    both = single.merge(table, on=["user", "rank"], suffixes=("_one", "_all"), validate="one_to_one")
+    assert len(both) == len(single) == len(table) and set(table.user) == set(users)
+    assert (both.item_one == both.item_all).all() and (both.score_one - both.score_all).abs().max() <= 1e-6
+
+
 def test_history_two_tower_indexes_and_recommends(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
     """A retrieval model whose user tower reads the history is served too: the bundle carries the histories."""
     cfg = shrink("two-tower-history-movielens", runs.data, runs.work, tracking=True)
