@@ -47,6 +47,7 @@ class Served:
     recommender: Any
     funnel_uri: str
     funnel: Any
+    funnel_ranking: str
 
 
 TIMEOUT_S = 2
@@ -71,7 +72,7 @@ def served(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
         assert code == 0
         local = load_bundle(assemble_bundle(runs.retrieval, ranking, work / f"bundle-{name}", runs.tracking))
         out += [f"models:/{name}/1", local.recommender]
-    return Served(runs, *out)
+    return Served(runs, *out, ranker)
 
 
 def requests_frame(recommender: Any) -> pd.DataFrame:
@@ -172,7 +173,7 @@ def test_a_crafted_pickle_in_the_model_never_runs(served: Served, tmp_path: Path
 
 
 @pytest.mark.parametrize("funnel", [False, True], ids=["dlrm", "funnel-dcn-history"])
-def test_loaded_pyfunc_answers_as_the_in_process_recommender(served: Served, funnel: bool) -> None:
+def test_loaded_pyfunc_answers_as_the_in_process_recommender(served: Served, funnel: bool, tmp_path: Path) -> None:
     """With a ranker of rated pairs, and with the funnel's (candidate features, the user's history)."""
     import mlflow
 
@@ -188,9 +189,13 @@ def test_loaded_pyfunc_answers_as_the_in_process_recommender(served: Served, fun
     assert [len(x) for x in got["items"]] == [5, 3, 4, 6, 2]
     for a, b in zip(got["scores"], want["scores"], strict=True):
         assert list(a) == pytest.approx(list(b), rel=1e-5)
-    if funnel:  # the in-process answer is `recommend`'s: the funnel's ranker orders by its probability
-        user = frame.user[0]
-        assert want["items"][0] == recommender.recommend_users([user], 5, candidates)[0].items
+    # and `recsys recommend` (its own bundle, the same runs) gives the served list for a user
+    ranking = served.funnel_ranking if funnel else served.runs.ranking
+    recs = tmp_path / "recs.parquet"
+    args = ["recommend", "--retrieval", served.runs.retrieval, "--ranking", ranking, "--user", str(frame.user[0])]
+    args += ["--k", "5", "--candidates", str(candidates), "--out", str(recs), "--tracking-uri", served.runs.tracking]
+    assert main(args) == 0
+    assert pd.read_parquet(recs).sort_values("rank").item.tolist() == list(got["items"][0])
 
 
 @pytest.fixture(scope="module")
