@@ -61,7 +61,7 @@ def served(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
     work = tmp_path_factory.mktemp("serving")
     runs = train_runs(ml_dataset, work, other=False)
     ranker = candidate_ranker(runs, work / "candidates").ranking
-    out = []
+    out: list[Any] = []
     for name, ranking in ((NAME, runs.ranking), (FUNNEL_NAME, ranker)):
         code = main(
             [
@@ -72,7 +72,7 @@ def served(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Served
         assert code == 0
         local = load_bundle(assemble_bundle(runs.retrieval, ranking, work / f"bundle-{name}", runs.tracking))
         out += [f"models:/{name}/1", local.recommender]
-    return Served(runs, *out, ranker)
+    return Served(runs, out[0], out[1], out[2], out[3], ranker)
 
 
 def requests_frame(recommender: Any) -> pd.DataFrame:
