@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from app.tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
@@ -378,6 +379,13 @@ def check_same_source(retrieval_dir: Path, ranking_dir: Path) -> None:
         )
 
 
+def compact_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Train pairs in 32-bit columns (indices and labels): half the memory of what Parquet gives back,
+    which counts at hundreds of millions of pairs."""
+    kinds = {"user_id": np.int32, "item_id": np.int32, "label": np.float32}
+    return pairs.astype({c: t for c, t in kinds.items() if c in pairs.columns}, copy=False)
+
+
 @dataclass
 class Loaded:
     """A recommender read from a bundle, with the item titles when the dataset had them."""
@@ -406,7 +414,7 @@ def load_bundle(bundle: str | Path) -> Loaded:
     verify_checksums(root, runs.get("files"), BUNDLE_FILE, exact=True, exclude=[BUNDLE_FILE])
     retrieval = load_stage(root / "retrieval")
     index = load_index(root / INDEX_ARTIFACT, stage_fingerprint(root / "retrieval"))
-    pairs = pd.read_parquet(root / "retrieval" / TRAIN_PAIRS)
+    pairs = compact_pairs(pd.read_parquet(root / "retrieval" / TRAIN_PAIRS))
     ranking = load_stage(root / "ranking") if (root / "ranking").is_dir() else None
     recommender = Recommender(
         retrieval, index, seen_items(pairs, retrieval), popularity(pairs, retrieval), ranking, pairs, runs["retrieval"]

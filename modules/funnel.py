@@ -289,7 +289,7 @@ class Recommender:
         self,
         retrieval: Stage,
         index: VectorIndex,
-        seen: dict[int, set[str]],
+        seen: SeenItems,
         popular: tuple[np.ndarray, np.ndarray],
         ranking: Stage | None = None,
         pairs: pd.DataFrame | None = None,
@@ -534,13 +534,38 @@ def check_sizes(k: int, candidates: int) -> None:
     require(candidates >= 1, f"--candidates: must be at least 1, got {candidates}")
 
 
-def seen_items(pairs: pd.DataFrame, stage: Stage) -> dict[int, set[str]]:
+class SeenItems:
+    """User index -> raw ids of the items the user had in a split's pairs, held as CSR arrays (one
+    offset per user, one item index per pair) and turned into a set for the users asked about only. A
+    dict of Python sets costs about 100 bytes a pair: 10 GB for the 96M train pairs of 2.5M users,
+    where these arrays take 0.4 GB."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, item_raw: np.ndarray, n_users: int) -> None:
+        users = np.asarray(users, dtype=np.int64)
+        order = np.argsort(users, kind="stable")
+        self.items = np.asarray(items, dtype=np.int64)[order].astype(np.int32)
+        self.offsets = np.zeros(max(n_users, int(users.max(initial=-1)) + 1) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(users, minlength=len(self.offsets) - 1), out=self.offsets[1:])
+        self.item_raw = item_raw
+
+    def get(self, user: int, default: set[str] | None = None) -> set[str]:
+        """The raw ids of ``user``'s items (``default``, else an empty set, when it has none)."""
+        if 0 <= user < len(self.offsets) - 1 and self.offsets[user + 1] > self.offsets[user]:
+            return set(self.item_raw[self.items[self.offsets[user] : self.offsets[user + 1]]].tolist())
+        return set() if default is None else default
+
+    def __getitem__(self, user: int) -> set[str]:
+        found = self.get(user)
+        if not found:
+            raise KeyError(user)
+        return found
+
+
+def seen_items(pairs: pd.DataFrame, stage: Stage) -> SeenItems:
     """User index -> raw ids of the items the user had in ``pairs`` (a split's user_id/item_id rows)."""
-    raw = stage.item_raw[pairs.item_id.to_numpy(np.int64)]
-    out: dict[int, set[str]] = {}
-    for user, items in pd.Series(raw).groupby(pairs.user_id.to_numpy(np.int64)):
-        out[int(user)] = set(items.tolist())  # type: ignore[call-overload]
-    return out
+    return SeenItems(
+        pairs.user_id.to_numpy(np.int64), pairs.item_id.to_numpy(np.int64), stage.item_raw, len(stage.user_vocab) + 1
+    )
 
 
 def popularity(pairs: pd.DataFrame, stage: Stage) -> tuple[np.ndarray, np.ndarray]:
