@@ -5,10 +5,12 @@
     recsys data summary data/ctr
     recsys index --run-id RUN [--index hnsw32]
     recsys recommend --retrieval RUN [--ranking RUN] --user 196
+    recsys recommend --retrieval RUN [--ranking RUN] --all-users --out DIR --backend ray --num-workers 2
 
 Flags may be written with dashes or underscores (``--val-frac`` or ``--val_frac``). Every user-facing
-problem ends as one line on stderr and exit status 2. ``--verbose`` (anywhere) shows the libraries'
-warnings and info lines.
+problem ends as one line on stderr and exit status 2; a command stopped by SIGINT, SIGTERM or SIGHUP
+exits with 128 + the signal's number and one line (``core.signals``). ``--verbose`` (anywhere) shows
+the libraries' warnings and info lines.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from app.config import RunConfig, TrackingConfig, TrainerConfig
 from cluster.config import ClusterConfig
 from core.errors import RecsysError, require
 from core.logs import setup_logging
+from core.signals import Interrupted, interruption, stop_signals
 from datamodules.config import DataConfig, PrepareConfig
 from modules.config import ModelConfig, OptimConfig
 
@@ -146,7 +149,8 @@ def build_parser() -> Any:
     )
     index.add_argument("--run_id", type=str, help="MLflow run of a two-tower model")
     index.add_argument("--index", type=str, default="flat", help="index spec: flat, hnsw32, ivf,pq16x4fs,rflat, ...")
-    index.add_argument("--out", type=str | None, default=None, help="also write the index into this directory")
+    index.add_argument("--out", type=str | None, default=None, help="also write the index into this new directory")
+    index.add_argument("--overwrite", type=bool, default=False, help="--out may replace an index directory")
     index.add_argument("--tracking_uri", type=str | None, default=None)
     commands.add_subcommand("index", index, help="build a run's item index (vectors + FAISS) and log it")
 
@@ -161,11 +165,19 @@ def build_parser() -> Any:
     recommend.add_argument("--history", type=str | None, default=None, help="raw item ids, comma-separated")
     recommend.add_argument("--k", type=int, default=10, help="recommendations per user")
     recommend.add_argument("--candidates", type=int, default=200, help="candidates retrieved for the ranking stage")
-    recommend.add_argument("--out", type=str | None, default=None, help="write a Parquet file instead of printing")
+    recommend.add_argument("--out", type=str | None, default=None, help="write a new Parquet file instead of printing")
+    recommend.add_argument(
+        "--overwrite", type=bool, default=False, help="--out may replace a Parquet file (--all-users: DIR's settings)"
+    )
     recommend.add_argument(
         "--index", type=str | None, default=None, help="a saved index directory (default: the run's)"
     )
     recommend.add_argument("--tracking_uri", type=str | None, default=None)
+    recommend.add_argument(
+        "--all_users", type=bool, default=False, help="every user of the vocabulary -> partitioned Parquet in --out DIR"
+    )
+    recommend.add_argument("--partitions", type=int | None, default=None, help="--all-users: output partitions")
+    recommend.add_class_arguments(ClusterConfig, "cluster", as_group=False)  # --all-users: where it runs
     commands.add_subcommand("recommend", recommend, help="top-K raw item ids for users or an item history")
 
     package = ArgumentParser(
@@ -232,12 +244,14 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             "evaluate": bool_flags(ClusterConfig),
             "data": bool_flags(PrepareConfig),
             "submit": {"--no_wait"},
+            "index": {"--overwrite"},
+            "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
         }.get(argv[0] if argv else "", set())
         args = normalize_flags(argv, switches)
         if args[:1] == ["train"]:
             args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
-        elif args[:1] == ["evaluate"]:
-            args = ["evaluate", *expand_aliases(args[1:], EVALUATE_ALIASES)]
+        elif args[:1] in (["evaluate"], ["recommend"]):
+            args = [args[0], *expand_aliases(args[1:], EVALUATE_ALIASES)]
         ns = parser.parse_args(args)
         ns = parser.instantiate(ns)
     except argparse.ArgumentError as e:
@@ -273,15 +287,32 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         from app.recommend import index_run
 
         require(bool(ns.index.run_id), "index: --run-id is required")
-        print(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri))
+        print(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri, ns.index.overwrite))
     elif ns.command == "recommend":
         from app.recommend import recommend
 
         r = ns.recommend
         require(bool(r.retrieval), "recommend: --retrieval RUN is required")
+        cluster = r.cluster if isinstance(r.cluster, ClusterConfig) else to_config(ClusterConfig, r.cluster)
+        if r.all_users:
+            from app.batch import all_users_config, recommend_all_users
+
+            print(recommend_all_users(all_users_config(r, cluster)))
+            return 0
+        require(cluster == ClusterConfig(), "recommend: --backend, --num-workers and --cluster.* go with --all-users")
         print(
             recommend(
-                r.retrieval, r.ranking, r.user, r.users, r.history, r.k, r.candidates, r.out, r.index, r.tracking_uri
+                r.retrieval,
+                r.ranking,
+                r.user,
+                r.users,
+                r.history,
+                r.k,
+                r.candidates,
+                r.out,
+                r.index,
+                r.tracking_uri,
+                r.overwrite,
             )
         )
     elif ns.command == "package":
@@ -337,13 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     try:
-        return run(args, verbose)
+        with stop_signals():  # SIGINT/SIGTERM/SIGHUP: unwind (children stopped, run KILLED), 128 + signal
+            try:
+                return run(args, verbose)
+            except BaseException as e:  # whatever a stop signal turned into on its way out is that signal
+                stop = interruption(e)
+                if stop is None or stop is e:
+                    raise
+                raise stop from None
     except RecsysError as e:
         print(f"recsys: error: {e}", file=sys.stderr)
         return int(getattr(e, "exit_code", 2))
-    except KeyboardInterrupt:
-        print("recsys: interrupted", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        print(f"recsys: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

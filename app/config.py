@@ -23,6 +23,8 @@ class TrainerConfig:
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: no limit)."""
     limit_val_batches: float = 1.0
+    """Share (<= 1.0) or number of val batches per epoch; 0 switches validation off: no early stopping
+    and no best epoch, the last epoch is tested and published."""
     seed: int = 0
     """Seeds the weights and, unless --data.seed is set, the data order."""
     monitor: str | None = None
@@ -32,6 +34,13 @@ class TrainerConfig:
     """Early stopping patience in epochs (0 disables early stopping)."""
     k: int = 10
     """Cut-off of Recall@K / NDCG@K."""
+    eval_users: int = 0
+    """Full-corpus Recall@K / NDCG@K over a sample of this many users, drawn with --seed (the same every
+    epoch; logged as SPLIT/eval_users of SPLIT/eval_users_total); 0: every user with a positive in the
+    split."""
+    eval_block_memory: str = "256MiB"
+    """Memory of one block of the full-corpus evaluation: the block's users x every item's float32
+    scores (users per block = this / (4 bytes x items))."""
     progress_bar: bool = True
     log_every_n_steps: int = 50
     output_dir: str = "runs"

@@ -63,6 +63,7 @@ def evaluate_worker(payload: tuple[RunConfig, str, str], runtime: WorkerRuntime)
     import lightning as L
 
     from datamodules.streaming import StreamingDataModule
+    from modules.callbacks import KeepStopSignals
 
     cfg, checkpoint, split = payload
     setup_logging(cfg.verbose, runtime.rank, runtime.world_size)
@@ -77,6 +78,7 @@ def evaluate_worker(payload: tuple[RunConfig, str, str], runtime: WorkerRuntime)
         strategy=build_strategy(cfg, runtime),
         enable_progress_bar=cfg.trainer.progress_bar,
         enable_model_summary=False,
+        callbacks=[KeepStopSignals()],
     )
     trainer = runtime.prepare_trainer(trainer)
     run: Any = trainer.test if split == "test" else trainer.validate

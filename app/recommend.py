@@ -6,17 +6,19 @@
     recsys recommend --retrieval RUN --history 50,181,100
 
 A run is turned into a *stage directory*: its config, dataset metadata and vocabularies, the model's
-plain state dict (``model_state/state_dict.pt``, loaded with ``weights_only=True``) and its dataset's
-user/item feature tables. A *bundle* is what a recommender needs, in one directory that the MLflow
-pyfunc packages as it is::
+weights (the run's ``model_state/state_dict.pt``, read with ``weights_only=True`` and kept as
+``weights.safetensors``: no pickle) and its dataset's user/item feature tables. A *bundle* is what a
+recommender needs, in one directory that the MLflow pyfunc packages as it is::
 
-    bundle.json            the runs, the index fingerprint
+    bundle.json            the runs, the index fingerprint, the SHA-256 of every other file (checked on load)
     retrieval/             stage directory of the two-tower run (+ train_pairs.parquet: seen items, popularity)
     ranking/               stage directory of the ranking run (optional)
     index/                 the vector index (modules/index.py), fingerprinted with retrieval/'s weights + vocabularies
     titles.parquet         raw item id -> title, when the dataset has titles
 
-The index of a run is refused unless it was built from the same weights and vocabularies.
+The index of a run is refused unless it was built from the same weights and vocabularies, and a
+ranking run unless its dataset came from the same source as the retrieval run's (``check_same_source``).
+Outputs (``index --out``, ``recommend --out``) follow ``core.output``'s rule.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ import pandas as pd
 
 from app.tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
 from core.errors import RecsysError, require
+from core.output import PARQUET_FILE, atomic_output, check_output
 
 log = logging.getLogger(__name__)
 
 STAGE_CONFIG = "config.yaml"
-STAGE_WEIGHTS = "state_dict.pt"
+STAGE_WEIGHTS = "weights.safetensors"
 STAGE_META = "metadata.json"
 STAGE_VOCAB = "vocab"
 TRAIN_PAIRS = "train_pairs.parquet"
 TITLES = "titles.parquet"
 TITLES_IN_DATASET = "item_titles.parquet"
 BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT = "recsys-recommender-bundle"
+BUNDLE_VERSION = 1
 INDEX_ARTIFACT = "index"
 DEFAULT_SPEC = "flat"
 
@@ -82,13 +87,33 @@ def run_client(run_id: str, tracking_uri: str | None, flag: str) -> Any:
     return client
 
 
-def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, with_pairs: bool) -> Path:
-    """Write the stage directory of a training run into ``dest`` (see the module docstring)."""
+def read_stage_config(path: Path, shown_as: str) -> dict[str, Any]:
+    """A run's ``config.yaml`` as plain data (YAML without tags), checked to be a run config."""
     import yaml
 
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RecsysError(f"{shown_as}: not a plain YAML run config ({reason})") from None
+    data, arch = (cfg.get("data"), cfg.get("arch") or {}) if isinstance(cfg, dict) else (None, None)
+    if not (
+        isinstance(cfg, dict)
+        and isinstance(cfg.get("model"), str)
+        and isinstance(data, dict)
+        and isinstance(data.get("path"), str)
+        and isinstance(arch, dict)
+    ):
+        raise RecsysError(f"{shown_as}: not a recsys run config (needs model, data.path and an arch mapping)")
+    return cfg
+
+
+def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, with_pairs: bool) -> Path:
+    """Write the stage directory of a training run into ``dest`` (see the module docstring)."""
     from datamodules.corpus import read_parquet
     from datamodules.schema import corpus_files, read_metadata
     from datamodules.storage import fetch_file
+    from modules.safe_checkpoint import load_state_dict_file, save_weights
 
     client = run_client(run_id, tracking_uri, flag)
     dest.mkdir(parents=True, exist_ok=True)
@@ -99,14 +124,19 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
                 f"{flag} {run_id}: the run has no {STATE_DICT_ARTIFACT} (trained before runs logged their weights "
                 "as a state dict, or not finished): train it again"
             )
-        shutil.copy(download(client, run_id, STATE_DICT_ARTIFACT, work, flag), dest / STAGE_WEIGHTS)
-        shutil.copy(download(client, run_id, "config.yaml", work, flag), dest / STAGE_CONFIG)
-        cfg = yaml.safe_load((dest / STAGE_CONFIG).read_text())
-        if (cfg.get("arch") or {}).get("history"):
+        config = download(client, run_id, "config.yaml", work, flag)
+        cfg = read_stage_config(config, f"{flag} {run_id}: config.yaml")
+        if cfg["arch"] and cfg["arch"].get("history"):
             raise RecsysError(
                 f"{flag} {run_id}: trained with --arch.history true; recommend, index and package do not "
                 "look up user histories yet: pass a run trained without it"
             )
+        shutil.copy(config, dest / STAGE_CONFIG)
+        weights = download(client, run_id, STATE_DICT_ARTIFACT, work, flag)
+        try:  # plain tensors only (a crafted pickle is refused, never run), kept as safetensors
+            save_weights(load_state_dict_file(weights), dest / STAGE_WEIGHTS)
+        except RecsysError as e:
+            raise RecsysError(f"{flag} {run_id}: {str(e).replace(str(weights), STATE_DICT_ARTIFACT)}") from None
         shutil.copy(download(client, run_id, "dataset/metadata.json", work, flag), dest / STAGE_META)
         data_path = str(cfg["data"]["path"])
         meta = read_metadata(dest, shown_as=f"run {run_id}: dataset")
@@ -174,24 +204,22 @@ def stage_fingerprint(stage_dir: Path) -> str:
 
 def load_stage(stage_dir: Path) -> Any:
     """The ``modules.funnel.Stage`` of a stage directory: the model rebuilt through the registry from
-    the config and dataset metadata, its weights loaded as a state dict (``weights_only=True``)."""
-    import torch
-    import yaml
-
+    the config and dataset metadata, its weights read from safetensors (no pickle)."""
     from datamodules.schema import read_metadata
     from modules.config import ModelConfig
     from modules.funnel import FeatureTable, Stage
     from modules.registry import model_kind
+    from modules.safe_checkpoint import load_weights
 
-    cfg = yaml.safe_load((stage_dir / STAGE_CONFIG).read_text())
+    cfg = read_stage_config(stage_dir / STAGE_CONFIG, str(stage_dir / STAGE_CONFIG))
     kind = model_kind(str(cfg["model"]))
     try:
-        arch = ModelConfig(**cfg.get("arch", {}))
-    except TypeError as e:
-        raise RecsysError(f"{stage_dir / STAGE_CONFIG}: unknown architecture option ({e})") from None
+        arch = ModelConfig(**cfg["arch"])
+    except (TypeError, ValueError) as e:
+        raise RecsysError(f"{stage_dir / STAGE_CONFIG}: bad architecture options ({e})") from None
     meta = read_metadata(stage_dir)
     model = kind.build_model(meta, arch, "cpu")
-    state = torch.load(stage_dir / STAGE_WEIGHTS, map_location="cpu", weights_only=True)
+    state = load_weights(stage_dir / STAGE_WEIGHTS)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -236,17 +264,35 @@ def build_item_index(stage_dir: Path, spec: str, out: Path, progress: bool = Tru
     return index
 
 
-def index_run(run_id: str, spec: str = DEFAULT_SPEC, out: str | None = None, tracking_uri: str | None = None) -> str:
-    """``recsys index``: build the run's item index, write it to ``out`` (if given) and log it to the
-    run as ``index/``; returns a one-line summary."""
+def index_run(
+    run_id: str,
+    spec: str = DEFAULT_SPEC,
+    out: str | None = None,
+    tracking_uri: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """``recsys index``: build the run's item index in a private temporary directory, log that directory
+    (and nothing else) to the run as ``index/``, and install a copy at ``out`` if given (``core.output``'s
+    rule: a new path, or an index replaced with ``overwrite``); returns a one-line summary."""
+    from modules.index import INDEX_OUTPUT, parse_spec
+
+    parse_spec(spec)  # a bad spec or --out fails before any download
+    if out:
+        check_output(out, INDEX_OUTPUT, overwrite)
     client = run_client(run_id, tracking_uri, "--run-id")
     with tempfile.TemporaryDirectory() as tmp:
         stage_dir = fetch_stage(run_id, tracking_uri, Path(tmp) / "stage", "--run-id", with_pairs=False)
         check_retrieves(stage_dir, "--run-id")
-        target = Path(out) if out else Path(tmp) / INDEX_ARTIFACT
-        index = build_item_index(stage_dir, spec, target)
-        client.log_artifacts(run_id, str(target), INDEX_ARTIFACT)
-    where = f" -> {target}" if out else ""
+        built = Path(tmp) / INDEX_ARTIFACT
+        index = build_item_index(stage_dir, spec, built)
+        if out:
+            with atomic_output(out, INDEX_OUTPUT, overwrite) as target:
+                for f in built.iterdir():
+                    shutil.copy(f, target / f.name)
+                client.log_artifacts(run_id, str(built), INDEX_ARTIFACT)
+        else:
+            client.log_artifacts(run_id, str(built), INDEX_ARTIFACT)
+    where = f" -> {out}" if out else ""
     summary = f"indexed {index.count} items ({index.spec}, {index.similarity}, dim {index.dim}){where}"
     return f"{summary}; logged to run {run_id} as {INDEX_ARTIFACT}/"
 
@@ -269,7 +315,7 @@ def assemble_bundle(
     check_retrieves(stage_dir, "--retrieval")
     fingerprint = stage_fingerprint(stage_dir)
     if ranking:
-        fetch_stage(ranking, tracking_uri, dest / "ranking", "--ranking", with_pairs=False)
+        check_same_source(stage_dir, fetch_stage(ranking, tracking_uri, dest / "ranking", "--ranking", False))
     if (stage_dir / TITLES).exists():
         shutil.move(str(stage_dir / TITLES), dest / TITLES)
     target = dest / INDEX_ARTIFACT
@@ -289,10 +335,42 @@ def assemble_bundle(
                 "run %s has no logged index (recsys index --run-id %s): building an exact one", retrieval, retrieval
             )
             build_item_index(stage_dir, DEFAULT_SPEC, target, progress=False)
-    (dest / BUNDLE_FILE).write_text(
-        json.dumps({"retrieval": retrieval, "ranking": ranking, "fingerprint": fingerprint}, indent=2) + "\n"
-    )
+    from core.checksums import checksums
+
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "retrieval": retrieval,
+        "ranking": ranking,
+        "fingerprint": fingerprint,
+        "files": checksums(dest, exclude=[BUNDLE_FILE]),
+    }
+    (dest / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
+
+
+def source_identity(meta: Any) -> dict[str, Any]:
+    """What identifies the data a dataset was prepared from: its name and source (the file's SHA-256,
+    or a generator's parameters), without what a differently prepared copy may change (where the file
+    lay, a row cap; split, seed and label threshold are not part of the source)."""
+    source = {k: v for k, v in (meta.source or {}).items() if k not in ("path", "rows_cap")}
+    return {"dataset": meta.dataset, **source}
+
+
+def check_same_source(retrieval_dir: Path, ranking_dir: Path) -> None:
+    """Refuse (one line) a ranking run whose dataset came from another source than the retrieval run's:
+    it would score items by other ids' meanings. Differently prepared copies of one source pass."""
+    from datamodules.schema import read_metadata
+
+    runs = [json.loads((d / "run.json").read_text())["run_id"] for d in (retrieval_dir, ranking_dir)]
+    a, b = (source_identity(read_metadata(d)) for d in (retrieval_dir, ranking_dir))
+    if a != b:
+        differ = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+        shown = "; ".join(f"{k} {str(a.get(k))[:16]} vs {str(b.get(k))[:16]}" for k in differ[:2])
+        raise RecsysError(
+            f"--ranking {runs[1]}: trained on another dataset than --retrieval {runs[0]} ({shown}); "
+            "pass a ranking run trained on (a copy of) the retrieval run's source data"
+        )
 
 
 @dataclass
@@ -306,12 +384,21 @@ class Loaded:
 
 def load_bundle(bundle: str | Path) -> Loaded:
     """The ``modules.funnel.Recommender`` of a bundle directory (its index checked against its weights)."""
+    from core.checksums import verify_checksums
     from modules.funnel import Recommender, popularity, seen_items
     from modules.index import load_index
 
     root = Path(bundle)
     require((root / BUNDLE_FILE).is_file(), f"{root}: not a recommender bundle (no {BUNDLE_FILE})")
-    runs = json.loads((root / BUNDLE_FILE).read_text())
+    try:
+        runs = json.loads((root / BUNDLE_FILE).read_text())
+    except (ValueError, OSError) as e:
+        raise RecsysError(f"{root / BUNDLE_FILE}: unreadable ({e})") from None
+    require(
+        isinstance(runs, dict) and runs.get("format") == BUNDLE_FORMAT and runs.get("version") == BUNDLE_VERSION,
+        f"{root / BUNDLE_FILE}: not a {BUNDLE_FORMAT} version {BUNDLE_VERSION} manifest (package it again)",
+    )
+    verify_checksums(root, runs.get("files"), BUNDLE_FILE, exact=True, exclude=[BUNDLE_FILE])
     retrieval = load_stage(root / "retrieval")
     index = load_index(root / INDEX_ARTIFACT, stage_fingerprint(root / "retrieval"))
     pairs = pd.read_parquet(root / "retrieval" / TRAIN_PAIRS)
@@ -325,21 +412,34 @@ def load_bundle(bundle: str | Path) -> Loaded:
 
 
 def read_users_file(path: str) -> list[str]:
-    """Raw user ids from a text file (one a line), a CSV or a Parquet file (column ``user``, else the first)."""
+    """Raw user ids from a text file (one a line), a CSV or a Parquet file.
+
+    Parquet: column ``user``, else the first. CSV: a first row is a header only when one of its cells
+    is exactly ``user`` (that column is read); otherwise every row is data and the ids are the first
+    column, so a file of bare ids loses none (a header-guessing reader would take the first id for a
+    column name). Ids are read as text, as written ("007" stays "007", "NA" is an id).
+    """
     p = Path(path)
     require(p.is_file(), f"--users {path}: no such file")
     try:
         if p.suffix == ".parquet":
             frame = pd.read_parquet(p)
-        elif p.suffix == ".csv":
-            frame = pd.read_csv(p, dtype=str)
-        else:
-            return [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
+            require(len(frame.columns) > 0, f"--users {path}: no columns")
+            column = "user" if "user" in frame.columns else frame.columns[0]
+            return [str(u) for u in frame[column].dropna().tolist()]
+        if p.suffix == ".csv":
+            frame = pd.read_csv(p, dtype=str, header=None, keep_default_na=False, skip_blank_lines=True)
+            if len(frame) == 0:
+                return []
+            header = [str(v).strip() for v in frame.iloc[0].tolist()]
+            column = header.index("user") if "user" in header else 0
+            values = frame.iloc[1 if "user" in header else 0 :, column]
+            return [u.strip() for u in values.tolist() if u.strip()]
+        return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    except pd.errors.EmptyDataError:
+        return []
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise RecsysError(f"--users {path}: unreadable ({str(e).splitlines()[0]})") from None
-    require(len(frame.columns) > 0, f"--users {path}: no columns")
-    column = "user" if "user" in frame.columns else frame.columns[0]
-    return [str(u) for u in frame[column].dropna().tolist()]
 
 
 def recommend(
@@ -353,13 +453,17 @@ def recommend(
     out: str | None = None,
     index_dir: str | None = None,
     tracking_uri: str | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """``recsys recommend``: what the command prints (a table, or where the Parquet file went)."""
+    """``recsys recommend``: what the command prints (a table, or where the Parquet file went: ``out``
+    follows ``core.output``'s rule, a new file or, with ``overwrite``, a Parquet file replaced)."""
     from modules.funnel import check_sizes, describe
 
     given = [name for name, v in (("--user", users), ("--users", users_file), ("--history", history)) if v is not None]
     require(len(given) == 1, "recommend: pass exactly one of --user, --users FILE or --history ITEM,ITEM,...")
     check_sizes(k, candidates)
+    if out:
+        check_output(out, PARQUET_FILE, overwrite)  # before any download or model
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_bundle(assemble_bundle(retrieval, ranking, Path(tmp) / "bundle", tracking_uri, index_dir))
     rec = loaded.recommender
@@ -375,6 +479,7 @@ def recommend(
         rows, columns=["user", "rank", "item", "score", "source", *(["title"] if loaded.titles else [])]
     )
     if out:
-        table.to_parquet(out, index=False)
+        with atomic_output(out, PARQUET_FILE, overwrite) as tmp:
+            table.to_parquet(tmp, index=False)
         return f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}, {len(table)} recommendations -> {out}"
     return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -12,8 +12,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from app.config import RunConfig
+from app.config import RunConfig, TrainerConfig
 from core.errors import RecsysError
+from datamodules.schema import DatasetMetadata
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,17 @@ def complete_defaults(cfg: RunConfig) -> RunConfig:
     data, trainer = cfg.data, cfg.trainer
     if data.seed is None:
         data = dataclasses.replace(data, seed=trainer.seed)
-    if trainer.monitor is None:
+    if not validates(trainer):  # nothing to monitor: no early stopping, the last epoch is the one kept
+        if str(trainer.monitor).startswith("val/"):
+            trainer = dataclasses.replace(trainer, monitor=None)
+    elif trainer.monitor is None:
         trainer = dataclasses.replace(trainer, monitor=model_kind(cfg.model).monitor(trainer.k))
     return dataclasses.replace(cfg, data=data, trainer=trainer)
+
+
+def validates(trainer: TrainerConfig) -> bool:
+    """Whether the run validates every epoch (``--trainer.limit_val_batches 0`` switches it off)."""
+    return trainer.limit_val_batches != 0
 
 
 def resolve_run(cfg: RunConfig) -> RunConfig:
@@ -49,6 +58,10 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         raise RecsysError(f"--trainer.k: must be at least 1, got {cfg.trainer.k}")
     if cfg.trainer.max_epochs < 1 and cfg.trainer.max_steps < 1:
         raise RecsysError(f"--max-epochs: must be at least 1, got {cfg.trainer.max_epochs}")
+    if cfg.trainer.limit_val_batches < 0:
+        raise RecsysError(f"--trainer.limit_val_batches: must be 0 (off) or more, got {cfg.trainer.limit_val_batches}")
+    if cfg.trainer.eval_users < 0:
+        raise RecsysError(f"--trainer.eval_users: must be 0 (every user) or more, got {cfg.trainer.eval_users}")
     path = absolute(cfg.data.path)
     if "://" not in path and not Path(path).exists():
         raise RecsysError(f"--data {cfg.data.path}: no such dataset directory (run `recsys data prepare`)")
@@ -59,12 +72,13 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
 
         check_dataset(path, meta.splits)
     kind.check_dataset(meta)
+    check_evaluation(cfg, meta)
     blocks_per_batch(cfg.data.batch_size, meta.block_rows, "--data.batch_size")
     blocks_per_batch(cfg.data.eval_batch_size or cfg.data.batch_size, meta.block_rows, "--data.eval_batch_size")
     cfg = complete_defaults(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path)))
     trainer = cfg.trainer
     known = kind.metrics(trainer.k)
-    if trainer.monitor not in known:
+    if trainer.monitor is not None and trainer.monitor not in known:
         raise RecsysError(
             f"--trainer.monitor: {trainer.monitor!r} is not a metric of {kind.name} (one of {', '.join(known)})"
         )
@@ -108,4 +122,55 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     cluster = dataclasses.replace(cfg.cluster, storage_path=absolute(cfg.cluster.storage_path))
     if no_val:
         log.info("%s has no validation split: monitoring train/loss_epoch instead of %s", path, cfg.trainer.monitor)
+    if not validates(trainer):
+        log.info("validation is off (--trainer.limit_val_batches 0): no early stopping; the last epoch is tested")
     return dataclasses.replace(cfg, trainer=trainer, tracking=tracking, cluster=cluster)
+
+
+def check_evaluation(cfg: RunConfig, meta: DatasetMetadata) -> None:
+    """Refuse, before any worker starts, a full-corpus evaluation that cannot fit one worker. Its memory
+    is known from the metadata: every corpus item's vector plus one block of users x items scores
+    (``modules.evaluation``), against ``--cluster.memory_per_worker``, else (local processes) this
+    machine's available memory shared by its workers."""
+    from cluster.launch import workers_here
+    from modules.evaluation import block_users, memory_needed
+    from modules.registry import model_kind
+    from modules.sharding import parse_bytes
+
+    block_bytes = parse_bytes(cfg.trainer.eval_block_memory, "--trainer.eval_block_memory")
+    kind = model_kind(cfg.model)
+    splits = meta.splits
+    evaluated = (validates(cfg.trainer) and splits["val"].rows > 0) or splits["test"].rows > 0
+    if not kind.needs_corpus or not evaluated:
+        return
+    workers = max(cfg.cluster.num_workers, 1)
+    if cfg.cluster.memory_per_worker:
+        budget, against = parse_bytes(cfg.cluster.memory_per_worker), "--cluster.memory_per_worker"
+    elif workers_here(cfg.cluster):
+        import psutil
+
+        budget, against = psutil.virtual_memory().available // workers, f"this machine's available memory / {workers}"
+    else:
+        return  # the workers' machines are not known here
+    n_items = max(meta.feature(meta.item_id_feature or "item_id").cardinality - 1, 1)
+    users = max(meta.feature(meta.user_id_feature or "user_id").cardinality - 1, 1)
+    if cfg.trainer.eval_users:
+        users = min(users, cfg.trainer.eval_users)
+    dim = int(getattr(kind.build_model(meta, cfg.arch, "meta"), "out_dim", 1))
+    block = min(-(-users // workers), block_users(n_items, block_bytes))
+    need = memory_needed(n_items, dim, block)
+    if need <= budget:
+        return
+    vectors = memory_needed(n_items, dim, 0)
+    if memory_needed(n_items, dim, 1) > budget:
+        remedy = "the item vectors alone do not fit: give each worker more memory or use a smaller tower output"
+    else:
+        remedy = "lower --trainer.eval_block_memory"
+    raise RecsysError(
+        f"evaluation: {n_items:,} corpus items x {dim} floats ({mib(vectors)}) plus a block of {block:,} users' "
+        f"scores ({mib(need - vectors)}) need {mib(need)} per worker, more than {against} ({mib(budget)}); {remedy}"
+    )
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.1f} MiB"

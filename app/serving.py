@@ -2,40 +2,68 @@
 
     recsys package --retrieval RUN [--ranking RUN] [--register NAME]
     mlflow models serve -m models:/NAME/VERSION --env-manager local -h 127.0.0.1 -p 5001
-    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
-         -d '{"dataframe_records": [{"user": "196", "k": 10}, {"history": "50,181,100"}]}'
+    curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d \\
+      '{"dataframe_records": [{"user": "196", "k": 10}, {"history": "50,181,100"}], "params": {"candidates": 200}}'
 
 Input: a DataFrame with a ``user`` column (raw user id) or a ``history`` column (raw item ids,
 comma-separated) per row, and optionally ``k`` (default 10); the ``candidates`` parameter (200) sets
 how many items the retrieval stage hands to the ranking stage. Output: one row per input row with
 ``items`` (raw item ids, best first), ``scores`` and ``source`` (``model``, or ``popular`` for the
-fallback). The package holds no pickled module: both models travel as state dicts and are rebuilt in
-``load_context`` from their config and dataset metadata through the model-kind registry, next to the
-index, the vocabularies and the feature tables (the bundle of ``app.recommend``) and this project's
-code (``code_paths``).
+fallback).
+
+Requests are checked row by row before any work (``parse_requests``): exactly one of ``user`` and
+``history`` per row, ``k`` a whole number from 1 to ``MAX_K``, no other field, at most ``MAX_ROWS``
+rows, ``candidates`` from 1 to ``MAX_CANDIDATES``. A bad one is answered 400 with a one-line reason
+(``{"error_code": ..., "message": ...}``, no stack trace); a request still running at
+``DEADLINE_SHARE`` of the server's ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` stops between two blocks of
+rows and is answered 504, so it does not keep a core busy after the client has gone.
+
+Nothing pickled is loaded: the model is logged as code (``app/pyfunc_model.py``, MLflow's "models from
+code"), both models travel as safetensors weights and are rebuilt in ``load_context`` from their config
+and dataset metadata through the model-kind registry, next to the index, the vocabularies and the
+feature tables (the bundle of ``app.recommend``, every file checked against its SHA-256) and this
+project's code (``code_paths``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
+import math
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc  # this module is imported only to package or serve a model
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from app.recommend import assemble_bundle, load_bundle
 from app.tracking import resolve_tracking_uri
-from core.errors import RecsysError, require
+from core.errors import RecsysError
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "recommender"
 DEFAULT_K = 10
 DEFAULT_CANDIDATES = 200
+FIELDS = ("user", "history", "k")
+MAX_ROWS = 10_000
+"""Rows of one request."""
+MAX_CANDIDATES = 2_000
+"""The ``candidates`` parameter's ceiling (items each row's ranking stage scores)."""
+MAX_K = MAX_CANDIDATES
+MAX_HISTORY = 10_000
+"""Items of one history."""
+BLOCK_ROWS = 256
+DEADLINE_SHARE = 0.9
+"""A request stops at this share of MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT (60 s by default)."""
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 CODE_PACKAGES = ("app", "cluster", "modules", "datamodules", "core")
 RUNTIME_PACKAGES = (
     "torch",
@@ -51,6 +79,8 @@ RUNTIME_PACKAGES = (
     "iopath",
     "torchmetrics",
     "mlflow",
+    "safetensors",
+    "psutil",
 )
 
 
@@ -72,83 +102,233 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def requests_of(frame: pd.DataFrame) -> tuple[list[tuple[int, str]], list[tuple[int, list[str]]], list[int]]:
-    """Split the input rows into user requests, history requests and their k values."""
-    require(
-        "user" in frame.columns or "history" in frame.columns,
-        "recommender input: expected a 'user' or a 'history' column",
-    )
-    users: list[tuple[int, str]] = []
-    histories: list[tuple[int, list[str]]] = []
-    ks: list[int] = []
-    for i, row in enumerate(frame.to_dict("records")):
-        user, history, k = row.get("user"), row.get("history"), row.get("k")
-        ks.append(DEFAULT_K if k is None or pd.isna(k) else int(k))
-        require(ks[-1] >= 1, f"recommender input row {i}: k must be at least 1, got {ks[-1]}")
-        if user is not None and not (isinstance(user, float) and pd.isna(user)) and str(user) != "":
-            users.append((i, str(user)))
-        elif history is not None and not (isinstance(history, float) and pd.isna(history)):
-            items = history if isinstance(history, list) else str(history).split(",")
-            histories.append((i, [str(x) for x in items]))
+class RequestError(RecsysError):
+    """A bad request: answered 400 with this one-line reason."""
+
+
+class DeadlineExceeded(RecsysError):
+    """A request that ran past its deadline: answered 504, its computation stopped."""
+
+
+@dataclass
+class Requests:
+    """The validated rows of one request: (row, raw user id), (row, history items), k of every row."""
+
+    users: list[tuple[int, str]]
+    histories: list[tuple[int, list[str]]]
+    ks: list[int]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number (JSON 10, or 10.0 from a column pandas widened
+    because another row left it out), else None; never a bool or a string."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, np.generic) else repr(value.item())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _raw_id(value: Any, row: int, field: str) -> str:
+    if isinstance(value, str):
+        return value.strip()
+    whole = _integer(value)
+    if whole is None or isinstance(value, float | np.floating):
+        raise RequestError(f'row {row}: {field} must be a raw id as a string (e.g. "196"), got {_shown(value)}')
+    return str(whole)
+
+
+def as_frame(model_input: Any) -> pd.DataFrame:
+    """The request as a DataFrame (MLflow hands over one for ``dataframe_records``/``dataframe_split``;
+    ``instances``/``inputs`` may arrive as records or columns)."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    try:
+        return pd.DataFrame(model_input)
+    except (ValueError, TypeError) as e:
+        raise RequestError(f"the input is not a table of rows ({(str(e).splitlines() or [''])[0]})") from None
+
+
+def parse_requests(frame: pd.DataFrame) -> Requests:
+    """Validate every row: exactly one of ``user`` (a raw id) or ``history`` (raw item ids, a
+    comma-separated string or a list; "" is an empty history), and ``k`` (a whole number from 1 to
+    ``MAX_K``, default ``DEFAULT_K``); no other field; at most ``MAX_ROWS`` rows."""
+    unknown = [str(c) for c in frame.columns if c not in FIELDS]
+    if unknown:
+        raise RequestError(f"unknown field(s) {', '.join(map(repr, unknown[:5]))}; a row has {', '.join(FIELDS)}")
+    if len(frame) > MAX_ROWS:
+        raise RequestError(f"{len(frame)} rows in one request; at most {MAX_ROWS} (split it)")
+    out = Requests([], [], [])
+    columns = {c: frame[c].tolist() if c in frame.columns else [None] * len(frame) for c in FIELDS}
+    for i, (user, history, k) in enumerate(zip(columns["user"], columns["history"], columns["k"], strict=True)):
+        if _missing(k):
+            out.ks.append(DEFAULT_K)
         else:
-            histories.append((i, []))  # neither: an empty history, i.e. the most popular items
-    return users, histories, ks
+            whole = _integer(k)
+            if whole is None or not 1 <= whole <= MAX_K:
+                raise RequestError(f"row {i}: k must be a whole number from 1 to {MAX_K}, got {_shown(k)}")
+            out.ks.append(whole)
+        if not _missing(user) and not _missing(history):
+            raise RequestError(f"row {i}: give a user or a history, not both")
+        if not _missing(user):
+            raw = _raw_id(user, i, "user")
+            if raw == "":
+                raise RequestError(f"row {i}: user is empty")
+            out.users.append((i, raw))
+        elif not _missing(history):
+            items = history.split(",") if isinstance(history, str) else history
+            if not isinstance(items, list | tuple | np.ndarray):
+                raise RequestError(
+                    f"row {i}: history must be raw item ids, comma-separated or a list, got {_shown(history)}"
+                )
+            if len(items) > MAX_HISTORY:
+                raise RequestError(f"row {i}: {len(items)} history items; at most {MAX_HISTORY}")
+            out.histories.append((i, [x for x in (_raw_id(v, i, "history item") for v in items) if x]))
+        else:
+            raise RequestError(f"row {i}: needs a user or a history")
+    return out
 
 
-def predict_frame(recommender: Any, frame: pd.DataFrame, candidates: int = DEFAULT_CANDIDATES) -> pd.DataFrame:
-    """The pyfunc's answer for an input DataFrame (also the in-process reference of the tests)."""
-    users, histories, ks = requests_of(frame)
+def check_candidates(candidates: Any) -> int:
+    """The ``candidates`` parameter: a whole number from 1 to ``MAX_CANDIDATES``."""
+    whole = _integer(candidates)
+    if whole is None or not 1 <= whole <= MAX_CANDIDATES:
+        raise RequestError(f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, got {_shown(candidates)}")
+    return whole
+
+
+def block_rows(recommender: Any, candidates: int) -> int:
+    """Rows answered between two deadline checks: at most ``BLOCK_ROWS`` (most of a row's cost is
+    per-row work, about a millisecond), fewer when their candidates fill more than one ranking
+    forward pass."""
+    from modules.funnel import RERANK_ROWS
+
+    scored = max(1, min(candidates, recommender.index.count))
+    return max(1, min(BLOCK_ROWS, RERANK_ROWS // scored))
+
+
+def predict_frame(
+    recommender: Any, frame: Any, candidates: Any = DEFAULT_CANDIDATES, deadline: float | None = None
+) -> pd.DataFrame:
+    """The pyfunc's answer for an input table (also the in-process reference of the tests): every
+    row validated first (``RequestError``), then answered block by block; past ``deadline`` (a
+    ``time.monotonic()`` value) the work stops with ``DeadlineExceeded`` instead of running on."""
+    frame = as_frame(frame)
+    requests = parse_requests(frame)
+    candidates = check_candidates(candidates)
     out: list[Any] = [None] * len(frame)
-    top = max(ks, default=DEFAULT_K)
-    if users:
-        for (i, _), rec in zip(users, recommender.recommend_users([u for _, u in users], top, candidates), strict=True):
+    block = block_rows(recommender, candidates)
+
+    def check_deadline(done: int) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"the request ran past its deadline after {done} of {len(frame)} rows; "
+                "send fewer rows or candidates per request"
+            )
+
+    done = 0
+    for lo in range(0, len(requests.users), block):
+        check_deadline(done)
+        part = requests.users[lo : lo + block]
+        top = max(requests.ks[i] for i, _ in part)
+        for (i, _), rec in zip(part, recommender.recommend_users([u for _, u in part], top, candidates), strict=True):
             out[i] = rec
-    if histories:
-        answers = recommender.recommend_histories([h for _, h in histories], top, candidates)
-        for (i, _), rec in zip(histories, answers, strict=True):
+        done += len(part)
+    for lo in range(0, len(requests.histories), block):
+        check_deadline(done)
+        hpart = requests.histories[lo : lo + block]
+        top = max(requests.ks[i] for i, _ in hpart)
+        for (i, _), rec in zip(
+            hpart, recommender.recommend_histories([h for _, h in hpart], top, candidates), strict=True
+        ):
             out[i] = rec
+        done += len(hpart)
     return pd.DataFrame(
         {
-            "items": [r.items[:k] for r, k in zip(out, ks, strict=True)],
-            "scores": [r.scores[:k] for r, k in zip(out, ks, strict=True)],
+            "items": [r.items[:k] for r, k in zip(out, requests.ks, strict=True)],
+            "scores": [r.scores[:k] for r, k in zip(out, requests.ks, strict=True)],
             "source": [r.source for r in out],
         }
     )
 
 
+class ServingError(MlflowException):
+    """What the scoring server answers for a refused request: the status of ``error_code`` and a body
+    ``{"error_code": ..., "message": REASON}`` with no stack trace.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by ``predict`` to
+    ``Failed to predict data '<the whole input table>'. \\nError: ...`` (scoring_server.invocations),
+    which is neither one line nor small; this exception keeps the reason it was raised with.
+    """
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_reason"):
+            self._reason = value
+
+
 class RecommenderModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
-    """Raw user ids or item histories -> ranked raw item ids and scores (state in ``load_context``)."""
+    """Raw user ids or item histories -> ranked raw item ids and scores (state in ``load_context``).
+
+    Logged as code (``app/pyfunc_model.py``), never pickled: loading it imports this source."""
 
     def load_context(self, context: Any) -> None:
         import torch
+        from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
         # One request is a few small ops (200 candidates): intra-op threads only contend with each
         # other and with the server's (bench/serve.py: 10 ms vs 218 ms per user on 2 busy cores);
         # scale out with server workers instead.
         torch.set_num_threads(1)
         self.loaded = load_bundle(context.artifacts["bundle"])
+        # The server answers 504 at its timeout but cannot stop the thread running predict: stop it
+        # ourselves, a little earlier, so the client gets our reason and the CPU is free again.
+        self.budget_s = DEADLINE_SHARE * float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
-        candidates = int((params or {}).get("candidates", DEFAULT_CANDIDATES))
-        return predict_frame(self.loaded.recommender, pd.DataFrame(model_input), candidates)
+        from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+        deadline = time.monotonic() + self.budget_s
+        try:
+            candidates = (params or {}).get("candidates", DEFAULT_CANDIDATES)
+            return predict_frame(self.loaded.recommender, model_input, candidates, deadline)
+        except DeadlineExceeded as e:
+            log.warning("recommender: %s", e)
+            raise ServingError(str(e), DEADLINE_EXCEEDED) from None
+        except RecsysError as e:
+            raise ServingError(str(e), INVALID_PARAMETER_VALUE) from None
+        except Exception as e:  # logged here, in full; the client gets one line and no stack trace
+            log.exception("recommender: request failed")
+            raise ServingError(f"internal error ({type(e).__name__}); see the server log", INTERNAL_ERROR) from None
 
 
 def signature() -> Any:
-    """Input: user or history (optional each) and k; output: items, scores, source; param: candidates."""
+    """Output: items, scores, source; param: candidates. No input schema: MLflow would enforce one
+    before ``predict`` sees the rows, dropping unknown fields silently, truncating k 2.5 to 2 and
+    refusing a row that leaves k out with a message quoting the whole input; ``parse_requests``
+    checks the rows instead (the input example shows them)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema(
-        [
-            ColSpec("string", "user", required=False),
-            ColSpec("string", "history", required=False),
-            ColSpec("long", "k", required=False),
-        ]
-    )
     outputs = Schema(
         [ColSpec(Array("string"), "items"), ColSpec(Array("double"), "scores"), ColSpec("string", "source")]
     )
-    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("candidates", "long", DEFAULT_CANDIDATES)]))
+    return ModelSignature(None, outputs, ParamSchema([ParamSpec("candidates", "long", DEFAULT_CANDIDATES)]))
 
 
 def package(
@@ -168,14 +348,15 @@ def package(
         bundle = assemble_bundle(retrieval, ranking, Path(tmp) / "bundle", uri, index_dir)
         loaded = load_bundle(bundle)
         first_user = loaded.recommender.retrieval.user_vocab[0]
-        example = pd.DataFrame({"user": [first_user], "k": [DEFAULT_K]})
+        first_item = loaded.recommender.retrieval.item_vocab[0]
+        example = pd.DataFrame({"user": [first_user, None], "history": [None, first_item], "k": [DEFAULT_K, 5]})
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.get_run(retrieval).info.experiment_id
         with mlflow.start_run(experiment_id=experiment, run_name=f"recommender-{retrieval[:8]}") as run:
             mlflow.log_params({"retrieval_run": retrieval, "ranking_run": ranking or ""})
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
-                python_model=RecommenderModel(),
+                python_model=str(MODEL_CODE),  # models from code: the source is stored, nothing pickled
                 artifacts={"bundle": str(bundle)},
                 code_paths=[str(root / p) for p in CODE_PACKAGES],
                 pip_requirements=pip_requirements(),

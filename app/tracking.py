@@ -70,6 +70,30 @@ def prepare_store(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
+def open_run(cfg: RunConfig) -> str:
+    """Create the MLflow run of a training, in the launching process: whatever stops the training
+    (an error, a signal, a worker that dies), this process outlives the workers and ends the run."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    name = cfg.tracking.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise RecsysError(f"--experiment {name}: deleted in this tracking store (restore it or choose another name)")
+    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    tags = resolve_tags({MLFLOW_RUN_NAME: cfg.tracking.run_name} if cfg.tracking.run_name else {})
+    return str(client.create_run(experiment_id, tags=tags).info.run_id)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """End a run that did not finish with ``status`` (FAILED or KILLED) and an end time, now."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status)
+
+
 def new_run_name(model: str) -> str:
     """A distinct default run name (MLflow's own is drawn from the seeded RNG: every run got the same)."""
     return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -136,16 +160,17 @@ class RunState:
         run = MlflowClient(uri).get_run(run_id)
         return cls(run_id, run.info.status, run.info.end_time, run.data.tags.get(RESUMED_TAG))
 
-    def restore(self, uri: str, why: str) -> None:
+    def restore(self, uri: str, why: str, status: str = "FAILED") -> None:
         """Put the run back as it was before a resume that failed (a FINISHED run stays FINISHED, not
-        FAILED: the training it records did finish), noting the failed attempt in a tag."""
+        FAILED: the training it records did finish), noting the failed attempt in a tag. A run that had
+        not ended (a training killed without warning) ends now as ``status``: nothing trains it."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
         if self.status in ("FINISHED", "FAILED", "KILLED"):
             client.set_terminated(self.run_id, self.status, end_time=self.end_time)
         else:
-            client.update_run(self.run_id, status=self.status)
+            client.set_terminated(self.run_id, status)
         if self.resumed_from is None:
             if RESUMED_TAG in client.get_run(self.run_id).data.tags:
                 client.delete_tag(self.run_id, RESUMED_TAG)
@@ -177,7 +202,9 @@ def download_checkpoint(artifact: str, uri: str, dest: Path) -> str:
 class Tracker:
     """The MLflow run of a training (rank 0): a Lightning logger plus what is published at the end."""
 
-    def __init__(self, cfg: RunConfig, resume_from: str | None) -> None:
+    def __init__(self, cfg: RunConfig, resume_from: str | None, run_id: str | None = None) -> None:
+        """``run_id``: the run the launcher opened (``open_run``); None: a run of its own (or the run a
+        checkpoint of this store was written by)."""
         from lightning.pytorch.loggers import MLFlowLogger
 
         self.cfg = cfg
@@ -189,7 +216,7 @@ class Tracker:
             run_name=cfg.tracking.run_name,
             tracking_uri=self.uri,
             log_model=False,
-            run_id=self.continued,
+            run_id=run_id or self.continued,
         )
 
     @property

@@ -10,6 +10,7 @@ training process: setup (data, task, tracking, Trainer), fit, test the best chec
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -22,29 +23,52 @@ log = logging.getLogger(__name__)
 
 
 def run_training(cfg: RunConfig) -> dict[str, Any]:
-    """Train ``cfg`` on the backend it names; returns rank 0's metrics."""
-    from app.tracking import RunState, prepare_store
+    """Train ``cfg`` on the backend it names; returns rank 0's metrics.
+
+    The MLflow run is opened here, in the launching process, and ended here when the training does not
+    finish: FAILED after an error, KILLED after a stop signal (``core.signals``), with an end time,
+    whichever process the backend ran rank 0 in (a resumed run that had finished stays as it was)."""
+    from app.tracking import RunState, open_run, prepare_store
     from cluster.launch import launch
 
     cfg = resolve_run(cfg)  # fail fast, before any worker starts; workers get the resolved config
     continued: RunState | None = None
+    run_id: str | None = None
     uri = cfg.tracking.tracking_uri
     if cfg.tracking.enabled and uri:
         prepare_store(uri)
         continued = RunState.of_checkpoint(uri, cfg.trainer.resume_from)
+        run_id = continued.run_id if continued is not None else open_run(cfg)
     try:
-        return launch(train, cfg, cfg.cluster, name=cfg.tracking.run_name or cfg.model)
+        fn = functools.partial(train, run_id=run_id)
+        return launch(fn, cfg, cfg.cluster, name=cfg.tracking.run_name or cfg.model)
     except BaseException as e:
-        if continued is not None and uri:  # the run a failed resume reopened is left as it was
-            from cluster.launch import one_line
-
-            continued.restore(uri, f"{cfg.trainer.resume_from}: {one_line(e)}")
+        if uri and run_id is not None:
+            end_unfinished_run(uri, run_id, continued, e, cfg.trainer.resume_from)
         raise
 
 
-def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any]:
+def end_unfinished_run(uri: str, run_id: str, continued: Any, error: BaseException, resume: str | None) -> None:
+    """KILLED (a stop signal) or FAILED, with an end time; a failed resume puts the run it reopened back
+    as it was. Never hides ``error``: a tracking store that fails now is only warned about."""
+    from app.tracking import end_run
+    from cluster.launch import one_line
+    from core.signals import interruption
+
+    status = "KILLED" if interruption(error) is not None else "FAILED"
+    try:
+        if continued is not None:
+            continued.restore(uri, f"{resume}: {one_line(error)}", status)
+        else:
+            end_run(uri, run_id, status)
+    except Exception as e:  # the store itself may be what failed
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, one_line(e))
+
+
+def train(cfg: RunConfig, runtime: WorkerRuntime | None = None, run_id: str | None = None) -> dict[str, Any]:
     """Fit, test the best checkpoint, publish to MLflow (with the last epoch's checkpoint). Returns the
-    test metrics (every rank; the MLflow run id on rank 0)."""
+    test metrics (every rank; the MLflow run id on rank 0). ``run_id``: the MLflow run the launcher
+    opened (None: rank 0 opens one)."""
     import lightning as L
 
     from app.tracking import Tracker
@@ -58,7 +82,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
     data = StreamingDataModule(cfg.data)
     task = build_task(cfg, data)
     resume_from = runtime.resume_from or cfg.trainer.resume_from
-    tracker = Tracker(cfg, resume_from) if cfg.tracking.enabled and runtime.rank == 0 else None
+    tracker = Tracker(cfg, resume_from, run_id) if cfg.tracking.enabled and runtime.rank == 0 else None
     trainer, observers = build_trainer(cfg, runtime, tracker)
     if tracker is not None:
         tracker.log_params(trainer.world_size)
@@ -72,35 +96,40 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None) -> dict[str, Any
             cfg.data.batch_size * runtime.world_size,
             cfg.trainer.max_epochs,
         )
-    # fit and test
-    trainer.fit(task, datamodule=data, ckpt_path=resume_from)
-    best_path = trainer.strategy.broadcast(observers["best"].best_model_path)
-    last_path = trainer.strategy.broadcast(observers["best"].last_model_path)
-    tested: list[dict[str, Any]] = []
-    if data.meta.splits["test"].rows:
-        tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
-    elif runtime.rank == 0:
-        log.info("%s has no test split: no test metrics", cfg.data.path)
-    metrics = run_metrics(trainer, tested, best_path, observers)
-    metrics["last_checkpoint"] = last_path
-    plan = getattr(trainer.strategy, "plan", None)
-    if runtime.rank == 0 and plan is not None:
-        from modules.sharding import format_plan, plan_rows
+    try:
+        # fit and test
+        trainer.fit(task, datamodule=data, ckpt_path=resume_from)
+        best_path = trainer.strategy.broadcast(observers["best"].best_model_path)
+        last_path = trainer.strategy.broadcast(observers["best"].last_model_path)
+        if not best_path and last_path:  # no validation ran (--max-steps ended the first epoch early)
+            log.info("no validation ran: the last checkpoint is tested and published as the best")
+            best_path = last_path
+        tested: list[dict[str, Any]] = []
+        if data.meta.splits["test"].rows:
+            tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
+        elif runtime.rank == 0:
+            log.info("%s has no test split: no test metrics", cfg.data.path)
+        metrics = run_metrics(trainer, tested, best_path, observers)
+        metrics["last_checkpoint"] = last_path
+        plan = getattr(trainer.strategy, "plan", None)
+        if runtime.rank == 0 and plan is not None:
+            from modules.sharding import format_plan, plan_rows
 
-        plan_text = format_plan(plan_rows(plan))
-        log.info("sharding plan:\n%s", plan_text)
+            plan_text = format_plan(plan_rows(plan))
+            log.info("sharding plan:\n%s", plan_text)
+            if tracker is not None:
+                tracker.log_text(plan_text, "sharding_plan.txt")
+        log.info("trained %d epoch(s)", metrics["epochs"])
+        # publish
+        exported = export_model(cfg, task, data.meta)  # a collective: every rank hands in its table shards
         if tracker is not None:
-            tracker.log_text(plan_text, "sharding_plan.txt")
-    log.info("trained %d epoch(s)", metrics["epochs"])
-    # publish
-    exported = export_model(cfg, task, data.meta)  # a collective: every rank hands in its table shards
-    if tracker is not None:
-        metrics["run_id"] = tracker.run_id
-        tracker.publish(best_path, last_path, *(exported or (None, None)))
-    if runtime.report is not None:
-        runtime.report(metrics)
-    data.teardown()
-    return metrics
+            metrics["run_id"] = tracker.run_id
+            tracker.publish(best_path, last_path, *(exported or (None, None)))
+        if runtime.report is not None:
+            runtime.report(metrics)
+        return metrics
+    finally:
+        data.teardown()  # its cache and shared memory, also when the run was stopped
 
 
 def build_task(cfg: RunConfig, data: Any) -> Any:
@@ -108,6 +137,7 @@ def build_task(cfg: RunConfig, data: Any) -> Any:
     dataset of ``data`` (a StreamingDataModule: its metadata, the corpus when the kind needs it, the
     users' train histories when the model reads them)."""
     from modules.registry import TaskInputs, model_kind
+    from modules.sharding import parse_bytes
 
     kind = model_kind(cfg.model)
     corpus = data.corpus() if kind.needs_corpus else None
@@ -122,6 +152,9 @@ def build_task(cfg: RunConfig, data: Any) -> Any:
         histories=histories,
         k=cfg.trainer.k,
         eval_batch=cfg.data.eval_batch_size or cfg.data.batch_size,
+        eval_users=cfg.trainer.eval_users,
+        eval_seed=cfg.trainer.seed,
+        eval_block_bytes=parse_bytes(cfg.trainer.eval_block_memory, "--trainer.eval_block_memory"),
     )
     return kind.build_task(kind.build_model(data.meta, cfg.arch, "meta"), inputs)
 
@@ -147,20 +180,23 @@ def build_trainer(cfg: RunConfig, runtime: WorkerRuntime, tracker: Any) -> tuple
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    from modules.callbacks import EpochLosses, FirstStepTime, RunIdInCheckpoint
+    from modules.callbacks import EpochLosses, FirstStepTime, KeepStopSignals, RunIdInCheckpoint
 
-    monitor = cfg.trainer.monitor or ""
-    mode = "min" if "loss" in monitor else "max"
+    monitor = cfg.trainer.monitor  # None: validation is off (--trainer.limit_val_batches 0)
+    mode = "min" if "loss" in (monitor or "") else "max"
     observers: dict[str, Any] = {
-        # the best epoch (what is tested and packaged) and the last one (where a resume continues)
+        # the best epoch (what is tested and packaged; without a monitor, the latest) and the last one
+        # (where a resume continues)
         "best": ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, filename="best-{epoch}", save_last=True),
         "losses": EpochLosses(),
         "first_step": FirstStepTime(),
     }
     logger = tracker.logger if tracker is not None else False
-    callbacks: list[Any] = [*observers.values(), RunIdInCheckpoint(logger), *runtime.callbacks]
-    if cfg.trainer.patience > 0:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience))
+    callbacks: list[Any] = [*observers.values(), RunIdInCheckpoint(logger), KeepStopSignals(), *runtime.callbacks]
+    if cfg.trainer.patience > 0 and monitor:
+        # not strict: an epoch cut short by --max-steps ends before validation, with no value to compare
+        # (the monitored name itself was checked against the model's metrics in resolve_run)
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.trainer.patience, strict=False))
     gpu = runtime.accelerator == "gpu"
     strategy = build_strategy(cfg, runtime)
     trainer = L.Trainer(

@@ -11,6 +11,7 @@ from typing import Any
 from cluster.config import ClusterConfig
 from cluster.runtime import WorkerFn
 from core.errors import RecsysError
+from core.signals import Interrupted
 
 BACKENDS = {"local": "cluster.local", "ray": "cluster.ray_train", "spark": "cluster.spark_distributor"}
 
@@ -45,6 +46,13 @@ def local_accelerator(choice: str) -> str:
     return choice
 
 
+def workers_here(cluster: ClusterConfig) -> int:
+    """How many of the run's processes run on this machine: every one for the local backend and Spark's
+    local mode (processes on the driver), none known for the others (their hosts are the cluster's)."""
+    here = cluster.backend == "local" or (cluster.backend == "spark" and cluster.spark_local_mode)
+    return cluster.num_workers if here else 0
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -52,7 +60,7 @@ def one_line(error: BaseException) -> str:
     """A worker's error as one line without terminal colours: its message, or its type and first line
     when it is not ours."""
     text = ANSI.sub("", str(error))
-    if isinstance(error, RecsysError):
+    if isinstance(error, RecsysError | Interrupted):
         return " ".join(text.split())
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {first}"[:400]

@@ -10,22 +10,52 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import random
 import socket
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.launch import local_accelerator, one_line
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
+from core.signals import interruption, stop_signals
 
 log = logging.getLogger(__name__)
 
 
+EPHEMERAL_PORTS = (32768, 60999)
+"""Linux's default ``ip_local_port_range``: the kernel hands these out to every ``bind(0)`` and
+outgoing connection on the machine."""
+
+
 def free_port() -> int:
+    """A loopback port free now, for a rendezvous the workers reach later: drawn below the ephemeral
+    range when one is free there, so that no other process's ``bind(0)`` or connection takes it in
+    the meantime (a port the kernel picked would be handed out again at once)."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return EPHEMERAL_PORTS
 
 
 def torchrun_env(rank: int, world: int, port: int, run_id: str) -> dict[str, str]:
@@ -43,17 +73,37 @@ def torchrun_env(rank: int, world: int, port: int, run_id: str) -> dict[str, str
     }
 
 
+STOP_GRACE_S = 10.0
+"""How long stopped workers get to unwind (release the data cache, leave their process group) before
+they are killed."""
+
+
 def _worker(fn: WorkerFn, payload: Any, runtime: WorkerRuntime, port: int, run_id: str, results: Any) -> None:
     os.environ.update(torchrun_env(runtime.rank, runtime.world_size, port, run_id))
-    try:
-        metrics = fn(payload, runtime)
-    except BaseException as e:  # report it to the launcher once, as one line
-        if not isinstance(e, RecsysError | KeyboardInterrupt):  # not a user error: the trace with --verbose
-            log.debug("worker rank %d failed", runtime.rank, exc_info=True)
-        results.put(("error", runtime.rank, one_line(e)))
-        raise SystemExit(2) from None
+    with stop_signals():  # the launcher's terminate() (or the terminal's Ctrl-C) unwinds this worker
+        try:
+            metrics = fn(payload, runtime)
+        except BaseException as e:
+            stop = interruption(e)
+            if stop is not None:  # stopped by the launcher, or with it: nothing to report
+                raise SystemExit(stop.exit_code) from None
+            if not isinstance(e, RecsysError):  # not a user error: the trace with --verbose
+                log.debug("worker rank %d failed", runtime.rank, exc_info=True)
+            results.put(("error", runtime.rank, one_line(e)))  # to the launcher once, as one line
+            raise SystemExit(2) from None
     if runtime.rank == 0:
         results.put(("ok", 0, metrics))
+
+
+def _in_process(fn: WorkerFn, payload: Any, runtime: WorkerRuntime) -> dict[str, Any]:
+    """One worker in this process; its error comes back as one line, as a spawned worker's does."""
+    try:
+        return fn(payload, runtime)
+    except RecsysError:
+        raise
+    except Exception as e:
+        log.debug("worker rank 0 failed", exc_info=True)  # the trace with --verbose
+        raise RecsysError(f"worker rank 0: {one_line(e)}") from None
 
 
 def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
@@ -61,7 +111,7 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
     n = cluster.num_workers
     accelerator = local_accelerator(cluster.accelerator)
     if n == 1:
-        return fn(payload, WorkerRuntime(devices=1, accelerator=accelerator))
+        return _in_process(fn, payload, WorkerRuntime(devices=1, accelerator=accelerator))
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port, run_id = free_port(), uuid.uuid4().hex[:8]
@@ -100,11 +150,25 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
                 for p in procs:
                     p.join(0.2)
     finally:
-        for p in procs:  # one rank failed (or we were interrupted): the others would wait on it forever
-            if (error is not None or outcome is None) and p.is_alive():
-                p.terminate()
-            p.join()
+        stop(procs, error is not None or outcome is None)
     if error is not None:
         raise RecsysError(error)
     assert outcome is not None
     return outcome
+
+
+def stop(procs: list[Any], failed: bool) -> None:
+    """Wait for the workers; when one failed or this launcher was interrupted, stop the others first
+    (they would wait on it forever): SIGTERM, ``STOP_GRACE_S`` to unwind, then SIGKILL."""
+    if failed:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    for p in procs:
+        p.join()

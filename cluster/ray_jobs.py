@@ -2,7 +2,8 @@
 
 The same as ``ray job submit --address URL --working-dir DIR -- recsys ARGS``, plus what the
 SDK lets us do better: check the address and the token before uploading anything, stream the job's
-logs, and exit with the job's status (0 when it succeeded, 1 when it failed or was stopped).
+logs, and exit with the job's status (0 when it succeeded, 1 when it failed or was stopped). Stopped
+itself (Ctrl-C), it detaches: the job keeps running, and the line says how to stop it.
 
 Ray's job server runs arbitrary code, so the documented setup uses Ray's token authentication:
 ``RAY_AUTH_MODE=token`` and the cluster's token (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN_PATH`` or
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -23,6 +25,7 @@ from typing import Any
 
 from cluster.ray_node import private_token
 from core.errors import RecsysError
+from core.signals import Interrupted, interruption
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 COMMANDS = ("train", "evaluate", "data")  # what may follow ``--``
@@ -105,9 +108,10 @@ def submit(
 
     try:
         asyncio.run(follow())
-    except KeyboardInterrupt:
-        print(f"\nrecsys: detached; the job keeps running (ray job stop --address {url} {job_id})", file=out)
-        return 130
+    except KeyboardInterrupt as e:  # this process stops following; the job is the cluster's
+        stop = interruption(e) or Interrupted(signal.SIGINT)
+        note = f"detached, the job keeps running (ray job stop --address {url} {job_id})"
+        raise Interrupted(stop.signum, note) from None
     info = client.get_job_info(job_id)
     if info.status == JobStatus.SUCCEEDED:
         print(f"recsys: Ray job {job_id} succeeded", file=out, flush=True)

@@ -92,3 +92,37 @@ def private_token(create: bool = False) -> Path | None:
         except PermissionError:  # not ours to change: say so, the cluster still works
             log.warning("the Ray token file %s is readable by others (mode %o); chmod 600 it", path, mode)
     return path
+
+
+TOKEN_HINT = (
+    "set RAY_AUTH_MODE=token and the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN)"
+)
+
+
+def check_token(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse, with one line and at once, a cluster (its GCS at ``host:port``) that rejects this
+    client's token: ``ray.init`` would retry for about 30 s, printing an InvalidAuthToken line each
+    second, then fail with a traceback. One GCS call (``GetClusterId``, the first one ``ray.init``
+    makes) on a channel built by Ray's own ``init_grpc_channel``, which adds the token exactly as Ray
+    will; anything but a refused token is left to ``ray.init`` to report."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from ray.exceptions import AuthenticationError
+
+    from core.errors import RecsysError
+
+    channel = init_grpc_channel(address)
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)  # type: ignore[attr-defined]
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            detail = " ".join(str(e.details() or "token refused").split())
+            refused = f"--ray-address {address}: the Ray cluster refused this client ({detail}); {TOKEN_HINT}"
+            raise RecsysError(refused) from None
+    except AuthenticationError:  # RAY_AUTH_MODE=token here, and no token to send
+        missing = f"--ray-address {address}: token authentication is on but no token found; {TOKEN_HINT}"
+        raise RecsysError(missing) from None
+    finally:
+        channel.close()

@@ -21,11 +21,20 @@ from typing import Any
 
 from cluster.config import ClusterConfig
 from cluster.launch import one_line
-from cluster.ray_node import LOOPBACK_IP, is_loopback, private_token, single_host_mode
+from cluster.ray_node import (
+    LOOPBACK_IP,
+    TOKEN_HINT,
+    check_token,
+    is_loopback,
+    private_token,
+    single_host_mode,
+)
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
 from core.logs import setup_logging
 from core.rendezvous import host_loopback_store, is_loopback_host
+from core.signals import STOP_SIGNALS, Interrupted, interruption
+from core.signals import reinstall as reinstall_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,7 @@ METRICS = "final_metrics.json"
 def connect(cluster: ClusterConfig) -> None:
     """Attach to (or start) Ray; an unreachable address fails fast with one line."""
     import ray
+    from ray.exceptions import AuthenticationError
 
     address = cluster.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -43,18 +53,30 @@ def connect(cluster: ClusterConfig) -> None:
     if ray.is_initialized():
         return
     private_token(create=not address)  # a new local Ray turns token auth on and would write the token
-    if address:
-        # a loopback address must stay loopback (Ray would swap in this host's routable IP)
-        with single_host_mode() if is_loopback(address) else contextlib.nullcontext():
-            ray.init(address=address, log_to_driver=True)
-    else:
-        with single_host_mode():
-            ray.init(
-                num_cpus=max(os.cpu_count() or 1, cluster.num_workers * cluster.cpus_per_worker),
-                include_dashboard=False,
-                log_to_driver=True,
-                _node_ip_address=LOOPBACK_IP,
-            )
+    if address and "://" not in address and address not in ("auto", "local"):
+        # a GCS address: a refused token is one line now, not 30 s of retries
+        check_token(address)
+    try:
+        if address:
+            # a loopback address must stay loopback (Ray would swap in this host's routable IP)
+            with single_host_mode() if is_loopback(address) else contextlib.nullcontext():
+                ray.init(address=address, log_to_driver=True)
+        else:
+            with single_host_mode():
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, cluster.num_workers * cluster.cpus_per_worker),
+                    include_dashboard=False,
+                    log_to_driver=True,
+                    _node_ip_address=LOOPBACK_IP,
+                )
+    except AuthenticationError as e:  # token auth on in this client, and no token to send
+        raise RecsysError(f"--ray-address {address}: {' '.join(str(e).split())[:200]}; {TOKEN_HINT}") from None
+    except SystemExit as e:  # ray.init's own SIGTERM handler, while it started, is sys.exit(signum)
+        if e.code in STOP_SIGNALS:
+            raise Interrupted(int(e.code)) from None  # type: ignore[arg-type]
+        raise
+    finally:
+        reinstall_stop_signals()  # and its core worker's native one dumps a stack trace and aborts
 
 
 def check_reachable(address: str) -> None:
@@ -172,14 +194,44 @@ def loopback_torch_config() -> Any:
     return LoopbackTorchConfig()
 
 
+def stoppable_trainer_class() -> type:
+    """Ray Train's ``TorchTrainer`` without its own SIGINT handler, keeping the controller's handle.
+
+    ``fit()`` installs a SIGINT handler that aborts the run and then calls ``sys.exit(0)`` (a stopped
+    run exiting 0, its MLflow run left RUNNING), and only for SIGINT. Overriding the (private) hook that
+    installs it keeps the process's one policy (``core.signals``) for every stop signal; ``launch``
+    then aborts the run the way that handler does, through the controller."""
+    from ray.train.torch import TorchTrainer
+
+    class StoppableTorchTrainer(TorchTrainer):  # type: ignore[misc]
+        controller: Any = None
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            self.controller = controller
+
+    return StoppableTorchTrainer
+
+
+def abort(trainer: Any, wait_s: float = 60.0) -> None:
+    """Abort a run being fitted: Ray's controller stops the worker group (its processes end), as Ray's
+    own SIGINT handler does."""
+    import ray
+
+    if trainer.controller is None:
+        return
+    try:
+        ray.get(trainer.controller.abort.remote(), timeout=wait_s)
+    except Exception:  # the controller ends its own process once the workers are gone: that is success
+        log.debug("Ray Train controller after abort", exc_info=True)
+
+
 def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
     """Run ``fn`` with Ray Train; returns rank 0's final metrics."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     connect(cluster)
     gpu = use_gpu(cluster)
-    trainer = TorchTrainer(
+    trainer = stoppable_trainer_class()(
         worker,
         train_loop_config={"fn": fn, "payload": payload, "use_gpu": gpu},
         torch_config=loopback_torch_config(),
@@ -197,8 +249,14 @@ def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dic
     )
     try:
         result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors in its own types
-        raise RecsysError(f"--backend ray: training failed ({worker_error(e)})") from None
+    except BaseException as e:
+        stop = interruption(e)  # the signal's exception raised inside ray.get comes out as Ray's own
+        if stop is not None:
+            abort(trainer)
+            raise stop from None
+        if not isinstance(e, Exception):
+            raise
+        raise RecsysError(f"--backend ray: training failed ({worker_error(e)})") from None  # Ray wraps worker errors
     if result.checkpoint is None:
         raise RecsysError("--backend ray: the run finished without reporting its metrics")
     with result.checkpoint.as_directory() as d:

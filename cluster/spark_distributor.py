@@ -21,6 +21,7 @@ from cluster.config import ClusterConfig
 from cluster.launch import local_accelerator, one_line
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
+from core.signals import interruption, stop_signals
 from core.spark import spark_session
 
 ERROR_MARK = "recsys-worker-error: "
@@ -49,11 +50,17 @@ def worker(fn: WorkerFn, payload: Any, accelerator: str, colocated: bool = False
         devices=local,
         num_nodes=max(world // local, 1),
     )
-    try:
-        return fn(payload, runtime)
-    except RecsysError as e:  # torchrun's failure log would bury it: mark the line the launcher shows
-        print(f"{ERROR_MARK}{one_line(e)}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    with stop_signals():  # torchrun's SIGTERM, when the launcher stops, unwinds this worker
+        try:
+            return fn(payload, runtime)
+        except BaseException as e:
+            stop = interruption(e)
+            if stop is not None:
+                raise SystemExit(stop.exit_code) from None
+            if not isinstance(e, RecsysError):
+                raise
+            print(f"{ERROR_MARK}{one_line(e)}", file=sys.stderr, flush=True)  # torchrun's log would bury it
+            raise SystemExit(2) from None
 
 
 def failure_line(log: str) -> str:

@@ -1,1 +1,1 @@
-"""The bottom layer: the error type and small helpers every other package may import."""
+"""The bottom layer: the error type, the stop-signal policy and small helpers every other package may import."""

@@ -38,11 +38,13 @@ def loopback_store(
         return dist.TCPStore(host, port, world_size, False, timeout=timeout)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    # A group of one has no one to tell its port: the kernel's choice at bind time cannot be taken by
+    # another process between a port's pick and its bind (Lightning picks one and lets it go).
+    sock.bind((host, 0 if world_size == 1 and not multi_tenant else port))
     sock.listen(128)
     return dist.TCPStore(
         host,
-        port,
+        int(sock.getsockname()[1]),
         world_size,
         True,
         timeout=timeout,

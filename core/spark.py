@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from core.errors import RecsysError
+from core.signals import reinstall as reinstall_stop_signals
 
 
 def spark_session(master: str, app_name: str = "recsys-prepare", flag: str = "--engine spark") -> Any:
@@ -19,7 +20,7 @@ def spark_session(master: str, app_name: str = "recsys-prepare", flag: str = "--
     # Python workers start from PYSPARK_PYTHON (the spark.pyspark.python conf is not read in local
     # mode); without it executors run the system python3, which lacks this environment's packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return (
+    session = (
         SparkSession.builder.master(master)
         .appName(app_name)
         .config("spark.driver.host", "127.0.0.1")
@@ -32,3 +33,5 @@ def spark_session(master: str, app_name: str = "recsys-prepare", flag: str = "--
         .config("spark.ui.showConsoleProgress", "false")
         .getOrCreate()
     )
+    reinstall_stop_signals()  # the SparkContext took SIGINT (to raise KeyboardInterrupt): one policy for all
+    return session

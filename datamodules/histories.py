@@ -3,7 +3,8 @@
 A prepared retrieval dataset stores them once per user (``histories.parquet``, listed in
 ``metadata.json: corpus.histories`` and described in ``metadata.json: history``), so storage grows with
 the number of train interactions, never as rows x history length. In memory they are one CSR over
-user indices (``offsets``, ``values``); ``lookup`` gathers a batch's bags with tensor operations,
+user indices (``offsets``, ``values``; memory-mapped from the corpus cache when loaded from a
+dataset, see ``datamodules.corpus``); ``lookup`` gathers a batch's bags with tensor operations,
 masking a training row's own item out of its user's bag (leave-one-out) instead of storing a copy
 of the history per row.
 """
@@ -21,7 +22,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 @dataclass
 class UserHistories:
     """CSR of item indices by user index: user ``u``'s items, oldest first, are
-    ``values[offsets[u]:offsets[u + 1]]``; users without a train history (index 0 included) have none."""
+    ``values[offsets[u]:offsets[u + 1]]``; users without a train history (index 0 included) have none.
+    ``values`` may be int32 (what a dataset's cache stores); lookups return int64."""
 
     offsets: torch.Tensor
     values: torch.Tensor
@@ -80,7 +82,7 @@ class UserHistories:
         row = torch.repeat_interleave(torch.arange(len(users), device=users.device), full)
         first = torch.cumsum(full, 0) - full
         position = torch.arange(int(full.sum()), device=users.device) - first[row]
-        values = self.values[starts[row] + position]
+        values = self.values[starts[row] + position].long()
         keep = torch.ones_like(values, dtype=torch.bool)
         if exclude is not None:
             keep &= values != exclude.to(values.device).long()[row]

@@ -62,8 +62,8 @@ class SourceFiles:
     """Files of a source that is a directory, a single file or a zip (a wheel is a zip too)."""
 
     def __init__(self, path: Path) -> None:
-        if not path.exists():
-            raise RecsysError(f"{path}: no such file or directory")
+        if not path.is_dir():
+            regular_file(path)
         self.path = path
         self.zip: zipfile.ZipFile | None = None
         if path.is_file() and path.suffix.lower() in (".zip", ".whl"):
@@ -132,6 +132,17 @@ def download(url: str, dest: Path) -> Path:
     return dest
 
 
+def regular_file(path: Path) -> Path:
+    """``path`` when it is a regular file; a device, pipe or socket (``/dev/urandom``, a FIFO) would be
+    read without end, so it is refused before it is opened."""
+    if not path.exists():
+        raise RecsysError(f"{path}: no such file or directory")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise RecsysError(f"{path}: {kind}; expected a data file")
+    return path
+
+
 # -- CSV parsing with clear errors ------------------------------------------------------------------
 
 
@@ -192,14 +203,27 @@ def interaction_columns(
     return user, item, label, rating, ts
 
 
-def numeric(series: pd.Series, where: str, column: str, offset: int = 2) -> pd.Series:
-    """Convert a string column to float; the first non-numeric value is reported with its line."""
+NAN_WORDS = ("nan", "+nan", "-nan")
+
+
+def numeric(series: pd.Series, where: str, column: str, offset: int | None = 2) -> pd.Series:
+    """Convert a string column to float; the first value that is not a finite number (text, empty,
+    NaN, inf) is reported with its line (``offset``: line of the first row; None: no line)."""
     values = pd.to_numeric(series.str.strip() if series.dtype == object else series, errors="coerce")
-    bad = values.isna()
+    values = values.astype(np.float64)
+    bad = ~np.isfinite(values.to_numpy())
     if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise RecsysError(f"{where}: column {column!r} has a non-numeric value {series.iloc[i]!r} at line {i + offset}")
-    return values.astype(np.float64)
+        i = int(np.flatnonzero(bad)[0])
+        raw = series.iloc[i]
+        raw = "" if raw is None else raw
+        unparsed = np.isnan(values.iloc[i]) and str(raw).strip().lower() not in NAN_WORDS
+        kind = "a non-numeric value" if unparsed else "a value that is not a finite number,"
+        raise RecsysError(f"{where}: column {column!r} has {kind} {raw!r}{at_line(i, offset)}")
+    return values
+
+
+def at_line(i: int, offset: int | None) -> str:
+    return "" if offset is None else f" at line {i + offset}"
 
 
 USER_ALIASES = ("userId", "user_id", "user", "user_id:token")
@@ -209,20 +233,60 @@ LABEL_ALIASES = ("label", "clicked", "click")
 TS_ALIASES = ("timestamp", "ts", "time", "timestamp:float")
 
 
-def canonical_interactions(df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int = 2) -> pd.DataFrame:
-    """Map a parsed interaction file onto the canonical columns, validating types."""
+FLOAT_TYPES = ("float", "double", "halffloat", "float16", "float32", "float64")
+
+
+def check_id_types(where: str, types: dict[str, str]) -> None:
+    """Refuse id columns stored as floating-point numbers (``types``: column -> type name, as Arrow or
+    Spark spell it): their text would be ``69.0``, not the id ``69``, and a null among integers is what
+    turns an integer column into floats."""
+    for column, kind in types.items():
+        if kind.lower() in FLOAT_TYPES:
+            raise RecsysError(
+                f"{where}: column {column!r} holds floating-point numbers ({kind}); ids must be integers or strings"
+            )
+
+
+def ids(series: pd.Series, where: str, column: str, offset: int | None) -> pd.Series:
+    """A raw id column as stripped strings; a missing or empty id is refused with its line."""
+    text = series.where(series.notna(), "").astype(str).str.strip()
+    empty = (text == "").to_numpy()
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise RecsysError(f"{where}: column {column!r} has an empty or missing id{at_line(i, offset)}")
+    return text
+
+
+def canonical_interactions(
+    df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int | None = 2
+) -> pd.DataFrame:
+    """Map a parsed interaction file onto the canonical columns, validating every value: the one set of
+    rules of both preparation engines (the Spark engine runs this function over its partitions).
+
+    Ids must be present; ratings and timestamps finite numbers; labels 0 or 1 (graded feedback is a
+    rating, labelled by ``--label-threshold``). ``offset``: the line of the first row (None: no line).
+    """
     user, item, label, rating, ts = interaction_columns(list(df.columns), where, need_rating)
-    out = pd.DataFrame({"user": df[user].astype(str).str.strip(), "item": df[item].astype(str).str.strip()})
-    for col, name in ((user, "user"), (item, "item")):
-        if (out[name] == "").any():
-            i = int(np.flatnonzero((out[name] == "").to_numpy())[0])
-            raise RecsysError(f"{where}: column {col!r} is empty at line {i + offset}")
+    out = pd.DataFrame({"user": ids(df[user], where, user, offset), "item": ids(df[item], where, item, offset)})
     if rating is not None:
         out["rating"] = numeric(df[rating], where, str(rating), offset)
     if label is not None:
-        out["label"] = numeric(df[label], where, str(label), offset)
+        out["label"] = labels(df[label], where, str(label), offset)
     out["timestamp"] = numeric(df[ts], where, str(ts), offset).astype(np.int64) if ts is not None else np.int64(0)
     return out
+
+
+def labels(series: pd.Series, where: str, column: str, offset: int | None) -> pd.Series:
+    """A label column: numbers that are 0 or 1 (a label rate above 1 would be reported otherwise)."""
+    values = numeric(series, where, column, offset)
+    bad = ~np.isin(values.to_numpy(), (0.0, 1.0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RecsysError(
+            f"{where}: column {column!r} has the value {series.iloc[i]!r}{at_line(i, offset)}; labels must be 0 or 1 "
+            "(put graded feedback in a rating column and choose --label-threshold)"
+        )
+    return values
 
 
 # -- sets2019 ---------------------------------------------------------------------------------------
@@ -252,10 +316,7 @@ def interactions_path(source: str | None) -> Path:
     """The user's interaction file named by --source."""
     if source is None:
         raise RecsysError("--source is required for --dataset interactions (a .csv or .parquet file)")
-    path = Path(source)
-    if not path.exists():
-        raise RecsysError(f"{path}: no such file or directory")
-    return path
+    return regular_file(Path(source))
 
 
 def read_interactions(source: str | None, rows: int | None) -> RawTable:
@@ -263,22 +324,39 @@ def read_interactions(source: str | None, rows: int | None) -> RawTable:
     path = interactions_path(source)
     where = str(path)
     if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            df = pd.read_parquet(path)
-        except Exception as e:  # pyarrow raises several types for damaged files
-            raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
-        if len(df) == 0:
-            raise RecsysError(f"{path}: no data rows")
-        df = df.astype({c: str for c in df.columns if df[c].dtype == object})
-        df = df.rename(columns=str)
-        for c in df.columns:
-            if df[c].dtype != object:
-                df[c] = df[c].astype(str)
+        df = read_parquet_as_text(path)
+        offset: int | None = None  # Parquet has no lines
     else:
-        df = read_delimited(path.read_bytes(), where)
+        df, offset = read_delimited(path.read_bytes(), where), 2
     if rows is not None:
         df = df.iloc[:rows]
-    return RawTable(canonical_interactions(df, where), [], {"path": str(path), "sha256": sha256_of(path)})
+    table = canonical_interactions(df, where, offset=offset)
+    return RawTable(table, [], {"path": str(path), "sha256": sha256_of(path)})
+
+
+def read_parquet_as_text(path: Path) -> pd.DataFrame:
+    """Every column of a Parquet file as text, as Arrow writes it (an int64 id 69 stays ``"69"``; a
+    missing value stays missing, for the checks to name), id columns of floating-point type refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+    if table.num_rows == 0:
+        raise RecsysError(f"{path}: no data rows")
+    names = [str(n) for n in table.column_names]
+    user, item, *_ = interaction_columns(names, str(path), need_rating=False)
+    # a missing id is named by the canonical checks (it is also what made an integer column float)
+    whole = [c for c in (user, item) if table.column(c).null_count == 0]
+    check_id_types(str(path), {c: str(table.schema.field(c).type) for c in whole})
+    columns = {}
+    for name, column in zip(names, table.columns, strict=True):
+        if pa.types.is_nested(column.type) or pa.types.is_binary(column.type):
+            continue  # no canonical column is a list or raw bytes
+        columns[name] = column.cast(pa.string()).to_pandas()
+    return pd.DataFrame(columns)
 
 
 # -- MovieLens 100K ---------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from datamodules.encoding import (
 from datamodules.schema import SPLITS, SplitInfo
 from datamodules.sources import (
     RawTable,
+    canonical_interactions,
+    check_id_types,
     interaction_columns,
     interactions_path,
     locate_sets2019,
@@ -186,30 +188,46 @@ def read_table_spark(spark: Any, path: Path, where: str) -> Any:
 
 
 def canonical_spark(df: Any, where: str) -> Any:
-    """Rename and type the columns like ``sources.canonical_interactions``."""
+    """Rename and type the columns like ``sources.canonical_interactions``, after checking every value
+    by that very function (one set of rules for both engines)."""
     from pyspark.sql import functions as F
 
     user, item, label, rating, ts = interaction_columns(df.columns, where)
+    types = {f.name: f.dataType.simpleString() for f in df.schema.fields}
+    problem = first_problem(df, where, [c for c in (user, item, label, rating, ts) if c is not None])
+    if problem is not None:
+        raise RecsysError(problem)
+    check_id_types(where, {c: types[c] for c in (user, item)})
     cols = [
         F.trim(F.col(user).cast("string")).alias("user"),
         F.trim(F.col(item).cast("string")).alias("item"),
     ]
-    numeric = [(rating, "rating"), (label, "label"), (ts, "timestamp")]
-    for src, dst in numeric:
-        if src is None:
-            continue
-        as_double = F.trim(F.col(src).cast("string")).try_cast("double")
-        bad = df.filter(as_double.isNull()).select(F.col(src).cast("string")).first()
-        if bad is not None:
-            raise RecsysError(f"{where}: column {src!r} has a non-numeric value {bad[0]!r}")
-        cols.append(as_double.cast("long").alias(dst) if dst == "timestamp" else as_double.alias(dst))
+    for src, dst in [(rating, "rating"), (label, "label"), (ts, "timestamp")]:
+        if src is not None:
+            as_double = F.trim(F.col(src).cast("string")).try_cast("double")
+            cols.append(as_double.cast("long").alias(dst) if dst == "timestamp" else as_double.alias(dst))
     if ts is None:
         cols.append(F.lit(0).cast("long").alias("timestamp"))
-    out = df.select(*cols)
-    empty = out.filter((F.col("user") == "") | (F.col("item") == "")).first()
-    if empty is not None:
-        raise RecsysError(f"{where}: empty user or item id in row {empty.asDict()}")
-    return out
+    return df.select(*cols)
+
+
+def first_problem(df: Any, where: str, columns: list[str]) -> str | None:
+    """The first value the local engine would refuse (``canonical_interactions`` run over each Arrow
+    batch of the columns as text), as its one-line message; None when every row passes. One pass."""
+    from pyspark.sql import functions as F
+
+    text = df.select(*[F.col(f"`{c}`").cast("string").alias(c) for c in columns])
+
+    def check(batches: Any) -> Any:
+        for pdf in batches:
+            try:
+                canonical_interactions(pdf, where, offset=None)
+            except RecsysError as e:
+                yield pd.DataFrame({"problem": [str(e)]})
+                return
+
+    rows = text.mapInPandas(check, schema="problem string").limit(1).collect()
+    return str(rows[0]["problem"]) if rows else None
 
 
 def with_split(df: Any, cfg: PrepareConfig, groups: int) -> Any:

@@ -179,12 +179,15 @@ class StreamingDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False, blocks=self.eval_blocks)
 
     def corpus(self) -> RetrievalCorpus:
-        """The retrieval corpus (users, items, pairs) of the dataset, local or remote."""
-        return RetrievalCorpus.load(self.cfg.path, self.meta, self._files_cache)
+        """The retrieval corpus (users, items, pairs) of the dataset, local or remote, memory-mapped from
+        the arrays the processes of this machine build once under ``<cache root>/corpus`` and keep for
+        later runs (``datamodules.corpus``)."""
+        return RetrievalCorpus.load(self.cfg.path, self.meta, self.cache_root / "corpus")
 
     def histories(self) -> UserHistories:
-        """The users' train histories of the dataset (``histories.parquet``), local or remote."""
-        return load_histories(self.cfg.path, self.meta, self._files_cache)
+        """The users' train histories of the dataset (``histories.parquet``), local or remote, memory-mapped
+        like the corpus."""
+        return load_histories(self.cfg.path, self.meta, self.cache_root / "corpus")
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position in its epoch (StreamingDataset's resumption state)."""
@@ -228,7 +231,7 @@ class StreamingDataModule(L.LightningDataModule):
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool, blocks: int) -> Any:
-        collate = BlockCollate(self.meta)
+        collate = BlockCollate(self.meta, self.cfg.path.rstrip("/"))
         return _loader_class()(
             self.dataset(split, shuffle, blocks),
             batch_size=blocks,

@@ -43,3 +43,29 @@ class RunIdInCheckpoint(Callback):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self.logger:
             checkpoint[self.KEY] = self.logger.run_id
+
+
+class KeepStopSignals(Callback):
+    """Keeps the process's stop-signal policy (``core.signals``) in force while Lightning runs a stage.
+
+    For the length of a fit Lightning takes SIGTERM for itself: it ends the loop at the next step, as a
+    success (exit status 0 for a killed run), after a collective broadcast made from inside the signal
+    handler. Its hooks at the start of each stage run after it has done so; the handlers it saved are
+    the policy's, and it puts them back at teardown."""
+
+    def _keep(self) -> None:
+        from core.signals import reinstall
+
+        reinstall()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._keep()
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._keep()
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._keep()
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._keep()

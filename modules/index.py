@@ -46,7 +46,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from core.checksums import checksums, verify_checksums
 from core.errors import RecsysError, require
+from core.output import OutputKind
 
 Similarity = Literal["dot", "cosine"]
 SIMILARITIES: tuple[str, ...] = ("dot", "cosine")
@@ -55,7 +57,8 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.parquet"
 FORMAT = "recsys-vector-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest lists each file's SHA-256 (``files``), checked before the index is read."""
 
 MIN_POINTS_PER_CENTROID = 39
 """k-means training points per centroid below which FAISS warns that its clustering is unreliable."""
@@ -502,10 +505,24 @@ def save_index(index: VectorIndex, directory: str | Path, fingerprint: str) -> P
         "id_type": "int64" if index.ids.dtype.kind == "i" else "string",
         "fingerprint": fingerprint,
         "faiss_version": faiss.__version__,
-        "files": {"index": INDEX_FILE, "vectors": VECTORS_FILE},
+        "files": checksums(out, [INDEX_FILE, VECTORS_FILE]),
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def _index_problem(path: Path) -> str | None:
+    if not (path / MANIFEST_FILE).is_file():
+        return f"no {MANIFEST_FILE}"
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST_FILE}"
+    return None if isinstance(manifest, dict) and manifest.get("format") == FORMAT else f"no {FORMAT} manifest"
+
+
+INDEX_OUTPUT = OutputKind("a vector index", is_dir=True, problem=_index_problem)
+"""What ``recsys index --out`` may replace (with ``--overwrite``): a directory ``save_index`` wrote."""
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -520,10 +537,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         isinstance(manifest, dict) and manifest.get("format") == FORMAT,
         f"{path}: not a {FORMAT} manifest",
     )
-    require(
-        manifest.get("version") == FORMAT_VERSION,
-        f"{path}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION}",
-    )
+    if manifest.get("version") != FORMAT_VERSION:
+        hint = " (no file hashes): rebuild it with recsys index" if manifest.get("version") == 1 else ""
+        raise RecsysError(f"{path}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION}{hint}")
     return manifest
 
 
@@ -534,34 +550,50 @@ def load_index(directory: str | Path, expected_fingerprint: str) -> VectorIndex:
     faiss = import_faiss()
     root = Path(directory)
     manifest = read_manifest(root)
-    if manifest["fingerprint"] != expected_fingerprint:
+    if manifest.get("fingerprint") != expected_fingerprint:
         raise RecsysError(
-            f"vector index {root} was built for fingerprint {manifest['fingerprint']}, "
+            f"vector index {root} was built for fingerprint {manifest.get('fingerprint')}, "
             f"expected {expected_fingerprint}: rebuild it for this model"
         )
-    spec = parse_spec(manifest["spec"])
-    count, dim = int(manifest["count"]), int(manifest["dim"])
+    files = manifest.get("files")
+    require(
+        isinstance(files, dict) and set(files) == {INDEX_FILE, VECTORS_FILE},
+        f"{root / MANIFEST_FILE}: must list exactly {INDEX_FILE} and {VECTORS_FILE} with their hashes",
+    )
+    # every byte read below is the one the index was built with: another run's files, shuffled or
+    # truncated Parquet rows are refused here instead of answering with other items
+    verify_checksums(root, files, MANIFEST_FILE)
     try:
-        index = faiss.read_index(str(root / manifest["files"]["index"]))
+        spec = parse_spec(manifest["spec"])
+        count, dim, indexed_dim = int(manifest["count"]), int(manifest["dim"]), int(manifest["indexed_dim"])
+        similarity: Similarity = manifest["similarity"]
+        id_type, radius = manifest["id_type"], manifest["sphere_radius"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecsysError(f"{root / MANIFEST_FILE}: incomplete manifest ({type(e).__name__}: {e})") from None
+    require(similarity in SIMILARITIES, f"{root}: unknown similarity {similarity!r} in the manifest")
+    try:
+        index = faiss.read_index(str(root / INDEX_FILE))
     except RuntimeError as e:  # FAISS's message spans lines; its last one says what went wrong
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        raise RecsysError(f"{root / manifest['files']['index']}: unreadable FAISS index ({reason})") from None
-    indexed_dim = int(manifest["indexed_dim"])
+        raise RecsysError(f"{root / INDEX_FILE}: unreadable FAISS index ({reason})") from None
     require(
         index.ntotal == count and index.d == indexed_dim and index.metric_type == faiss.METRIC_INNER_PRODUCT,
         f"{root}: the FAISS index ({index.ntotal} x {index.d}) does not match its manifest ({count} x {indexed_dim})",
     )
-    table = pq.read_table(root / manifest["files"]["vectors"], columns=["item", "vector"])
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(root / VECTORS_FILE, columns=["item", "vector"])
+    except (pa.ArrowException, OSError) as e:
+        raise RecsysError(f"{root / VECTORS_FILE}: unreadable ({(str(e).strip().splitlines() or [''])[0]})") from None
     require(table.num_rows == count, f"{root}: {table.num_rows} vectors in Parquet, the manifest says {count}")
     column = table.column("vector").combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False)
     lengths = np.diff(column.offsets.to_numpy())
     require(bool((lengths == dim).all()), f"{root}: Parquet vectors are not all of dimension {dim}")
     ids = table.column("item").to_numpy()
-    ids = ids.astype(np.int64) if manifest["id_type"] == "int64" else ids.astype(str)
-    similarity: Similarity = manifest["similarity"]
-    require(similarity in SIMILARITIES, f"{root}: unknown similarity {similarity!r} in the manifest")
+    ids = ids.astype(np.int64) if id_type == "int64" else ids.astype(str)
     vectors = np.ascontiguousarray(values.reshape(count, dim), dtype=np.float32)
-    loaded = VectorIndex(index, ids, vectors, spec, similarity, manifest["sphere_radius"])
+    loaded = VectorIndex(index, ids, vectors, spec, similarity, radius)
     apply_search_params(index, spec)
     return loaded

@@ -120,6 +120,8 @@ class TwoTower(nn.Module):
         user_out, item_out = (layers or [dim * len(user.sparse) + len(user.dense)])[-1], (item_layers or [item_in])[-1]
         if user_out != item_out:
             raise RecsysError(f"two-tower: the user tower gives {user_out} numbers, the item tower {item_out}")
+        self.out_dim = user_out
+        """Numbers in a user or item vector (what full-corpus evaluation and the index hold per item)."""
         self.user_mlp = mlp(dim * len(user.sparse) + len(user.dense), layers, False, activation)
         self.item_mlp = mlp(item_in, item_layers, False, activation)
         self.cosine = cosine

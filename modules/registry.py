@@ -35,6 +35,11 @@ class TaskInputs:
     """The users' train histories when ``arch.history`` asks for them (the corpus's, for kinds that load it)."""
     k: int = 10
     eval_batch: int = 4096
+    eval_users: int = 0
+    """Retrieval kinds: evaluate a seeded sample of this many users (0: all)."""
+    eval_seed: int = 0
+    eval_block_bytes: int = 256 * 1024**2
+    """Retrieval kinds: memory of one block of users x items scores in the full-corpus evaluation."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,18 @@ def _deepfm(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device)
 def _retrieval_task(model: nn.Module, inputs: TaskInputs) -> Any:
     from modules.tasks import RetrievalTask
 
-    return RetrievalTask(model, inputs.optim, inputs.arch, inputs.meta, inputs.corpus, inputs.k, inputs.eval_batch)
+    return RetrievalTask(
+        model,
+        inputs.optim,
+        inputs.arch,
+        inputs.meta,
+        inputs.corpus,
+        inputs.k,
+        inputs.eval_batch,
+        eval_users=inputs.eval_users,
+        eval_seed=inputs.eval_seed,
+        eval_block_bytes=inputs.eval_block_bytes,
+    )
 
 
 def _ranking_task(model: nn.Module, inputs: TaskInputs) -> Any:

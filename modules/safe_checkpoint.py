@@ -14,6 +14,10 @@ with an allow-list instead:
   here with ``weights_only=True``. Tensors are raw storage, which DCP already reads safely.
 
 Anything else fails as one RecsysError line naming the file.
+
+A run's plain state dict (``model_state/state_dict.pt``, what recommenders are built from) is read the
+same way (``load_state_dict_file``) and kept as safetensors (``save_weights``/``load_weights``): a
+format of raw tensors and a JSON header, with no pickle anywhere, so packaged models hold none.
 """
 
 from __future__ import annotations
@@ -94,21 +98,54 @@ def _unreadable(path: Path, error: Exception) -> RecsysError:
     return RecsysError(f"{path}: not a readable checkpoint file ({first})")
 
 
-def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """``trainer.pt`` of a checkpoint directory, loaded as plain data only."""
-    path = Path(checkpoint) / TRAINER_STATE
-    if not path.is_file():
-        raise RecsysError(f"{checkpoint}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
+def _torch_load_plain(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with every failure as one line (never torch's advice to
+    retry with ``weights_only=False``, which would run what the file names)."""
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": the file is refused or loaded anyway
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise _weights_only_failure(path, e) from None
         raise _unreadable(path, e) from None
     except Exception as e:  # torch.load raises many types for a file that is not a checkpoint at all
         raise _unreadable(path, e) from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict (name -> tensor) written by ``torch.save``, loaded as data only."""
+    path = Path(path)
+    state = _torch_load_plain(path)
+    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise RecsysError(f"{path}: not a state dict (expected names -> tensors, got a {type(state).__name__})")
+    return dict(state)
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict as safetensors (deterministic bytes: the same weights give the same file)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(path))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file (one line when it is not one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RecsysError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [''])[0]})") from None
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """``trainer.pt`` of a checkpoint directory, loaded as plain data only."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        raise RecsysError(f"{checkpoint}: not a recsys checkpoint directory (no {TRAINER_STATE} in it)")
+    state = _torch_load_plain(path)
     if not isinstance(state, dict):
         raise RecsysError(f"{path}: not a recsys trainer state (a {type(state).__name__}, not a dict)")
     return state
@@ -219,12 +256,31 @@ def dcp_load(state: dict[str, Any], checkpoint: str | Path, optional: tuple[str,
     planner = safe_load_planner(checkpoint, allow_partial_load=bool(absent))
     try:
         dcp.load(state, checkpoint_id=str(checkpoint), storage_reader=reader, planner=planner)
+    except RecsysError:
+        raise
     except CheckpointException as e:  # DCP gathers each rank's exception, with its traceback, into one
-        ours = [error for error, _ in e.failures.values() if isinstance(error, RecsysError)]
+        errors = [error for error, _ in e.failures.values()]
+        ours = [error for error in errors if isinstance(error, RecsysError)]
         if ours:
             raise ours[0] from None
-        raise
+        raise _shard_failure(Path(checkpoint), errors[0] if errors else e) from None
+    except Exception as e:  # one process: DCP lets the reader's own exception through
+        raise _shard_failure(Path(checkpoint), e) from None
     return absent
+
+
+def _shard_failure(checkpoint: Path, error: BaseException) -> RecsysError:
+    """One line for a ``*.distcp`` shard DCP could not read: tensors are stored as ``torch.save``
+    records, which DCP reads with ``weights_only=True``; torch's message then advises retrying
+    without it, which would run what the file names, so it is not repeated."""
+    shards = checkpoint / "*.distcp"
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if found:
+            return _refusal(shards, found.group(1))
+        return RecsysError(f"{shards}: refused to load: a shard is not plain tensor data")
+    first = re.split(r"(?<=\.) ", (str(error).strip().splitlines() or [type(error).__name__])[0])[0]
+    return RecsysError(f"{shards}: a checkpoint shard is unreadable ({type(error).__name__}: {first})")
 
 
 def saved_shapes(checkpoint: str | Path, prefix: str) -> dict[str, tuple[int, ...]]:

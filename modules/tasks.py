@@ -7,12 +7,13 @@ parameters by the optimizer returned from ``configure_optimizers()``.
 
 from __future__ import annotations
 
-import math
+import logging
+import time
 from typing import Any
 
 import lightning as L
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import torch
 import torchmetrics
 from torch import nn
@@ -23,7 +24,12 @@ from datamodules.corpus import RetrievalCorpus, tower_inputs
 from datamodules.histories import UserHistories, single_ids, with_feature
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
 from modules.config import ModelConfig, OptimConfig
+from modules.evaluation import block_sums, block_users, item_columns
+from modules.evaluation import corpus_metrics as corpus_metrics  # where the benches import it from
 from modules.sharding import sparse_optimizer_class
+
+log = logging.getLogger(__name__)
+EVAL_BLOCK_BYTES = 256 * 1024**2
 
 DENSE_OPTIMIZERS: dict[str, Any] = {
     "adam": torch.optim.Adam,
@@ -193,53 +199,10 @@ def append_rows(first: KeyedJaggedTensor, second: KeyedJaggedTensor) -> KeyedJag
     )
 
 
-def ranking_metrics(
-    scores: torch.Tensor, relevant: list[set[int]], extra_relevant: list[int], k: int
-) -> tuple[float, float]:
-    """Mean Recall@K and NDCG@K of ``scores`` (users x items, excluded items already -inf).
-
-    Hand-written rather than torchmetrics' retrieval metrics: those take one (query, item, score)
-    triple per element, i.e. users x items entries, where a top-k over the score matrix is enough.
-    ``extra_relevant`` counts relevant items that cannot be ranked (unseen in train).
-    """
-    top = torch.topk(scores, k=min(k, scores.shape[1]), dim=1).indices.tolist()
-    discounts = [1.0 / math.log2(r + 2) for r in range(k)]
-    recall = ndcg = 0.0
-    for row, rel, extra in zip(top, relevant, extra_relevant, strict=True):
-        n_rel = len(rel) + extra
-        hits = [1.0 if i in rel else 0.0 for i in row]
-        recall += sum(hits) / n_rel
-        idcg = sum(discounts[: min(k, n_rel)])
-        ndcg += sum(h * d for h, d in zip(hits, discounts, strict=False)) / idcg
-    return recall / len(top), ndcg / len(top)
-
-
-def corpus_metrics(
-    scores: torch.Tensor, users: list[int], items: list[int], train: pd.DataFrame, target: pd.DataFrame, k: int
-) -> tuple[float, float]:
-    """Full-corpus Recall@K / NDCG@K of a score matrix (rows ``users``, columns ``items``).
-
-    Items a user interacted with in ``train`` are excluded; the relevant items are the user's
-    positives (label 1) in ``target``; relevant items outside the corpus count as misses.
-    """
-    scores = scores.clone()
-    column_of = {i: j for j, i in enumerate(items)}
-    row_of = {u: r for r, u in enumerate(users)}
-    seen = train[train.user_id.isin(row_of.keys()) & train.item_id.isin(column_of.keys())]
-    rows = torch.as_tensor(seen.user_id.map(row_of).to_numpy(np.int64))
-    cols = torch.as_tensor(seen.item_id.map(column_of).to_numpy(np.int64))
-    scores[rows, cols] = -math.inf
-    positives = target[(target.label > 0.5) & target.user_id.isin(row_of.keys())]
-    grouped = positives.groupby("user_id").item_id.apply(list)
-    relevant = [{column_of[int(i)] for i in grouped.get(u, []) if int(i) in column_of} for u in users]
-    unseen = [sum(1 for i in grouped.get(u, []) if int(i) not in column_of) for u in users]
-    return ranking_metrics(scores, relevant, unseen, k)
-
-
 class RetrievalTask(RecTask):
     """Two-tower training (BCE, in-batch / mixed sampled softmax with log-Q, or full softmax over the
     corpus), the user's train history appended per batch when the model reads it, and full-corpus
-    evaluation."""
+    evaluation streamed over blocks of users (``retrieval_metrics``, ``modules.evaluation``)."""
 
     def __init__(
         self,
@@ -250,6 +213,9 @@ class RetrievalTask(RecTask):
         corpus: RetrievalCorpus | None = None,
         k: int = 10,
         eval_batch: int = 4096,
+        eval_users: int = 0,
+        eval_seed: int = 0,
+        eval_block_bytes: int = EVAL_BLOCK_BYTES,
     ) -> None:
         super().__init__(model, optim, HistoryFeature.of(arch, meta, corpus.histories if corpus is not None else None))
         self.loss_kind = arch.loss
@@ -259,6 +225,9 @@ class RetrievalTask(RecTask):
         self.corpus = corpus
         self.k = k
         self.eval_batch = eval_batch
+        self.eval_users, self.eval_seed, self.eval_block_bytes = eval_users, eval_seed, eval_block_bytes
+        self._columns: torch.Tensor | None = None
+        self._announced: set[str] = set()
         self.item_key = meta.item_id_feature or "item_id"
         self.register_buffer(
             "item_log_q", corpus.item_log_q if corpus is not None else torch.zeros(1), persistent=False
@@ -270,8 +239,8 @@ class RetrievalTask(RecTask):
         if self.num_uniform or self.whole_corpus:
             if corpus is None:
                 raise RecsysError(f"--arch.loss {arch.loss}: needs the dataset's item corpus")
-            dense, kjt = tower_inputs(corpus.items, meta)
-            ids = torch.as_tensor(corpus.items[self.item_key].to_numpy(np.int64))
+            dense, kjt = tower_inputs(corpus.items.table, meta)
+            ids = torch.as_tensor(corpus.items.column(self.item_key).astype(np.int64))
             self.negative_pool = (dense, kjt, ids)
             # full softmax: the column of every item id among the corpus items (-1: not in the corpus)
             column = torch.full((meta.feature(self.item_key).cardinality,), -1, dtype=torch.long)
@@ -397,33 +366,115 @@ class RetrievalTask(RecTask):
         log_probs = torch.log_softmax(user @ corpus.t() / self.temperature, dim=1)
         return -log_probs[row[known], target[known]].sum() / len(users)
 
-    @torch.no_grad()
-    def embed(self, table: pd.DataFrame, tower: int) -> torch.Tensor:
-        """Embeddings of users.parquet / items.parquet rows (0 = user tower, 1 = item tower)."""
-        out = []
-        for lo in range(0, max(len(table), 1), self.eval_batch):
-            dense, kjt = tower_inputs(table.iloc[lo : lo + self.eval_batch], self.meta)
-            kjt = self.with_history(kjt.to(self.device), training=False)
-            out.append(self.model(dense.to(self.device), kjt)[tower].float().cpu())
-        return torch.cat(out)[: len(table)]
+    # -- full-corpus evaluation ----------------------------------------------------------------------
 
-    def retrieval_metrics(self, split: str) -> dict[str, float]:
-        """Recall@K and NDCG@K over the full item corpus; items a user had in train are excluded."""
+    @torch.no_grad()
+    def embed(self, rows: pa.Table, tower: int) -> torch.Tensor:
+        """Embeddings of rows of users.parquet / items.parquet (0 = user tower, 1 = item tower), in
+        batches of ``eval_batch`` rows; on the model's device."""
+        out = []
+        for lo in range(0, max(rows.num_rows, 1), self.eval_batch):
+            dense, kjt = tower_inputs(rows.slice(lo, self.eval_batch), self.meta)
+            kjt = self.with_history(kjt.to(self.device), training=False)
+            out.append(self.model(dense.to(self.device), kjt)[tower].float())
+        return torch.cat(out)[: rows.num_rows]
+
+    def evaluated_users(self, split: str) -> tuple[np.ndarray, int]:
+        """The user ids ``split`` is evaluated on (ascending) and how many have a positive there:
+        all of them, or with ``--trainer.eval_users N`` a sample of N drawn with the run's seed (the
+        same users every epoch)."""
         assert self.corpus is not None
         c = self.corpus
-        user_key = self.meta.user_id_feature or "user_id"
-        target = c.pairs[split]
-        users = sorted(target[(target.label > 0.5) & (target.user_id > 0)].user_id.unique())
-        if not users:
+        users = c.targets[split].users()
+        users = users[(users > 0) & (c.user_rows[users] >= 0)]
+        total = len(users)
+        if 0 < self.eval_users < total:
+            rng = np.random.default_rng([self.eval_seed, 1 if split == "val" else 2])
+            users = np.sort(rng.choice(users, size=self.eval_users, replace=False))
+        return users, total
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """Every corpus item through the item tower (corpus order). With several processes each embeds
+        an equal share (the last padded), so that every process runs the same number of forward passes
+        (the sharded tables' collectives stay in step), and the shares are gathered."""
+        assert self.corpus is not None
+        items = self.corpus.items
+        rank, world = process_group()
+        share = -(-len(items) // world)
+        positions = np.arange(rank * share, (rank + 1) * share)
+        vectors = self.embed(items.take(np.where(positions < len(items), positions, 0)), 1)
+        if world > 1:
+            parts = [torch.empty_like(vectors) for _ in range(world)]
+            torch.distributed.all_gather(parts, vectors.contiguous())
+            vectors = torch.cat(parts)
+        return vectors[: len(items)]
+
+    @torch.no_grad()
+    def retrieval_metrics(self, split: str) -> dict[str, float]:
+        """Recall@K and NDCG@K over the full item corpus, items a user had in train excluded (the
+        definitions: ``modules.evaluation``), plus how many users they average over and how long they
+        took. Streamed: each process scores its share of the users in blocks of ``block x items``
+        scores (``eval_block_bytes``), and the sums are all-reduced. Every process must call it."""
+        assert self.corpus is not None
+        started = time.perf_counter()
+        c = self.corpus
+        users, total = self.evaluated_users(split)
+        if not total:
             return {}
-        user_rows = c.users.set_index(user_key).loc[users].reset_index()
-        scores = self.embed(user_rows, 0) @ self.embed(c.items, 1).t()
-        items = [int(i) for i in c.items[self.item_key]]
-        recall, ndcg = corpus_metrics(scores, users, items, c.pairs["train"], target, self.k)
-        return {f"{split}/recall_at_{self.k}": recall, f"{split}/ndcg_at_{self.k}": ndcg}
+        if self.global_rank == 0 and split not in self._announced and len(users) < total:
+            log.info(
+                "%s: Recall@%d and NDCG@%d over a seeded sample of %d of %d users (--trainer.eval_users)",
+                split,
+                self.k,
+                self.k,
+                len(users),
+                total,
+            )
+        self._announced.add(split)
+        if self._columns is None:
+            self._columns = item_columns(c.items.column(self.item_key), c.item_log_q.shape[0])
+        items = self.item_vectors()
+        rank, world = process_group()
+        share = -(-len(users) // world)
+        mine = users[rank * share : (rank + 1) * share]
+        block = min(max(share, 1), block_users(len(c.items), self.eval_block_bytes))
+        sums = torch.zeros(3, dtype=torch.float64)
+        for lo in range(0, share, block):
+            picked = mine[lo : lo + block]
+            # every process embeds min(block, share - lo) users here, padded with a real one
+            padded = np.r_[picked, np.full(min(block, share - lo) - len(picked), users[0])]
+            vectors = self.embed(c.users.take(c.user_rows[padded]), 0)[: len(picked)]
+            if len(picked):
+                scores = vectors @ items.t()
+                recall, ndcg = block_sums(
+                    scores, c.train.gather(picked), c.targets[split].gather(picked), self._columns, self.k
+                )
+                sums += torch.tensor([recall, ndcg, len(picked)], dtype=torch.float64)
+        if world > 1:
+            sums = sums.to(self.device)
+            torch.distributed.all_reduce(sums)
+            sums = sums.cpu()
+        recall_sum, ndcg_sum, count = (float(x) for x in sums)
+        return {
+            f"{split}/recall_at_{self.k}": recall_sum / count,
+            f"{split}/ndcg_at_{self.k}": ndcg_sum / count,
+            f"{split}/eval_users": float(len(users)),
+            f"{split}/eval_users_total": float(total),
+            f"{split}/eval_seconds": time.perf_counter() - started,
+        }
 
     def _log_split(self, split: str) -> None:
         super()._log_split(split)
         if self.corpus is not None and not self.trainer.sanity_checking:
             for name, value in self.retrieval_metrics(split).items():
                 self.log(name, value, sync_dist=False)
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

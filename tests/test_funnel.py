@@ -267,3 +267,211 @@ def test_prepare_keeps_item_titles_beside_the_shards(ml_dataset: Path) -> None:
     assert titles.set_index("item").title["3"] == "Movie 3 (1990)"
     meta = json.loads((ml_dataset / "metadata.json").read_text())
     assert "item_titles" not in json.dumps(meta)  # no model reads it: not part of the schema
+
+
+# -- outputs, integrity and crafted artifacts (issue 18) ---------------------------------------------
+
+
+def artifact_files(client: Any, run_id: str, path: str | None = None) -> list[str]:
+    """Every file a run holds, recursively."""
+    out: list[str] = []
+    for a in client.list_artifacts(run_id, path):
+        out += artifact_files(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_index_out_logs_only_the_index_and_refuses_what_it_must_not_write(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`index --out .` uploaded the whole working directory to the run and `--out ~` sent .ssh/id_rsa:
+    --out follows the output rule, and the run receives only the three index files."""
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("PRIVATE KEY")
+    (tmp_path / "notes.txt").write_text("precious")
+    monkeypatch.chdir(home)
+    cases = [
+        (".", "is the current directory or one of its parents"),
+        (str(home), "is the current directory or one of its parents"),
+        (str(home / ".ssh"), "is a folder (no manifest.json), not a vector index"),
+        (str(tmp_path / "notes.txt"), "is a file, not a vector index"),
+        ("/dev/null", "is a character device, not a vector index"),
+        ("/proc/recsys-index", "cannot write in /proc"),
+        ("/proc/no-such-dir/index", "its parent folder /proc/no-such-dir does not exist"),
+        (str(tmp_path / "missing" / "index"), "does not exist; create it first"),
+    ]
+    for out, message in cases:
+        for extra in ([], ["--overwrite"]):
+            code, _, err = cli(capsys, runs, "index", "--run-id", runs.retrieval, "--out", out, *extra)
+            assert code == 2 and message in one_line(err), (out, extra, err)
+    assert (home / ".ssh" / "id_rsa").read_text() == "PRIVATE KEY" and (
+        tmp_path / "notes.txt"
+    ).read_text() == "precious"
+    target = tmp_path / "index"
+    assert cli(capsys, runs, "index", "--run-id", runs.retrieval, "--out", str(target))[0] == 0
+    code, _, err = cli(capsys, runs, "index", "--run-id", runs.retrieval, "--out", str(target))
+    assert code == 2 and "already exists (pass --overwrite" in one_line(err)
+    assert cli(capsys, runs, "index", "--run-id", runs.retrieval, "--out", str(target), "--overwrite")[0] == 0
+    assert sorted(p.name for p in target.iterdir()) == ["index.faiss", "manifest.json", "vectors.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "index", "notes.txt"]  # no temporaries left
+    logged = artifact_files(MlflowClient(runs.tracking), runs.retrieval)
+    assert sorted(p for p in logged if p.startswith("index/")) == [
+        "index/index.faiss",
+        "index/manifest.json",
+        "index/vectors.parquet",
+    ]
+    assert not [p for p in logged if "id_rsa" in p or "notes" in p or "mlflow.db" in p], logged
+
+
+def test_recommend_out_follows_the_output_rule(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("precious")
+    base = ["recommend", "--retrieval", runs.retrieval, "--user", "1", "--k", "2"]
+    cases = [
+        (str(tmp_path / "missing" / "recs.parquet"), "does not exist; create it first"),
+        (str(tmp_path), "is a folder, not a Parquet file"),
+        (str(tmp_path / "notes.txt"), "is a file (other content), not a Parquet file"),
+        ("/dev/null", "is a character device, not a Parquet file"),
+        ("/proc/recs.parquet", "cannot write in /proc"),
+    ]
+    for out, message in cases:
+        code, _, err = cli(capsys, runs, *base, "--out", out, "--overwrite")
+        assert code == 2 and message in one_line(err), (out, err)
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+    recs = tmp_path / "recs.parquet"
+    assert cli(capsys, runs, *base, "--out", str(recs))[0] == 0
+    code, _, err = cli(capsys, runs, *base, "--out", str(recs))
+    assert code == 2 and "already exists (pass --overwrite" in one_line(err)
+    code, _, err = cli(capsys, runs, *base[:-1], "3", "--out", str(recs), "--overwrite")
+    assert code == 0, err
+    assert len(pd.read_parquet(recs)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "recs.parquet"]  # no temporaries left
+
+
+def test_users_csv_without_a_header_keeps_its_first_user(tmp_path: Path) -> None:
+    """A headerless CSV lost its first id to pandas' header guess."""
+    from app.recommend import read_users_file
+
+    files = {
+        "bare.csv": ("1\n2\nnobody\n", ["1", "2", "nobody"]),
+        "header.csv": ("user\n1\n2\n", ["1", "2"]),
+        "columns.csv": ("item,user\n7,1\n8,NA\n", ["1", "NA"]),
+        "two-columns-no-header.csv": ("007,x\n2,y\n", ["007", "2"]),
+        "empty.csv": ("", []),
+    }
+    for name, (text, want) in files.items():
+        (tmp_path / name).write_text(text)
+        assert read_users_file(str(tmp_path / name)) == want, name
+
+
+@pytest.fixture(scope="module")
+def foreign_ranking(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny DLRM trained on another dataset (other ratings in the same MovieLens layout and ids)."""
+    from conftest import ratings_frame, tiny_prepare, write_ml100k
+
+    from datamodules.prepare import prepare
+
+    base = tmp_path_factory.mktemp("foreign")
+    src = write_ml100k(base / "src", ratings_frame(n_users=60, n_items=50, per_user=16, seed=5))
+    prepare(tiny_prepare(base / "data", "movielens-100k", source=str(src), block_rows=16))
+    cfg = shrink("dlrm-movielens", base / "data", runs.work, "--max-epochs=1", tracking=True)
+    return str(run_training(cfg)["run_id"])
+
+
+def test_a_ranking_run_of_another_dataset_is_refused(
+    runs: Runs, foreign_ranking: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = cli(
+        capsys, runs, "recommend", "--retrieval", runs.retrieval, "--ranking", foreign_ranking, "--user", "1"
+    )
+    line = one_line(err)
+    assert code == 2 and f"--ranking {foreign_ranking}: trained on another dataset" in line and "sha256" in line, line
+
+
+def test_a_differently_prepared_copy_of_the_source_is_the_same_source(ml_dataset: Path, tmp_path: Path) -> None:
+    """The documented feature that the source check must keep: another split seed, row cap or split
+    rule of the same source file is the same data."""
+    from conftest import tiny_prepare
+
+    from app.recommend import source_identity
+    from datamodules.prepare import prepare
+    from datamodules.schema import read_metadata
+
+    copy = prepare(
+        tiny_prepare(
+            tmp_path / "copy", "movielens-100k", source=str(ml_dataset.parent / "src"), seed=3, split="temporal"
+        )
+    )
+    assert source_identity(copy) == source_identity(read_metadata(ml_dataset))
+
+
+def log_crafted_run(runs: Runs, tmp_path: Path, state: bytes | None = None, config: str | None = None) -> str:
+    """A run holding the retrieval run's artifacts with its state dict or config.yaml replaced."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(runs.tracking)
+    src = Path(client.download_artifacts(runs.retrieval, "", str(tmp_path / "src")))
+    run_id = client.create_run(client.get_run(runs.retrieval).info.experiment_id).info.run_id
+    if state is not None:
+        (src / "model_state" / "state_dict.pt").write_bytes(state)
+    if config is not None:
+        (src / "config.yaml").write_text(config)
+    for part in ("config.yaml", "model_state", "dataset"):
+        path = src / part
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), part)
+        else:
+            client.log_artifact(run_id, str(path))
+    return run_id
+
+
+class Payload:
+    """Unpickling this creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_run_artifacts_are_refused_in_one_line(
+    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A state dict or config.yaml that names code was refused, but as a traceback advising
+    weights_only=False; now one line, and nothing runs."""
+    import io
+
+    marker = tmp_path / "PWNED"
+    payload = io.BytesIO()
+    torch.save({"weight": Payload(marker)}, payload)
+    cases = {
+        "pickle payload in state_dict.pt": (dict(state=payload.getvalue()), "state_dict.pt: refused to load"),
+        "garbage state_dict.pt": (dict(state=b"\x00not a checkpoint" * 9), "not a readable checkpoint file"),
+        "a list, not a state dict": (dict(state=_saved([torch.zeros(1)])), "not a state dict"),
+        "python tag in config.yaml": (
+            dict(config=f"!!python/object/apply:os.system ['touch {marker}']\n"),
+            "config.yaml: not a plain YAML run config",
+        ),
+        "config.yaml that is no run config": (dict(config="- 1\n- 2\n"), "config.yaml: not a recsys run config"),
+        "config.yaml that is no YAML": (dict(config="model: [\n"), "config.yaml: not a plain YAML run config"),
+    }
+    for i, (case, (craft, message)) in enumerate(cases.items()):
+        run_id = log_crafted_run(runs, tmp_path / str(i), **craft)  # type: ignore[arg-type]
+        capsys.readouterr()
+        for args in (["recommend", "--retrieval", run_id, "--user", "1"], ["index", "--run-id", run_id]):
+            code, _, err = cli(capsys, runs, *args)
+            line = one_line(err)
+            assert code == 2 and message in line and "weights_only=False" not in err, (case, err)
+            assert not marker.exists(), f"{case}: the artifact ran code"
+
+
+def _saved(obj: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

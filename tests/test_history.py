@@ -142,7 +142,7 @@ def test_history_pooling_is_the_mean_the_sum_or_the_sum_over_sqrt_length(
     model: Any = task.model
     assert any(isinstance(m, torch.nn.Tanh) for m in model.user_mlp.modules())
     assert task.corpus is not None
-    _, kjt = tower_inputs(task.corpus.users.iloc[:3], task.meta)
+    _, kjt = tower_inputs(task.corpus.users.slice(0, 3), task.meta)
     extended = task.with_history(kjt, training=False)
     pooled = model._pool(extended)
     assert all(bags(extended))
@@ -153,7 +153,7 @@ def test_history_pooling_is_the_mean_the_sum_or_the_sum_over_sqrt_length(
         expected = weights[torch.tensor(bag, dtype=torch.long)].sum(0) / scale
         torch.testing.assert_close(pooled[HISTORY_FEATURE][row], expected, rtol=1e-5, atol=1e-6)
     # a shared table's single-hot item id is its own row whatever the history's pooling
-    _, items = tower_inputs(task.corpus.items.iloc[:3], task.meta)
+    _, items = tower_inputs(task.corpus.items.slice(0, 3), task.meta)
     ids = items["item_id"].values()
     torch.testing.assert_close(
         model._pool(task.with_history(items, training=False))["item_id"], tables["t_item_id"].weight[ids]
@@ -186,7 +186,7 @@ def test_history_two_tower_trains_with_sampled_and_full_softmax(ml_dataset: Path
 def test_full_softmax_is_cross_entropy_over_the_corpus(ml_dataset: Path) -> None:
     task = history_task(ml_dataset, loss="full_softmax")
     assert task.corpus is not None
-    corpus_ids = task.corpus.items.item_id.to_numpy()
+    corpus_ids = task.corpus.items.column("item_id")
     torch.manual_seed(0)
     user, items = torch.randn(4, 8), torch.randn(len(corpus_ids), 8)
     ids = torch.as_tensor(corpus_ids[[3, 0, 5, 3]])
@@ -201,7 +201,7 @@ def test_multinomial_loss_is_the_mean_log_likelihood_of_the_users_history(ml_dat
     assert task.corpus is not None and task.history is not None
     assert not task.history.leave_one_out  # the whole history is the input
     hist = history_table(ml_dataset)
-    corpus_ids = task.corpus.items.item_id.tolist()
+    corpus_ids = task.corpus.items.column("item_id").tolist()
     torch.manual_seed(0)
     user, items = torch.randn(2, 8), torch.randn(len(corpus_ids), 8)
     users = torch.tensor([1, 2])
@@ -229,7 +229,7 @@ def test_an_item_tower_without_layers_is_the_item_id_embedding(ml_dataset: Path)
     task = history_task(ml_dataset, **ids_only)
     model: Any = task.model
     assert task.corpus is not None and len(model.item_mlp) == 0
-    _, items = tower_inputs(task.corpus.items.iloc[:3], task.meta)
+    _, items = tower_inputs(task.corpus.items.slice(0, 3), task.meta)
     embedded = model.embed(torch.zeros(3, 0), task.with_history(items, training=False), "item")
     weights = dict(model.ebc.embedding_bags.items())["t_item_id"].weight
     torch.testing.assert_close(embedded, weights[items["item_id"].values()])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from core.checksums import sha256_file
 from core.errors import RecsysError
 from modules.index import (
     INDEX_FILE,
@@ -228,7 +230,65 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path, corpus: tuple[np.ndarra
     (tmp_path / "index" / INDEX_FILE).write_bytes(b"not an index")
     with pytest.raises(RecsysError) as excinfo:
         load_index(tmp_path / "index", built_for)
+    assert "SHA-256 differs" in one_line_error(excinfo)
+    manifest = json.loads((tmp_path / "index" / MANIFEST_FILE).read_text())  # a manifest that vouches for it
+    manifest["files"][INDEX_FILE] = sha256_file(tmp_path / "index" / INDEX_FILE)
+    (tmp_path / "index" / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(RecsysError) as excinfo:
+        load_index(tmp_path / "index", built_for)
     assert "unreadable FAISS index" in one_line_error(excinfo)
+
+
+def _shuffle_rows(index: Path, other: Path) -> None:
+    table = pq.read_table(index / VECTORS_FILE)
+    pq.write_table(table.take(np.random.default_rng(0).permutation(table.num_rows)), index / VECTORS_FILE)
+
+
+def _other_runs_files(index: Path, other: Path) -> None:
+    for name in (INDEX_FILE, VECTORS_FILE):
+        shutil.copy(other / name, index / name)
+
+
+def _truncate_vectors(index: Path, other: Path) -> None:
+    data = (index / VECTORS_FILE).read_bytes()
+    (index / VECTORS_FILE).write_bytes(data[: len(data) // 2])
+
+
+def _delete_vectors(index: Path, other: Path) -> None:
+    (index / VECTORS_FILE).unlink()
+
+
+def _manifest_version_1(index: Path, other: Path) -> None:
+    manifest = json.loads((index / MANIFEST_FILE).read_text())
+    manifest.update(version=1, files={"index": INDEX_FILE, "vectors": VECTORS_FILE})
+    (index / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+TAMPERED = {
+    "shuffled vector rows": (_shuffle_rows, "vectors.parquet: its SHA-256 differs"),
+    "another index's files under this manifest": (_other_runs_files, "index.faiss: its SHA-256 differs"),
+    "truncated vectors.parquet": (_truncate_vectors, "vectors.parquet: its SHA-256 differs"),
+    "missing vectors.parquet": (_delete_vectors, "vectors.parquet: missing"),
+    "an index written before file hashes": (_manifest_version_1, "rebuild it with recsys index"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_every_index_file_is_checked_against_its_manifest(
+    case: str, tmp_path: Path, corpus: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> None:
+    """An index directory is read only if each file has the SHA-256 its manifest lists: reordered,
+    swapped or truncated files were accepted (and answered with other items) or crashed in pyarrow."""
+    items, ids, _ = corpus
+    index, other = tmp_path / "index", tmp_path / "other"
+    save_index(build_index(items, ids, "flat"), index, "model-a")
+    save_index(build_index(items[::-1].copy(), ids[::-1].copy(), "flat"), other, "model-b")  # same size, other order
+    assert load_index(index, "model-a").count == len(items)
+    tamper, message = TAMPERED[case]
+    tamper(index, other)
+    with pytest.raises(RecsysError) as excinfo:
+        load_index(index, "model-a")
+    assert message in one_line_error(excinfo)
 
 
 @pytest.mark.parametrize(

@@ -259,6 +259,13 @@ BAD_INPUTS = {
     "missing column": (lambda p: _csv(p, "userId,movieId,timestamp\n1,2,3\n"), "missing rating column"),
     "misnamed column": (lambda p: _csv(p, "uid,movieId,rating\n1,2,3\n"), "missing user id column"),
     "non-numeric rating": (lambda p: _csv(p, "userId,movieId,rating\n1,2,3\n1,3,good\n"), "non-numeric value 'good'"),
+    "NaN rating": (lambda p: _csv(p, "userId,movieId,rating\n1,2,3\n1,3,NaN\n"), "'NaN' at line 3"),
+    "infinite rating": (lambda p: _csv(p, "userId,movieId,rating\n1,2,3\n1,3,inf\n"), "not a finite number, 'inf'"),
+    "label outside 0/1": (
+        lambda p: _csv(p, "userId,movieId,label\n1,2,0\n1,3,7\n"),
+        "column 'label' has the value '7' at line 3; labels must be 0 or 1",
+    ),
+    "empty user id": (lambda p: _csv(p, "userId,movieId,rating\n1,2,3\n ,3,4\n"), "empty or missing id at line 3"),
     "empty file": (lambda p: _csv(p, ""), "file is empty"),
     "header only": (lambda p: _csv(p, "userId,movieId,rating\n"), "no data rows"),
 }
@@ -281,6 +288,75 @@ def test_bad_input_one_line_error_and_no_output(tmp_path: Path, capsys: pytest.C
     assert code == 2
     assert len(err.splitlines()) == 1 and message in err and str(src.name) in err, err
     assert set(tmp_path.iterdir()) == before  # nothing half-written, no temporary left behind
+
+
+def test_parquet_ids_stay_as_written_and_missing_or_float_ids_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    users = [69, 70, 71, 72] * 6
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"user": users, "item": [str(i % 5) for i in range(24)], "label": [0, 1] * 12}), good)
+    out = tmp_path / "out"
+    assert main(["data", "prepare", "--dataset", "interactions", "--source", str(good), "--out", str(out)]) == 0
+    assert json.loads((out / "vocab" / "user_id.json").read_text()) == ["69", "70", "71", "72"]
+    capsys.readouterr()
+    bad = {
+        # pandas writes an integer column with a null as doubles: "69" would have become "69.0"
+        "null id": (
+            pd.DataFrame({"user": [69, None, 71], "item": ["a", "b", "c"], "label": [0, 1, 1]}),
+            "empty or missing id",
+        ),
+        "float ids": (
+            pd.DataFrame({"user": [69.0, 70.0], "item": ["a", "b"], "label": [0, 1]}),
+            "column 'user' holds floating-point numbers (double); ids must be integers or strings",
+        ),
+    }
+    for name, (frame, message) in bad.items():
+        src = tmp_path / f"{name.replace(' ', '-')}.parquet"
+        frame.to_parquet(src)
+        code = main(
+            ["data", "prepare", "--dataset", "interactions", "--source", str(src), "--out", str(tmp_path / "o")]
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0] and str(src) in err[0], (name, err)
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_device_or_pipe_as_source_is_one_line_at_once(tmp_path: Path) -> None:
+    """/dev/urandom (or a FIFO) never ends: refused before it is opened. Run in a child process whose
+    address space is capped, so that a regression fails with MemoryError instead of eating the host."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    script = (
+        "import sys\nfrom app.cli import main\n"
+        "for dataset, source in [('interactions', '/dev/urandom'), ('sets2019', '/dev/urandom'), "
+        "('movielens-100k', '/dev/urandom'), ('interactions', sys.argv[1])]:\n"
+        "    print(main(['data', 'prepare', '--dataset', dataset, '--source', source, '--out', sys.argv[2]]))\n"
+    )
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fifo), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=cap,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.stdout.split() == ["2"] * 4, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 4 and all("not a regular file" in line for line in lines), lines
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_dataset_name_and_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,7 +44,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     assert token.stat().st_mode & 0o777 == 0o600
     # single-host mode keeps --node-ip-address 127.0.0.1 as it is: GCS, raylet and agents on loopback only
     env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), SINGLE_HOST_ENV: "0"}
-    dashboard = free_port()
+    dashboard, gcs = free_port(), free_port()
     start = [
         f"{BIN}/ray",
         "start",
@@ -54,7 +54,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         "--dashboard-host",
         "127.0.0.1",
         "--port",
-        str(free_port()),
+        str(gcs),
         "--dashboard-port",
         str(dashboard),
         "--ray-client-server-port",
@@ -67,7 +67,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     ]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
-        yield {"url": f"http://127.0.0.1:{dashboard}", **env}
+        yield {"url": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}", **env}
     finally:
         subprocess.run([f"{BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
 
@@ -105,7 +105,7 @@ def finished_runs(tmp: Path) -> list[Run]:
 
 
 def test_ray_job_submit_trains_on_the_head(ray_head: dict[str, str], ctr_wide_dataset: Path, tmp_path: Path) -> None:
-    env = {k: v for k, v in ray_head.items() if k != "url"}
+    env = {k: v for k, v in ray_head.items() if k not in ("url", "gcs")}
     cmd = [f"{BIN}/ray", "job", "submit", "--address", ray_head["url"], "--working-dir", str(ROOT), "--"]
     proc = subprocess.run(
         [*cmd, "recsys", *train_args(ctr_wide_dataset, tmp_path)],
@@ -122,7 +122,7 @@ def test_ray_job_submit_trains_on_the_head(ray_head: dict[str, str], ctr_wide_da
 
 
 def test_job_server_requires_the_token(ray_head: dict[str, str], tmp_path: Path) -> None:
-    env = {k: v for k, v in ray_head.items() if k not in ("url", "RAY_AUTH_TOKEN_PATH")}
+    env = {k: v for k, v in ray_head.items() if k not in ("url", "gcs", "RAY_AUTH_TOKEN_PATH")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
     proc = subprocess.run(
         [f"{BIN}/ray", "job", "list", "--address", ray_head["url"]],
@@ -151,7 +151,7 @@ def recsys_submit(env: dict[str, str], *args: str) -> subprocess.CompletedProces
 def test_recsys_submit_streams_logs_and_exits_with_the_job_status(
     ray_head: dict[str, str], ctr_wide_dataset: Path, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in ray_head.items() if k != "url"}
+    env = {k: v for k, v in ray_head.items() if k not in ("url", "gcs")}
     submit = ["--address", ray_head["url"], "--working-dir", str(ROOT), "--"]
 
     proc = recsys_submit(env, *submit, *train_args(ctr_wide_dataset, tmp_path))
@@ -181,3 +181,30 @@ def test_recsys_submit_bad_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(err) == 1 and "no Ray job server" in err[0]
     assert main(["submit", "--address", "http://127.0.0.1:1", "--", "fit"]) == 2
     assert "not a recsys command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("token", ["none", "wrong"])
+def test_training_on_a_cluster_that_refuses_the_token_is_one_line(
+    token: str, ray_head: dict[str, str], ctr_wide_dataset: Path, tmp_path: Path
+) -> None:
+    """Without the cluster's token, or with another one, `recsys train --ray-address` stops with one line
+    before Ray's ~30 s of InvalidAuthToken retries and its traceback."""
+    env = {k: v for k, v in ray_head.items() if k not in ("url", "gcs", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
+    if token == "wrong":
+        env["RAY_AUTH_TOKEN"] = "0" * 64
+    else:
+        env.pop("RAY_AUTH_MODE")
+    args = ["-m", "app.cli", *train_args(ctr_wide_dataset, tmp_path), "--ray-address", ray_head["gcs"]]
+    proc = subprocess.run(
+        [sys.executable, *args, "--tracking.enabled=false"],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
+    assert "the Ray cluster refused this client (InvalidAuthToken" in err[0] and "RAY_AUTH_MODE=token" in err[0]

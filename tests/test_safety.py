@@ -228,7 +228,8 @@ def test_a_real_checkpoint_still_resumes_and_evaluates(
     ctr_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression guard for the allow-lists: Lightning's state and the DCP index of a real
-    checkpoint load as plain data (this test also passed before the fix)."""
+    checkpoint load as plain data (this part also passed before the fix); then the same checkpoint
+    with a crafted ``__0_0.distcp`` is refused in one line."""
     from app.tracking import config_yaml
     from app.train import train
     from cluster.local import free_port
@@ -245,6 +246,26 @@ def test_a_real_checkpoint_still_resumes_and_evaluates(
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     resumed = train(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_epochs=2, resume_from=best)))
     assert resumed["epochs"] == 2 and len(resumed["train_loss_per_epoch"]) == 1
+
+    # a crafted DCP shard (the tensors' part, read by DCP itself) was refused as a traceback whose
+    # last line advised weights_only=False; now one line, and nothing runs
+    marker = tmp_path / "PWNED"
+    crafts = {
+        "pickle payload": (pickle.dumps(Payload(marker)), "refused to load"),
+        "truncated": (b"PK\x03\x04", "a checkpoint shard is unreadable"),
+    }
+    for name, (data, message) in crafts.items():
+        crafted = tmp_path / f"crafted-{name.replace(' ', '-')}"
+        shutil.copytree(best, crafted)
+        (crafted / "__0_0.distcp").write_bytes(data)
+        capsys.readouterr()
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        code = main(["evaluate", "--checkpoint", str(crafted), "--config-file", str(config)])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("recsys: error:")]
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+        assert "Traceback" not in err and "weights_only" not in err, err
+        assert not marker.exists(), "the checkpoint ran code"
 
 
 # -- 2. missing or corrupted data fails the run ---------------------------------------------------
@@ -397,9 +418,9 @@ def _dataset_holding_the_source(tmp: Path) -> tuple[str, Path]:
 
 
 OVERWRITE_REFUSED: dict[str, tuple[Callable[[Path], tuple[str, Path]], str]] = {
-    "directory that is no dataset": (_plain_directory, "not a prepared dataset (no metadata.json)"),
-    "empty directory": (_empty_directory, "not a prepared dataset (no metadata.json)"),
-    "a file": (_a_file, "not a prepared dataset (no metadata.json)"),
+    "directory that is no dataset": (_plain_directory, "is a folder (no metadata.json), not a prepared dataset"),
+    "empty directory": (_empty_directory, "is a folder (no metadata.json), not a prepared dataset"),
+    "a file": (_a_file, "is a file, not a prepared dataset"),
     "the current directory": (_current_directory, "is the current directory or one of its parents"),
     "a parent of the current directory": (_parent_of_cwd, "is the current directory or one of its parents"),
     "a dataset holding the source": (_dataset_holding_the_source, "lies inside --out"),
@@ -461,7 +482,7 @@ def test_a_second_prepare_of_an_output_being_written_fails(
         for extra in ([], ["--overwrite"]):
             code = main(prepare_args(sets2019_zip, out, "--block-rows", "8", *extra))
             line = one_line(capsys)
-            assert code == 2 and f"another `recsys data prepare` (pid {holder.pid}) is writing it" in line, line
+            assert code == 2 and f"another recsys process (pid {holder.pid}) is writing it" in line, line
             assert not out.exists()
     finally:
         holder.kill()
@@ -487,6 +508,48 @@ def test_an_output_that_appeared_meanwhile_is_not_replaced(ctr_dataset: Path, tm
     with pytest.raises(RecsysError) as err, atomic_output(out, False) as tmp:
         (tmp / "metadata.json").write_text("{}")
         shutil.copytree(ctr_dataset, out)  # another prepare finished first
-    assert "appeared while this prepare ran" in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert "appeared while this command ran" in str(err.value) and len(str(err.value).splitlines()) == 1
     assert (out / "metadata.json").read_text() == (ctr_dataset / "metadata.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("/proc/recsys-prepare", "--out /proc/recsys-prepare: cannot write in /proc"),
+        ("/proc/no-such-dir/data", "its parent folder /proc/no-such-dir does not exist"),
+        ("/dev/null", "is a character device, not a prepared dataset"),
+        ("missing/data", "does not exist; create it first"),
+    ],
+)
+def test_prepare_into_a_path_it_cannot_write_is_one_line(
+    out: str, message: str, sets2019_zip: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """``prepare --out /proc/...`` was a traceback after the work was done; a missing parent was created."""
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        code = main(prepare_args(sets2019_zip, out, "--block-rows", "8", *extra))
+        line = one_line(capsys)
+        assert code == 2 and message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sets.zip"]
+
+
+def test_a_file_output_is_installed_whole_or_not_at_all(tmp_path: Path) -> None:
+    """The rule's file kind (``recommend --out recs.parquet``): written beside, renamed when complete."""
+    import pandas as pd
+
+    from core.output import PARQUET_FILE, atomic_output
+
+    out = tmp_path / "recs.parquet"
+    with pytest.raises(RuntimeError), atomic_output(out, PARQUET_FILE) as tmp:
+        pd.DataFrame({"a": [1]}).to_parquet(tmp)
+        raise RuntimeError("killed half-way")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output(out, PARQUET_FILE) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".recs.parquet.tmp-")
+        pd.DataFrame({"a": [1, 2]}).to_parquet(tmp)
+    with pytest.raises(RecsysError, match="already exists"), atomic_output(out, PARQUET_FILE):
+        pass
+    with atomic_output(out, PARQUET_FILE, overwrite=True) as tmp:
+        pd.DataFrame({"a": [3]}).to_parquet(tmp)
+    assert pd.read_parquet(out)["a"].tolist() == [3] and [p.name for p in tmp_path.iterdir()] == ["recs.parquet"]

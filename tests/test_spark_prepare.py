@@ -102,3 +102,34 @@ def test_spark_reads_csv_natively_and_reports_bad_values(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "non-numeric value 'good'" in err[0] and "item_ratings.csv" in err[0]
     assert not out.exists()
+
+
+def test_both_engines_refuse_the_same_values_with_the_same_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One set of rules (``sources.canonical_interactions``) for both engines: a NaN rating, a label
+    outside {0, 1}, a missing id and floating-point ids are refused by each, with one line (the local
+    engine adds the line number)."""
+    import re
+
+    sources = {
+        "nan.csv": "user,item,rating\n1,2,3\n1,3,NaN\n",
+        "graded.csv": "user,item,label\n1,2,0\n1,3,7\n",
+    }
+    for name, text in sources.items():
+        (tmp_path / name).write_text(text)
+    pd.DataFrame({"user": [69, None, 71], "item": ["a", "b", "c"], "label": [0, 1, 1]}).to_parquet(
+        tmp_path / "null-id.parquet"
+    )
+    pd.DataFrame({"user": ["1", "2"], "item": [3.0, 4.0], "label": [0, 1]}).to_parquet(tmp_path / "float.parquet")
+    for name in [*sources, "null-id.parquet", "float.parquet"]:
+        lines = {}
+        for engine in ("local", "spark"):
+            out = tmp_path / f"out-{engine}"
+            argv = ["data", "prepare", "--dataset", "interactions", "--source", str(tmp_path / name), "--out", str(out)]
+            code = main([*argv, "--engine", engine, "--spark-master", "local[1]"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and str(tmp_path / name) in err[0], (name, engine, err)
+            assert not out.exists()
+            lines[engine] = re.sub(r" at line \d+", "", err[0])
+        assert lines["local"] == lines["spark"], name

@@ -195,3 +195,68 @@ def test_stale_shared_memory_from_a_crash_is_cleaned(ctr_dataset: Path, tmp_path
     assert not (left & set(os.listdir("/dev/shm")))
     assert len(next(iter(dm.train_dataloader())).labels) == 64
     dm.teardown()
+
+
+def test_the_corpus_is_memory_mapped_arrays_equal_to_its_files(ml_dataset: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from datamodules.corpus import RetrievalCorpus, load_histories
+
+    meta = read_metadata(ml_dataset)
+    corpus = RetrievalCorpus.load(ml_dataset, meta, tmp_path / "cache")
+    assert isinstance(corpus.train.items, np.memmap) and isinstance(corpus.user_rows, np.memmap)
+    train = pd.read_parquet(ml_dataset / "pairs" / "train.parquet")
+    for user, rows in train.groupby("user_id"):
+        assert sorted(corpus.train.gather(np.array([user]))[1]) == sorted(rows.item_id)
+    val = pd.read_parquet(ml_dataset / "pairs" / "val.parquet")
+    positives = val[val.label > 0.5]
+    assert corpus.targets["val"].users().tolist() == sorted(positives.user_id.unique())
+    lengths, items = corpus.targets["val"].gather(np.array(sorted(positives.user_id.unique())))
+    assert sum(lengths) == len(positives) and sorted(items) == sorted(positives.item_id)
+    users = pd.read_parquet(ml_dataset / "users.parquet")
+    assert corpus.users.to_pandas().equals(users)
+    assert (corpus.user_rows[users.user_id.to_numpy()] == np.arange(len(users))).all()
+    table = pd.read_parquet(ml_dataset / "histories.parquet")
+    histories = load_histories(ml_dataset, meta, tmp_path / "cache")
+    for user, bag in zip(table.user_id, table["items"], strict=True):
+        assert histories.of(int(user)) == list(bag)
+    # built once: a second load maps the same files
+    (built,) = (tmp_path / "cache").glob("corpus-*")
+    before = {p: p.stat().st_mtime_ns for p in built.rglob("*.npy")}
+    RetrievalCorpus.load(ml_dataset, meta, tmp_path / "cache")
+    assert {p: p.stat().st_mtime_ns for p in built.rglob("*.npy")} == before
+    # tables written as several part files (Spark's writer) give the same arrays, under a new key
+    parts = tmp_path / "parts"
+    shutil.copytree(ml_dataset, parts)
+    (parts / "pairs" / "train.parquet").unlink()
+    half = len(train) // 2
+    train.iloc[:half].to_parquet(parts / "pairs" / "part-0.parquet")
+    train.iloc[half:].to_parquet(parts / "pairs" / "part-1.parquet")
+    raw = json.loads((parts / "metadata.json").read_text())
+    raw["corpus"]["pairs"]["train"] = ["pairs/part-0.parquet", "pairs/part-1.parquet"]
+    (parts / "metadata.json").write_text(json.dumps(raw))
+    split = RetrievalCorpus.load(parts, read_metadata(parts), tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("corpus-*"))) == 2
+    assert (np.asarray(split.train.indptr) == np.asarray(corpus.train.indptr)).all()
+    assert (np.asarray(split.train.items) == np.asarray(corpus.train.items)).all()
+    assert torch.equal(split.item_log_q, corpus.item_log_q)
+
+
+def test_a_corpus_file_with_ids_outside_the_metadata_is_one_line(ml_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import pandas as pd
+
+    from datamodules.corpus import RetrievalCorpus
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ml_dataset, bad)
+    pairs = pd.read_parquet(bad / "pairs" / "val.parquet")
+    pairs.loc[0, "item_id"] = 10**6
+    pairs.to_parquet(bad / "pairs" / "val.parquet")
+    with pytest.raises(RecsysError, match=r"pairs/val.parquet: item_id: ids outside"):
+        RetrievalCorpus.load(bad, read_metadata(bad), tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_dir() and p.name == "pairs"]

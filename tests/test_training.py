@@ -174,12 +174,10 @@ def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, 
     bce = ("--arch.loss=bce", "--arch.uniform_negatives=0")
     launch = run_training
     two = ClusterConfig(num_workers=2)
-    full = launch(
-        dataclasses.replace(
-            run_cfg(ml_dataset, "two-tower", tmp_path / "a", *bce, max_epochs=2, monitor="train/loss_epoch"),
-            cluster=two,
-        )
+    full_cfg = dataclasses.replace(
+        run_cfg(ml_dataset, "two-tower", tmp_path / "a", *bce, max_epochs=2, monitor="train/loss_epoch"), cluster=two
     )
+    full = launch(full_cfg)
     first = launch(
         dataclasses.replace(
             run_cfg(ml_dataset, "two-tower", tmp_path / "b", *bce, max_epochs=1, monitor="train/loss_epoch"),
@@ -204,6 +202,16 @@ def test_checkpoint_resume_on_two_processes_continues_the_run(ml_dataset: Path, 
     assert resumed["train_loss_per_epoch"][0] == pytest.approx(full["train_loss_per_epoch"][1], rel=1e-3)
     for key in ("test/auroc", "test/logloss", "test/ndcg_at_10"):
         assert resumed[key] == pytest.approx(full[key], abs=2e-3), key
+    # the full-corpus metrics of 2 ranks (each scoring half the users through the sharded towers, sums
+    # all-reduced) are those of the same checkpoint evaluated in one process
+    args = (full_cfg, full["best_checkpoint"], str(tmp_path))
+    p = mp.get_context("spawn").Process(target=_evaluate_worker, args=args)
+    p.start()
+    p.join(300)
+    assert p.exitcode == 0
+    single = torch.load(tmp_path / "evaluated.pt")
+    for key in ("test/recall_at_10", "test/ndcg_at_10", "test/eval_users"):
+        assert single[key] == pytest.approx(full[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -228,6 +236,8 @@ BAD_CONFIGS = {
     "unreachable tracking": (["--model", "dlrm", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     "unknown key": (["--model", "dlrm", "--arch.bogus", "1"], "bogus"),
     "negative sample count": (["--model", "two-tower", "--arch.uniform_negatives", "-1"], "uniform_negatives"),
+    "negative eval users": (["--model", "two-tower", "--trainer.eval_users", "-1"], "--trainer.eval_users"),
+    "eval block not a size": (["--model", "two-tower", "--trainer.eval_block_memory", "lots"], "eval_block_memory"),
 }
 
 

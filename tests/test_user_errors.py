@@ -95,3 +95,52 @@ def test_auroc_is_not_reported_when_every_label_is_positive(
     assert main(train(tmp_path, ml_variants["positives-only"])) == 0
     metrics = printed(capsys.readouterr().out)
     assert "test/ndcg_at_10" in metrics and "test/auroc" not in metrics
+
+
+def test_metadata_whose_cardinality_is_below_the_ids_stops_at_the_first_batch(
+    ml_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fbgemm's CPU lookup reads index 0 for an index past its table: a metadata.json that does not
+    describe the shards would train silently wrong. The loader checks every batch's indices."""
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(ml_dataset, data)
+    meta = json.loads((data / "metadata.json").read_text())
+    user = next(f for f in meta["sparse_features"] if f["name"] == "user_id")
+    user["cardinality"] = 3
+    (data / "metadata.json").write_text(json.dumps(meta))
+    code = main(train(tmp_path, data, preset="dlrm-movielens"))
+    captured = capsys.readouterr().err
+    err = [line for line in captured.splitlines() if line.startswith("recsys: error:")]
+    assert code == 2 and len(err) == 1 and "Traceback" not in captured, captured
+    assert f"{data}/metadata.json: feature 'user_id' has cardinality 3 but its shards hold index" in err[0], err
+
+
+def test_max_steps_ending_the_first_epoch_early_trains_and_publishes(
+    ml_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-steps 2 stops before any validation: early stopping has nothing to compare, and the last
+    checkpoint stands for the best one (tested and published)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    flags = ["--tracking.enabled=true", f"--tracking-uri={uri}", "--max-steps", "2"]
+    code = main(train(tmp_path, ml_dataset, *flags, preset="dlrm-movielens"))
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err, captured.err
+    assert "test/auroc" in printed(captured.out)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/best", "checkpoints/last"}
+
+
+def test_an_empty_sharding_map_is_no_constraint(
+    ml_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(train(tmp_path, ml_dataset, "--cluster.sharding", "{}", "--max-steps", "2", preset="dlrm-movielens"))
+    captured = capsys.readouterr()
+    assert code == 0 and "test/auroc" in printed(captured.out), captured.err
