@@ -85,23 +85,45 @@ SECTION = "## Ladder"
 
 
 class Results:
-    """``DIR/results.json``, written after every change."""
+    """What the ladder measured: ``DIR/RUNG/result.json`` per rung and ``DIR/extra.json`` (plan, date),
+    each written after every change, so that processes running different rungs never write the same
+    file (``DIR/results.json``, the single file of an earlier version of this script, is read under
+    them)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"rungs": {}}
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.legacy = read_json(work / "results.json") or {"rungs": {}}
+
+    def file(self, rung: str | None) -> Path:
+        return self.work / rung / "result.json" if rung else self.work / "extra.json"
+
+    @property
+    def data(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {k: v for k, v in self.legacy.items() if k != "rungs"}
+        merged["rungs"] = dict(self.legacy.get("rungs", {}))
+        for d in sorted(self.work.iterdir()):
+            if (d / "result.json").is_file():
+                merged["rungs"][d.name] = read_json(d / "result.json")
+        merged.update(read_json(self.file(None)) or {})
+        return merged
 
     def rung(self, name: str) -> dict[str, Any]:
-        return dict(self.data["rungs"].setdefault(name, {}))
+        return dict(self.data["rungs"].get(name, {}))
 
     def put(self, rung: str | None, stage: str, value: Any) -> None:
-        if rung is None:
-            self.data[stage] = value
-        else:
-            self.data["rungs"].setdefault(rung, {})[stage] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
+        path = self.file(rung)
+        current = read_json(path)
+        if current is None:
+            current = dict(self.legacy.get("rungs", {}).get(rung, {})) if rung else {}
+        current[stage] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current, indent=2))
+        os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return dict(json.loads(path.read_text())) if path.is_file() else None
 
 
 @contextlib.contextmanager
@@ -128,7 +150,11 @@ def timed_run(cmd: list[str], log: Path, lock: str | None) -> dict[str, Any]:
         out.flush()
         started = time.time()
         code = subprocess.call(
-            ["/usr/bin/time", "-v", "-o", str(report), *cmd], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            ["/usr/bin/time", "-v", "-o", str(report), *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log.parent,
         )
         wall = time.time() - started
     text = report.read_text() if report.is_file() else ""
@@ -175,10 +201,10 @@ def stage_prepare(rung: str, work: Path, args: Any) -> dict[str, Any]:
     return result
 
 
-def train_flags(rung: str, work: Path, name: str) -> list[str]:
+def train_flags(rung: str, work: Path, name: str, uri: str) -> list[str]:
     return [
         f"--data={work / rung / 'data'}",
-        f"--tracking-uri=sqlite:///{work}/mlflow.db",
+        f"--tracking-uri={uri}",
         "--experiment=scale-ladder",
         f"--run-name={name}-{rung}",
         f"--trainer.output_dir={work / rung / 'runs'}",
@@ -189,12 +215,12 @@ def train_flags(rung: str, work: Path, name: str) -> list[str]:
     ]
 
 
-def stage_train(rung: str, work: Path, args: Any) -> dict[str, Any]:
+def stage_train(rung: str, work: Path, args: Any, uri: str) -> dict[str, Any]:
     """The two-tower's steady training rate and its test-stage evaluation (both from the probe)."""
     probe = work / rung / "train-probe.json"
     eval_users = 0 if rung == "1M" else args.eval_users
     cmd = [python(), "-m", "bench.scale_probe", str(probe), "train"]
-    cmd += ["--config", str(ROOT / "configs" / "two-tower-synthetic.yaml"), *train_flags(rung, work, "two-tower")]
+    cmd += ["--config", str(ROOT / "configs" / "two-tower-synthetic.yaml"), *train_flags(rung, work, "two-tower", uri)]
     cmd += [f"--max-steps={args.steps}", f"--trainer.eval_users={eval_users}"]
     result = timed_run(cmd, work / rung / "train.log", args.lock)
     result["probe"] = json.loads(probe.read_text())
@@ -202,25 +228,25 @@ def stage_train(rung: str, work: Path, args: Any) -> dict[str, Any]:
     return result
 
 
-def stage_rank(rung: str, work: Path, args: Any) -> dict[str, Any]:
+def stage_rank(rung: str, work: Path, args: Any, uri: str) -> dict[str, Any]:
     probe = work / rung / "rank-probe.json"
     cmd = [python(), "-m", "bench.scale_probe", str(probe), "train"]
-    cmd += ["--config", str(ROOT / "configs" / "dlrm-movielens.yaml"), *train_flags(rung, work, "dlrm")]
+    cmd += ["--config", str(ROOT / "configs" / "dlrm-movielens.yaml"), *train_flags(rung, work, "dlrm", uri)]
     cmd += ["--max-steps=30", "--batch-size=2048", "--data.eval_batch_size=16384"]
     result = timed_run(cmd, work / rung / "rank.log", args.lock)
     result["run_id"] = json.loads(probe.read_text())["run_id"]
     return result
 
 
-def stage_index(rung: str, work: Path, args: Any, run_id: str) -> dict[str, Any]:
+def stage_index(rung: str, work: Path, args: Any, uri: str, run_id: str) -> dict[str, Any]:
     cmd = [python(), "-m", "app.cli", "index", f"--run_id={run_id}", f"--index={INDEX}"]
-    cmd += [f"--tracking_uri=sqlite:///{work}/mlflow.db"]
+    cmd += [f"--tracking_uri={uri}"]
     result = timed_run(cmd, work / rung / "index.log", args.lock)
     result["index"] = INDEX
     return result
 
 
-def stage_batch(rung: str, work: Path, args: Any, retrieval: str, ranking: str) -> dict[str, Any]:
+def stage_batch(rung: str, work: Path, args: Any, uri: str, retrieval: str, ranking: str) -> dict[str, Any]:
     """``bench.batch_recommend.measure`` on every setting, over a subset of the users: the driver's list
     of users (``app.batch.bundle_users``) is cut to ``--batch-users`` evenly spaced ones."""
     import app.batch
@@ -235,7 +261,7 @@ def stage_batch(rung: str, work: Path, args: Any, retrieval: str, ranking: str) 
         step = max(1, len(users) // args.batch_users)
         return users[::step][: args.batch_users]
 
-    runs = {"retrieval": retrieval, "ranking": ranking, "tracking": f"sqlite:///{work}/mlflow.db"}
+    runs = {"retrieval": retrieval, "ranking": ranking, "tracking": uri}
     options = types.SimpleNamespace(k=10, candidates=200)
     settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings.split(",")]
     rows: list[dict[str, Any]] = []
@@ -245,7 +271,9 @@ def stage_batch(rung: str, work: Path, args: Any, retrieval: str, ranking: str) 
         for rerank in (None, ranking):
             for backend, workers in settings:
                 with held(args.lock):
+                    started = time.time()
                     r = measure(runs, rerank, backend, workers, work / rung / "batch", options)
+                    r["setting_seconds"] = time.time() - started  # with the bundle's assembly
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     finally:
@@ -339,6 +367,12 @@ def fmt_s(s: float | None) -> str:
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min"
 
 
+def busy(rung: dict[str, Any]) -> float:
+    """Seconds the rung's stages ran (without the waits for the lock between them)."""
+    total = sum(float(rung[s]["seconds"]) for s in ("prepare", "train", "rank", "index") if s in rung)
+    return total + sum(float(r.get("setting_seconds", r["seconds"])) for r in rung.get("batch", {}).get("settings", []))
+
+
 def render(results: dict[str, Any]) -> str:
     rungs = results["rungs"]
     names = [n for n in RUNGS if n in rungs]
@@ -348,7 +382,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         "| rung | users | items | train rows | prepare wall | prepare peak RSS GB | disk GB "
         "| train samples/s | per CPU s | train peak RSS GB | eval users | eval s | eval GB above model "
-        "| index build | rung took | load |",
+        "| index build | rung: stages of wall | load |",
         "| --- |" + " ---: |" * 15,
     ]
     for n in names:
@@ -365,7 +399,7 @@ def render(results: dict[str, Any]) -> str:
             f"| {gb(p.get('peak_rss'))} | {gb(p.get('disk'))} | {f'{rate:,.0f}' if rate else '-'} "
             f"| {f'{cpu:,.0f}' if cpu else '-'} | {gb(probe.get('rss_train_peak'))} | {eval_users} "
             f"| {fmt_s(ev.get('seconds'))} | {gb(ev.get('above_model'))} | {fmt_s(ix.get('seconds'))} "
-            f"| {fmt_s(r.get('elapsed'))}{'' if r.get('finished') else ' (unfinished)'} "
+            f"| {fmt_s(busy(r))} of {fmt_s(r.get('elapsed'))}{'' if r.get('finished') else ' (unfinished)'} "
             f"| {max(s.get('load', 0) for s in (p, t, ix) if s) if (p or t or ix) else 0:.1f} |"
         )
     out.append("")
@@ -463,13 +497,10 @@ def plan_text(plan: dict[str, Any], results: dict[str, Any]) -> list[str]:
 
 
 def write_doc(doc: Path, text: str) -> None:
-    current = doc.read_text() if doc.is_file() else "# Scale\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in current and END in current:
-        current = current[: current.index(BEGIN)] + block + current[current.index(END) + len(END) :]
-    else:
-        current = current.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    doc.write_text(current)
+    """The generated part of docs/SCALE.md's "Ladder" section, between its markers."""
+    from bench.batch_recommend import write_doc as write_section
+
+    write_section(doc, text, (SECTION, BEGIN, END))
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -491,18 +522,22 @@ def run_rung(rung: str, work: Path, results: Results, args: Any) -> None:
         results.put(rung, "elapsed", time.time() - started)
         print(f"bench.scale: {rung} {stage}: {json.dumps(value)[:400]}", flush=True)
 
+    uri = done.get("tracking")
+    if not uri:  # the rung's own MLflow store (runs of the earlier single results.json: the shared one)
+        uri = f"sqlite:///{work}/mlflow.db" if "train" in done else f"sqlite:///{work / rung}/mlflow.db"
+        results.put(rung, "tracking", uri)
     if want("prepare"):
         finish("prepare", stage_prepare(rung, work, args))
     if want("train"):
-        finish("train", stage_train(rung, work, args))
+        finish("train", stage_train(rung, work, args, uri))
     retrieval = done.get("train", {}).get("probe", {}).get("run_id")
     if want("rank"):
-        finish("rank", stage_rank(rung, work, args))
+        finish("rank", stage_rank(rung, work, args, uri))
     if want("index") and retrieval:
-        finish("index", stage_index(rung, work, args, retrieval))
+        finish("index", stage_index(rung, work, args, uri, retrieval))
     ranking = done.get("rank", {}).get("run_id")
     if want("batch") and retrieval and ranking:
-        finish("batch", stage_batch(rung, work, args, retrieval, ranking))
+        finish("batch", stage_batch(rung, work, args, uri, retrieval, ranking))
     results.put(rung, "finished", all(s in done for s in STAGES))
 
 
@@ -523,14 +558,14 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    results = Results(work / "results.json")
+    results = Results(work)
     if not args.render:
         for rung in args.rungs.split(","):
             run_rung(rung, work, results, args)
             if "plan" not in args.skip.split(",") and "plan" not in results.data and (work / rung / "data").is_dir():
                 results.put(None, "plan", stage_plan(work, rung))
-            if args.clean and results.data["rungs"][rung].get("finished"):
-                for sub in ("data", "cache", "batch"):
+            if args.clean and results.rung(rung).get("finished"):
+                for sub in ("data", "cache", "batch", "runs", "mlruns"):
                     shutil.rmtree(work / rung / sub, ignore_errors=True)
             results.put(None, "date", time.strftime("%Y-%m-%d"))
             if args.doc:
