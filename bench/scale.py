@@ -476,7 +476,7 @@ def plan_text(plan: dict[str, Any], results: dict[str, Any]) -> list[str]:
         cpu_h = train_rows / train_rate / 3600
         lines.append(
             f"- one epoch of the two-tower: {cpu_h:,.0f} CPU-core hours at the {at_train} rung's "
-            f"{train_rate:,.0f} samples per CPU second ({cpu_h / 64:,.0f} h on 64 cores, if it scaled "
+            f"{train_rate:,.0f} samples per CPU second ({cpu_h / 64:,.1f} h on 64 cores, if it scaled "
             f"linearly); at {GPU_RATE:,} samples/s a GPU {train_rows / GPU_RATE / 3600:.1f} GPU hours "
             f"(source: {GPU_SOURCE}; a DLRM, not a two-tower figure)"
         )
