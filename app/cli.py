@@ -3,6 +3,7 @@
     recsys data prepare --dataset synthetic-ctr --out data/ctr --rows 100000
     recsys data download movielens-100k
     recsys data summary data/ctr
+    recsys data candidates --retrieval RUN --data data/ml --out data/ml-candidates
     recsys index --run-id RUN [--index hnsw32]
     recsys recommend --retrieval RUN [--ranking RUN] --user 196
     recsys recommend --retrieval RUN [--ranking RUN] --all-users --out DIR --backend ray --num-workers 2
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from app.candidates import CandidatesConfig
 from app.config import RunConfig, TrackingConfig, TrainerConfig
 from cluster.config import ClusterConfig
 from core.errors import RecsysError, require
@@ -123,6 +125,13 @@ def build_parser() -> Any:
     download.add_argument("name", type=str, help="movielens-100k or sets2019")
     download.add_argument("--dest", type=str | None, default=None, help="target directory")
     data_commands.add_subcommand("download", download, help="fetch a public dataset")
+
+    candidates = ArgumentParser(
+        description="A ranking dataset from a retrieval run's candidates, labelled by its dataset's val split.",
+        exit_on_error=False,
+    )
+    candidates.add_class_arguments(CandidatesConfig, as_group=False)
+    data_commands.add_subcommand("candidates", candidates, help="retrieval run + dataset -> the ranker's dataset")
 
     summary = ArgumentParser(description="Print the summary of a prepared dataset.", exit_on_error=False)
     summary.add_argument("path", type=str)
@@ -242,7 +251,7 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         switches = {
             "train": bool_flags(*RUN_SECTIONS),
             "evaluate": bool_flags(ClusterConfig),
-            "data": bool_flags(PrepareConfig),
+            "data": bool_flags(PrepareConfig, CandidatesConfig),
             "submit": {"--no_wait"},
             "index": {"--overwrite"},
             "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
@@ -263,6 +272,11 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
 
             prep = to_config(PrepareConfig, sub.prepare)
             print(summarize(prepare(prep), prep.out))
+        elif sub.action == "candidates":
+            from app.candidates import build_candidates, summarize_candidates
+
+            made = to_config(CandidatesConfig, sub.candidates)
+            print(summarize_candidates(build_candidates(made), made.out))
         elif sub.action == "download":
             from datamodules.download import download_dataset
 

@@ -11,7 +11,8 @@ weights (the run's ``model_state/state_dict.pt``, read with ``weights_only=True`
 recommender needs, in one directory that the MLflow pyfunc packages as it is::
 
     bundle.json            the runs, the index fingerprint, the SHA-256 of every other file (checked on load)
-    retrieval/             stage directory of the two-tower run (+ train_pairs.parquet: seen items, popularity)
+    retrieval/             stage directory of the two-tower run (+ train_pairs.parquet: seen items, popularity,
+                           candidate features; + histories.parquet: the users' train histories)
     ranking/               stage directory of the ranking run (optional)
     index/                 the vector index (modules/index.py), fingerprinted with retrieval/'s weights + vocabularies
     titles.parquet         raw item id -> title, when the dataset has titles
@@ -44,6 +45,7 @@ STAGE_WEIGHTS = "weights.safetensors"
 STAGE_META = "metadata.json"
 STAGE_VOCAB = "vocab"
 TRAIN_PAIRS = "train_pairs.parquet"
+HISTORIES = "histories.parquet"
 TITLES = "titles.parquet"
 TITLES_IN_DATASET = "item_titles.parquet"
 BUNDLE_FILE = "bundle.json"
@@ -126,11 +128,6 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
             )
         config = download(client, run_id, "config.yaml", work, flag)
         cfg = read_stage_config(config, f"{flag} {run_id}: config.yaml")
-        if cfg["arch"] and cfg["arch"].get("history"):
-            raise RecsysError(
-                f"{flag} {run_id}: trained with --arch.history true; recommend, index and package do not "
-                "look up user histories yet: pass a run trained without it"
-            )
         shutil.copy(config, dest / STAGE_CONFIG)
         weights = download(client, run_id, STATE_DICT_ARTIFACT, work, flag)
         try:  # plain tensors only (a crafted pickle is refused, never run), kept as safetensors
@@ -173,6 +170,8 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
             read_parquet(data_path, files[table], work / "corpus").to_parquet(dest / f"{table}.parquet")
         if with_pairs:
             read_parquet(data_path, files["pairs"]["train"], work / "corpus").to_parquet(dest / TRAIN_PAIRS)
+        if (with_pairs or (cfg.get("arch") or {}).get("history")) and meta.history:  # what a funnel knows of users
+            read_parquet(data_path, files["histories"], work / "corpus").to_parquet(dest / HISTORIES)
         try:
             titles = fetch_file(data_path, TITLES_IN_DATASET, work / "titles")
             if titles.is_file():
@@ -205,6 +204,7 @@ def stage_fingerprint(stage_dir: Path) -> str:
 def load_stage(stage_dir: Path) -> Any:
     """The ``modules.funnel.Stage`` of a stage directory: the model rebuilt through the registry from
     the config and dataset metadata, its weights read from safetensors (no pickle)."""
+    from datamodules.histories import UserHistories
     from datamodules.schema import read_metadata
     from modules.config import ModelConfig
     from modules.funnel import FeatureTable, Stage
@@ -241,6 +241,11 @@ def load_stage(stage_dir: Path) -> Any:
         item_vocab=vocab_of[str(meta.item_id_feature)],
         users=FeatureTable(pd.read_parquet(stage_dir / "users.parquet"), meta, "user"),
         items=FeatureTable(pd.read_parquet(stage_dir / "items.parquet"), meta, "item"),
+        histories=UserHistories.from_table(
+            pd.read_parquet(stage_dir / HISTORIES), meta.feature(str(meta.user_id_feature)).cardinality
+        )
+        if (stage_dir / HISTORIES).is_file()
+        else None,
     )
 
 
@@ -403,7 +408,9 @@ def load_bundle(bundle: str | Path) -> Loaded:
     index = load_index(root / INDEX_ARTIFACT, stage_fingerprint(root / "retrieval"))
     pairs = pd.read_parquet(root / "retrieval" / TRAIN_PAIRS)
     ranking = load_stage(root / "ranking") if (root / "ranking").is_dir() else None
-    recommender = Recommender(retrieval, index, seen_items(pairs, retrieval), popularity(pairs, retrieval), ranking)
+    recommender = Recommender(
+        retrieval, index, seen_items(pairs, retrieval), popularity(pairs, retrieval), ranking, pairs, runs["retrieval"]
+    )
     titles = None
     if (root / TITLES).is_file():
         table = pd.read_parquet(root / TITLES)

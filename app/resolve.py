@@ -72,6 +72,12 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
 
         check_dataset(path, meta.splits)
     kind.check_dataset(meta)
+    lists = cfg.arch.loss == "softmax" or str(cfg.trainer.monitor).startswith("val/ndcg_at_")
+    if kind.dataset_task is None and not meta.candidates and lists:  # a ranking model on rated pairs
+        raise RecsysError(
+            f"--data {cfg.data.path}: listwise training and val/ndcg_at_K need the candidate lists of "
+            "`recsys data candidates`"
+        )
     check_evaluation(cfg, meta)
     blocks_per_batch(cfg.data.batch_size, meta.block_rows, "--data.batch_size")
     blocks_per_batch(cfg.data.eval_batch_size or cfg.data.batch_size, meta.block_rows, "--data.eval_batch_size")

@@ -1,23 +1,32 @@
-"""Funnel quality on MovieLens-100K: retrieval alone vs retrieval + rerank, in one run.
+"""The funnel recipe on MovieLens-100K against its baselines, in one run (issue 17).
 
-    .venv/bin/python bench/funnel.py                      # prepare, train both presets, evaluate (~10 min, 2 cores)
-    .venv/bin/python bench/funnel.py --work DIR           # reuse DIR's dataset and runs when present
+    .venv/bin/python bench/funnel.py                          # prepares data/movielens-100k if missing
+    .venv/bin/python bench/funnel.py --data DIR --work WORK   # DIR: any `recsys data prepare` of it, any --seed
 
-One prepared dataset (label = rating >= 4, per-user random 80/10/10 split) serves both stages, so they
-see the same train/test split: the two-tower preset (configs/two-tower-movielens.yaml) learns from
-the liked train pairs, the DLRM preset (configs/dlrm-movielens.yaml) from every rated train pair. For
-each test user with at least one liked test item, the exact index returns N candidates (the user's
-train items excluded); the top 10 are then taken
+Protocol (the issue's): label = rating >= 4, per-user random 80/10/10 split (``DIR``'s own split and
+seed); anything may learn from train and val, test labels only score. For every user with a liked test
+item, 10 recommendations exclude the user's train and val items and are scored by NDCG@10 against the
+user's liked test items (liked test items outside the corpus count as misses).
 
-  retrieval    in the index's order (cosine similarity),
-  rerank       by the DLRM's probability of a like,
-  joint        by retrieval logit (similarity / temperature) + log of the DLRM probability (what
-               `recsys recommend --ranking` orders by: Recommender.joint),
+The recipe (README, "The funnel recipe"), each step a library call of the CLI's:
 
-and scored against the user's liked test items (NDCG@10, Recall@10; liked items unseen in train
-count as misses). Candidate Recall@N says how many liked test items survive the retrieval stage.
-Writes a Recall@K-vs-K plot of the stages (docs/funnel_recall.png by default), logs it with the
-figures to an MLflow run, and prints a markdown table.
+  1. two copies of ``DIR``'s source prepared with the same seed and test split: ``label`` (val-frac
+     ``--label-frac``, 0.3: its train split is part of ``DIR``'s train, its val split holds ``DIR``'s
+     val and more) and ``refit`` (val-frac 0: train = ``DIR``'s train + val);
+  2. the retrieval preset (configs/funnel-retrieval.yaml, 8 epochs) on ``label`` (its best val NDCG@10
+     epoch kept) and on ``refit``: the funnel's retrieval stage;
+  3. ``recsys data candidates``: the first run's top ``--candidates`` per user, labelled by ``label``'s
+     val split (interactions that run did not train on), served with the refit run;
+  4. the ranking preset (configs/funnel-ranking.yaml) on those candidates;
+  5. the funnel: the refit two-tower retrieves ``--candidates``, the ranker orders them (the served path:
+     ``Recommender.recommend_users``); its top 10 go to ``WORK/recommendations.parquet``.
+
+Baselines on the same split: most popular (train + val likes); the retrieval stage alone; LightGBM
+LambdaRank (``lightgbm.LGBMRanker(objective="lambdarank")``, groups = users' lists) trained on the same
+candidate rows and features (the history bag aside), its grid searched coordinate-wise on the
+candidate data's val lists (NDCG@10) and applied to the same test candidates; EASE^R with lambda chosen
+on ``DIR``'s val (fitted on train) and refitted on train + val. Prints the markdown table and writes
+``WORK/funnel.json``.
 """
 
 from __future__ import annotations
@@ -25,177 +34,411 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from app.candidates import CandidatesConfig, build_candidates
 from app.cli import load_run_config
 from app.recommend import assemble_bundle, load_bundle
 from app.train import run_training
 from datamodules.config import PrepareConfig
-from datamodules.download import movielens_100k_source
 from datamodules.prepare import prepare
+from datamodules.schema import DatasetMetadata, read_metadata
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 K = 10
-CUTS = (10, 20, 50, 100, 200, 500)
+RETRIEVAL_PRESET = "funnel-retrieval"
+RANKING_PRESET = "funnel-ranking"
+DEFAULT_DATA = ROOT / "data" / "movielens-100k"
 
 
-def train_preset(preset: str, data: Path, work: Path, uri: str, epochs: int | None) -> str:
-    """Train a shipped preset on ``data`` (``epochs``: at most that many, else the preset's), tracked
-    in ``uri``; returns the MLflow run id."""
-    flags = [
-        *([f"--max-epochs={epochs}"] if epochs else []),
-        f"--data={data}",
-        f"--tracking-uri={uri}",
-        "--experiment=funnel-bench",
-        f"--run-name={preset}",
-        f"--trainer.output_dir={work / 'runs'}",
-        "--trainer.progress_bar=false",
-    ]
-    return str(run_training(load_run_config(CONFIGS / f"{preset}.yaml", flags))["run_id"])
+# -- data -----------------------------------------------------------------------------------------------
 
 
-def setup(work: Path, epochs: tuple[int | None, int | None] = (None, None)) -> tuple[Path, str, dict[str, str]]:
-    """The prepared dataset and the two runs (reused from ``work/runs.json`` when present)."""
-    data = work / "ml-funnel"
-    uri = f"sqlite:///{work}/mlflow.db"
-    saved = work / "runs.json"
-    if saved.is_file() and data.is_dir():
-        return data, uri, json.loads(saved.read_text())
-    prepare(PrepareConfig(dataset="movielens-100k", source=movielens_100k_source(), out=str(data), overwrite=True))
-    runs = {
-        "retrieval": train_preset("two-tower-movielens", data, work, uri, epochs[0]),
-        "ranking": train_preset("dlrm-movielens", data, work, uri, epochs[1]),
-    }
-    saved.write_text(json.dumps(runs))
-    return data, uri, runs
+def raw_pairs(path: Path, split: str) -> pd.DataFrame:
+    """(user, item, label) of a split in raw ids (through the dataset's vocabularies; "" = unknown)."""
+    users = np.array(["", *json.loads((path / "vocab" / "user_id.json").read_text())], dtype=object)
+    items = np.array(["", *json.loads((path / "vocab" / "item_id.json").read_text())], dtype=object)
+    pairs = pd.read_parquet(path / "pairs" / f"{split}.parquet")
+    return pd.DataFrame(
+        {
+            "user": users[pairs.user_id.to_numpy()],
+            "item": items[pairs.item_id.to_numpy()],
+            "label": pairs.label.to_numpy(np.float32),
+        }
+    )
 
 
-def metrics_at(ranked: list[list[str]], relevant: list[set[str]], extra: list[int], k: int) -> tuple[float, float]:
-    """Mean Recall@k and NDCG@k (``extra[i]``: relevant items of user i that cannot be ranked)."""
-    discounts = [1.0 / math.log2(r + 2) for r in range(k)]
-    recall = ndcg = 0.0
-    for row, rel, unseen in zip(ranked, relevant, extra, strict=True):
-        n_rel = len(rel) + unseen
-        hits = [1.0 if i in rel else 0.0 for i in row[:k]]
-        recall += sum(hits) / n_rel
-        ndcg += sum(h * d for h, d in zip(hits, discounts, strict=False)) / sum(discounts[: min(k, n_rel)])
-    return recall / len(ranked), ndcg / len(ranked)
+def liked_sets(pairs: pd.DataFrame) -> dict[str, set[str]]:
+    liked = pairs[pairs.label > 0.5]
+    return {str(u): set(map(str, g)) for u, g in liked.groupby("user").item}
 
 
-def evaluate(bundle_dir: Path, data: Path, candidates: int) -> dict[str, Any]:
-    """The three orderings of each test user's candidates, scored against the liked test items."""
-    rec = load_bundle(bundle_dir).recommender
-    stage = rec.retrieval
-    test = pd.read_parquet(data / "pairs" / "test.parquet")
-    liked = test[(test.label > 0.5) & (test.user_id > 0)]
-    users = sorted(int(u) for u in liked.user_id.unique())
-    in_corpus = set(rec.index.ids.tolist())
-    relevant, extra = [], []
-    for _, group in liked.groupby("user_id"):
-        raw = {stage.item_vocab[i - 1] if i > 0 else "" for i in group.item_id}
-        relevant.append(raw & in_corpus)
-        extra.append(len(group) - len(raw & in_corpus))
-    user_raw = [stage.user_vocab[u - 1] for u in users]
-    queries = stage.embed("user", np.asarray(users, np.int64))
-    found = rec.candidates(queries, [rec.seen.get(u, set()) for u in users], max(candidates, max(CUTS)))
-    probabilities = rec.rank(user_raw, found)
-    n = min(candidates, found.ids.shape[1])
-    pool = found.ids[:, :n]
-    orders = {
-        "retrieval": np.arange(n)[None, :].repeat(len(users), 0),
-        "rerank": np.argsort(-probabilities[:, :n], axis=1, kind="stable"),
-        "joint": np.argsort(-rec.joint(found, probabilities)[:, :n], axis=1, kind="stable"),
-    }
-    out: dict[str, Any] = {"users": len(users), "candidates": n, "stages": {}}
-    for name, order in orders.items():
-        ranked = [pool[r, order[r]].tolist() for r in range(len(users))]
-        curve = {k: metrics_at(ranked, relevant, extra, k)[0] for k in range(1, n + 1)}
-        recall, ndcg = metrics_at(ranked, relevant, extra, K)
-        out["stages"][name] = {"recall@10": recall, "ndcg@10": ndcg, "recall_curve": curve}
-    full = [found.ids[r].tolist() for r in range(len(users))]
-    out["candidate_recall"] = {c: metrics_at(full, relevant, extra, c)[0] for c in CUTS if c <= found.ids.shape[1]}
-    return out
+def prepare_default(path: Path) -> Path:
+    """The README's movielens-100k (``recsys data prepare --dataset movielens-100k``), when missing."""
+    from datamodules.download import movielens_100k_source
 
-
-def plot(result: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[funnel] matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    labels = {
-        "retrieval": "retrieval alone (two-tower, exact index)",
-        "rerank": "retrieval + rerank by DLRM probability",
-        "joint": "retrieval + rerank by retrieval logit + log DLRM probability",
-    }
-    for name, stage in result["stages"].items():
-        ks = sorted(int(k) for k in stage["recall_curve"])
-        ax.plot(ks, [stage["recall_curve"][k] for k in ks], label=labels[name])
-    ax.axvline(K, color="grey", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("K (items shown, of the retrieval stage's candidates)")
-    ax.set_ylabel("Recall@K of liked test items")
-    ax.set_title(f"MovieLens-100K funnel: {result['users']} test users, {result['candidates']} candidates")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"[funnel] plot written to {path}")
+    if not (path / "metadata.json").is_file():
+        prepare(PrepareConfig(dataset="movielens-100k", source=movielens_100k_source(), out=str(path)))
     return path
 
 
-def log_to_mlflow(uri: str, runs: dict[str, str], result: dict[str, Any], picture: Path | None) -> str:
-    import mlflow
+def derived(data: Path, meta: DatasetMetadata, val_frac: float, out: Path) -> Path:
+    """``data``'s source prepared again with its seed, label and test split, another val fraction."""
+    if (out / "metadata.json").is_file():
+        return out
+    rule = meta.split_rule
+    require_random = rule.get("rule") == "random"
+    if not require_random:
+        raise SystemExit(f"{data}: the recipe needs a per-user random split (this one is {rule.get('rule')})")
+    prepare(
+        PrepareConfig(
+            dataset=meta.dataset,
+            source=str(meta.source["path"]),
+            out=str(out),
+            seed=int(rule["seed"]),
+            val_frac=val_frac,
+            test_frac=float(rule["test_frac"]),
+            label_threshold=float(meta.label.get("threshold", 4.0)),
+            rows=meta.source.get("rows_cap"),
+            overwrite=True,
+        )
+    )
+    return out
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("funnel-bench")
-    with mlflow.start_run(run_name="funnel-quality") as run:
-        mlflow.log_params({"retrieval_run": runs["retrieval"], "ranking_run": runs["ranking"], **{"k": K}})
-        for name, stage in result["stages"].items():
-            mlflow.log_metric(f"{name}/ndcg_at_10", stage["ndcg@10"])
-            mlflow.log_metric(f"{name}/recall_at_10", stage["recall@10"])
-        for cut, value in result["candidate_recall"].items():
-            mlflow.log_metric(f"candidates/recall_at_{cut}", value)
-        if picture is not None:
-            mlflow.log_artifact(str(picture), "plots")
-        return str(run.info.run_id)
+
+def same_test(a: Path, b: Path) -> None:
+    """The derived copies must keep ``DIR``'s test split (modulo items unknown to one of the vocabularies)."""
+
+    def keys(path: Path) -> set[tuple[str, str]]:
+        t = raw_pairs(path, "test")
+        return {(u, i) for u, i in zip(t.user, t.item, strict=True) if u and i}
+
+    ka, kb = keys(a), keys(b)
+    differ = len(ka ^ kb)
+    if differ > 0.01 * len(ka):
+        raise SystemExit(f"{b}: its test split is not {a}'s ({differ} pairs differ)")
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+
+def train_preset(preset: str, data: Path, work: Path, uri: str, name: str, *flags: str) -> dict[str, Any]:
+    """Train a shipped preset on ``data`` tracked in ``uri``; returns the run's metrics (``run_id``, ``epochs``)."""
+    args = [
+        f"--data={data}",
+        f"--tracking-uri={uri}",
+        "--experiment=funnel-bench",
+        f"--run-name={name}",
+        f"--trainer.output_dir={work / 'runs'}",
+        "--trainer.progress_bar=false",
+        *flags,
+    ]
+    return run_training(load_run_config(CONFIGS / f"{preset}.yaml", args))
+
+
+def best_epochs(uri: str, run_id: str, metric: str = "val/ndcg_at_10") -> int:
+    """1 + the epoch of the best value of ``metric`` in a run (what a refit trains for)."""
+    from mlflow.tracking import MlflowClient
+
+    history = sorted(MlflowClient(uri).get_metric_history(run_id, metric), key=lambda m: m.step)
+    if not history:
+        raise SystemExit(f"run {run_id}: no {metric} history")
+    return int(np.argmax([m.value for m in history])) + 1
+
+
+def setup(
+    work: Path, data: Path | None = None, candidates: int = 100, label_frac: float = 0.3
+) -> tuple[Path, str, dict[str, Any]]:
+    """The recipe's datasets and runs under ``work`` (reused from ``work/runs.json`` when present):
+    returns (the dataset, the tracking URI, the runs: ``retrieval`` = the funnel's retrieval stage,
+    ``ranking`` = its ranker, ``labelling`` = the run whose candidates the ranker learned from)."""
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_default(DEFAULT_DATA) if data is None else data
+    uri = f"sqlite:///{work.resolve()}/mlflow.db"
+    saved = work / "runs.json"
+    if saved.is_file():
+        runs = json.loads(saved.read_text())
+        if runs.get("data") == str(data.resolve()):
+            return data, uri, runs
+    meta = read_metadata(data)
+    timings: dict[str, float] = {}
+    started = time.time()
+    label = derived(data, meta, label_frac, work / "label") if label_frac != meta.split_rule["val_frac"] else data
+    refit = derived(data, meta, 0.0, work / "refit")
+    for copy in (label, refit):
+        same_test(data, copy)
+    timings["prepare"] = time.time() - started
+    started = time.time()
+    first = train_preset(RETRIEVAL_PRESET, label, work, uri, "retrieval-label")
+    epochs = best_epochs(uri, first["run_id"])
+    timings["retrieval (label split)"] = time.time() - started
+    started = time.time()
+    second = train_preset(RETRIEVAL_PRESET, refit, work, uri, "retrieval-refit")
+    timings["retrieval (refit)"] = time.time() - started
+    started = time.time()
+    out = work / "candidates"
+    build_candidates(
+        CandidatesConfig(
+            retrieval=first["run_id"],
+            data=str(label),
+            out=str(out),
+            candidates=candidates,
+            serving_retrieval=second["run_id"],
+            tracking_uri=uri,
+            overwrite=True,
+        )
+    )
+    timings["candidates"] = time.time() - started
+    started = time.time()
+    ranker = train_preset(RANKING_PRESET, out, work, uri, "ranking")
+    timings["ranking"] = time.time() - started
+    runs = {
+        "data": str(data.resolve()),
+        "label": str(label),
+        "refit": str(refit),
+        "candidates": str(out),
+        "labelling": first["run_id"],
+        "retrieval": second["run_id"],
+        "labelling_best_epoch": epochs,
+        "ranking": ranker["run_id"],
+        "ranking_epochs": ranker["epochs"],
+        "seconds": timings,
+    }
+    saved.write_text(json.dumps(runs, indent=1))
+    return data, uri, runs
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+
+
+def ndcg(ranked: Mapping[str, Sequence[str]], relevant: Mapping[str, set[str]], k: int = K) -> float:
+    """Mean NDCG@k over the users of ``relevant`` (every relevant item counts, ranked or not)."""
+    discounts = [1.0 / math.log2(r + 2) for r in range(k)]
+    total = 0.0
+    for user, rel in relevant.items():
+        hits = sum(discounts[r] for r, item in enumerate(list(ranked.get(user, []))[:k]) if item in rel)
+        total += hits / sum(discounts[: min(k, len(rel))])
+    return total / len(relevant)
+
+
+def most_popular(known: pd.DataFrame, users: Sequence[str]) -> dict[str, list[str]]:
+    """The most liked known items (ties by id), each user's known items left out."""
+    counts = known[known.label > 0.5].item.value_counts()
+    order = sorted(counts.index, key=lambda i: (-counts[i], str(i)))
+    seen = known.groupby("user").item.apply(set).to_dict()
+    out = {}
+    for u in users:
+        mine = seen.get(u, set())
+        out[u] = [i for i in order if i not in mine][:K]
+    return out
+
+
+def ease_baseline(data: Path, refit: Path, relevant: Mapping[str, set[str]]) -> dict[str, Any]:
+    """EASE^R: lambda chosen on ``data``'s val (fitted on its train), then refitted on train + val."""
+    from bench.baselines import Dimension, coordinate_search, ease_scores, interaction_matrix
+
+    def run(fit: pd.DataFrame, exclude: pd.DataFrame, users: Sequence[str], lam: float) -> dict[str, list[str]]:
+        user_ids = {u: i for i, u in enumerate(sorted(set(fit.user)))}
+        items = np.array(sorted(set(fit.item)), dtype=object)
+        item_ids = {x: i for i, x in enumerate(items)}
+        pairs = pd.DataFrame(
+            {"user_id": fit.user.map(user_ids), "item_id": fit.item.map(item_ids), "label": fit.label.to_numpy()}
+        )
+        scores = ease_scores(interaction_matrix(pairs, len(user_ids), len(items)), lam)
+        seen = exclude.groupby("user").item.apply(set).to_dict()
+        out = {}
+        for u in users:
+            if u not in user_ids:
+                continue
+            row = scores[user_ids[u]].copy()
+            row[[item_ids[i] for i in seen.get(u, ()) if i in item_ids]] = -np.inf
+            out[u] = items[np.argsort(-row, kind="stable")[:K]].tolist()
+        return out
+
+    train, val = raw_pairs(data, "train"), raw_pairs(data, "val")
+    val_relevant = liked_sets(val)
+    grid = (Dimension("lam", (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0), lower=1.0),)
+    search = coordinate_search(
+        lambda p: (ndcg(run(train, train, list(val_relevant), p["lam"]), val_relevant), {}), grid
+    )
+    lam = float(search.best["lam"])
+    known = raw_pairs(refit, "train")
+    test = ndcg(run(known, known, list(relevant), lam), relevant)
+    profile = {f"{v:g}": round(s, 4) for v, s in search.profile["lam"]}
+    return {"lambda": lam, "val_profile": profile, "edge": search.edges["lam"], "test": test}
+
+
+def funnel_lists(rec: Any, users: Sequence[str], candidates: int, ranked: bool = True) -> dict[str, list[str]]:
+    """Top 10 of the served path (``Recommender.recommend_users``), reranked or in retrieval order."""
+    saved = rec.ranking, rec.features
+    if not ranked:
+        rec.ranking, rec.features = None, None
+    try:
+        out = rec.recommend_users(list(users), k=K, candidates=candidates)
+    finally:
+        rec.ranking, rec.features = saved
+    return {u: r.items for u, r in zip(users, out, strict=True)}
+
+
+def lightgbm_frame_of(meta: DatasetMetadata, dense: Any, kjt: Any, labels: np.ndarray) -> pd.DataFrame:
+    """LightGBM's table (bench.baselines.lightgbm_frame) of rows given as model inputs."""
+    import scipy.sparse as sp
+
+    from bench.baselines import Tabular, lightgbm_frame
+
+    single = [f for f in meta.sparse_features if not f.multi_hot]
+    multi = []
+    for f in meta.sparse_features:
+        if f.multi_hot:
+            jt = kjt[f.name]
+            rows = np.repeat(np.arange(len(labels)), jt.lengths().numpy())
+            ones = np.ones(len(rows), np.float32)
+            multi.append(sp.csr_matrix((ones, (rows, jt.values().numpy())), shape=(len(labels), f.cardinality)))
+    categorical = np.stack([kjt[f.name].values().numpy() for f in single], axis=1)
+    return lightgbm_frame(Tabular(dense.numpy(), categorical, multi, labels), meta)
+
+
+def lightgbm_rerank(rec: Any, candidates_dir: Path, work: Path, users: Sequence[str], n: int) -> dict[str, Any]:
+    """LightGBM LambdaRank on the candidate rows: grid on the val lists' NDCG@10, then the test lists."""
+    import lightgbm as lgb
+
+    from bench.baselines import Dimension, coordinate_search, lightgbm_frame, load_tabular, typed
+    from modules.funnel import Candidates, model_inputs
+
+    meta = read_metadata(candidates_dir)
+    cats = [f.name for f in meta.sparse_features if not f.multi_hot]
+
+    def grouped(split: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        tab = load_tabular(candidates_dir, split, work / f"lgb-cache-{split}")
+        frame = lightgbm_frame(tab, meta)
+        order = np.argsort(frame.user_id.to_numpy(), kind="stable")
+        frame, labels = frame.iloc[order].reset_index(drop=True), tab.labels[order]
+        return frame, labels, frame.groupby("user_id", sort=False).size().to_numpy()
+
+    train, val = grouped("train"), grouped("val")
+    grid = (
+        Dimension("num_leaves", (7, 15, 31, 63), integer=True, lower=2, upper=255),
+        Dimension("learning_rate", (0.02, 0.05, 0.1), lower=0.005, upper=0.5),
+        Dimension("min_child_samples", (20, 50, 100, 200), integer=True, lower=1, upper=5000),
+    )
+
+    def fit(params: Mapping[str, Any]) -> Any:
+        model = lgb.LGBMRanker(
+            objective="lambdarank", n_estimators=2000, verbosity=-1, n_jobs=1, random_state=0, **params
+        )
+        model.fit(
+            train[0],
+            train[1],
+            group=train[2],
+            eval_set=[(val[0], val[1])],
+            eval_group=[val[2]],
+            eval_at=[K],
+            categorical_feature=cats,
+            callbacks=[lgb.early_stopping(100, verbose=False)],
+        )
+        return model
+
+    def objective(params: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+        model = fit(typed(grid, params))
+        return float(model.best_score_["valid_0"][f"ndcg@{K}"]), {"trees": float(model.best_iteration_)}
+
+    search = coordinate_search(objective, grid, {"num_leaves": 15, "learning_rate": 0.05, "min_child_samples": 50})
+    params = typed(grid, search.best)
+    model = fit(params)
+    stage = rec.ranking
+    lists: dict[str, list[str]] = {}
+    for lo in range(0, len(users), 256):
+        part = list(users[lo : lo + 256])
+        idx = rec.retrieval.user_index(part)
+        found = rec.candidates(rec.retrieval.embed("user", idx), [rec.seen.get(int(u), set()) for u in idx], n)
+        u, i, candidate, _ = rec.ranking_rows(part, Candidates(found.ids, found.scores))
+        dense, kjt = model_inputs(
+            stage.meta, len(u), [(stage.users, torch_tensor(u)), (stage.items, torch_tensor(i))], candidate
+        )
+        scores = model.predict(lightgbm_frame_of(stage.meta, dense, kjt, np.zeros(len(u), np.float32)))
+        scores = np.where(found.ids != "", scores.reshape(found.ids.shape), -np.inf)
+        for r, user in enumerate(part):
+            lists[user] = found.ids[r][np.argsort(-scores[r], kind="stable")[:K]].tolist()
+    return {
+        "params": {**params, "trees": int(model.best_iteration_)},
+        "val_ndcg_in_lists": search.best_score,
+        "profile": {k: {f"{v:g}": round(s, 4) for v, s in prof} for k, prof in search.profile.items()},
+        "edges": search.edges,
+        "lists": lists,
+    }
+
+
+def torch_tensor(values: np.ndarray) -> Any:
+    import torch
+
+    return torch.as_tensor(values)
+
+
+def evaluate(data: Path, uri: str, runs: dict[str, Any], work: Path, candidates: int) -> dict[str, Any]:
+    """Every row of the table on ``data``'s test split; writes WORK/recommendations.parquet."""
+    test = raw_pairs(data, "test")
+    relevant = liked_sets(test)
+    users = sorted(relevant, key=lambda u: (len(u), u))
+    known = pd.concat([raw_pairs(data, "train"), raw_pairs(data, "val")], ignore_index=True)
+    rec = load_bundle(assemble_bundle(runs["retrieval"], runs["ranking"], work / "bundle", uri)).recommender
+    out: dict[str, Any] = {"users": len(users), "candidates": candidates, "rows": {}}
+    timings: dict[str, float] = {}
+    started = time.time()
+    funnel = funnel_lists(rec, users, candidates)
+    timings["funnel"] = time.time() - started
+    rows = [{"user": u, "rank": r + 1, "item": item} for u in users for r, item in enumerate(funnel[u])]
+    pd.DataFrame(rows, columns=["user", "rank", "item"]).to_parquet(work / "recommendations.parquet", index=False)
+    out["rows"]["most popular (train + val likes)"] = ndcg(most_popular(known, users), relevant)
+    out["rows"]["retrieval alone (two-tower refitted on train + val)"] = ndcg(
+        funnel_lists(rec, users, candidates, ranked=False), relevant
+    )
+    out["rows"]["funnel (two-tower + ranker on its candidates)"] = ndcg(funnel, relevant)
+    started = time.time()
+    lgb_result = lightgbm_rerank(rec, Path(runs["candidates"]), work, users, candidates)
+    timings["lightgbm"] = time.time() - started
+    out["rows"]["LightGBM LambdaRank rerank (same candidates and features)"] = ndcg(lgb_result.pop("lists"), relevant)
+    out["lightgbm"] = lgb_result
+    started = time.time()
+    ease = ease_baseline(data, Path(runs["refit"]), relevant)
+    timings["ease"] = time.time() - started
+    out["rows"][f"EASE^R refit on train + val (lambda {ease['lambda']:g}, chosen on val)"] = ease["test"]
+    out["ease"] = ease
+    out["seconds"] = timings
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=str, default=None, help="working directory (dataset, runs, MLflow store)")
-    parser.add_argument("--candidates", type=int, default=200, help="N: candidates handed to the ranking stage")
-    parser.add_argument("--plot", type=Path, default=Path("docs/funnel_recall.png"))
-    parser.add_argument("--retrieval-epochs", type=int, default=None, help="cap the two-tower preset's epochs")
-    parser.add_argument("--ranking-epochs", type=int, default=None, help="cap the DLRM preset's epochs")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="a prepared MovieLens-100K (default: data/movielens-100k)"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recsys-funnel"), help="datasets, runs, MLflow store")
+    parser.add_argument("--candidates", type=int, default=100, help="candidates per user handed to the ranker")
+    parser.add_argument(
+        "--label-frac", type=float, default=0.3, help="val fraction of the copy whose val labels the candidates"
+    )
     args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="recsys-funnel-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data, uri, runs = setup(work, (args.retrieval_epochs, args.ranking_epochs))
-    bundle = assemble_bundle(runs["retrieval"], runs["ranking"], work / "bundle", uri)
-    result = evaluate(bundle, data, args.candidates)
-    picture = plot(result, args.plot)
-    run_id = log_to_mlflow(uri, runs, result, picture)
-    (args.plot.with_suffix(".json")).write_text(json.dumps(result, indent=1))
-    users, n = result["users"], result["candidates"]
-    print(f"\n{users} test users with a liked test item; {n} candidates; MLflow run {run_id}")
-    print("\n| stage | Recall@10 | NDCG@10 |\n| --- | ---: | ---: |")
-    for name, stage in result["stages"].items():
-        print(f"| {name} | {stage['recall@10']:.4f} | {stage['ndcg@10']:.4f} |")
-    print("\n| candidates N | Recall@N |\n| ---: | ---: |")
-    for cut, value in result["candidate_recall"].items():
-        print(f"| {cut} | {value:.4f} |")
+    started = time.time()
+    data, uri, runs = setup(args.work, args.data, args.candidates, args.label_frac)
+    result = evaluate(data, uri, runs, args.work, args.candidates)
+    result["runs"] = runs
+    result["seed"] = read_metadata(data).split_rule.get("seed")
+    result["total_seconds"] = time.time() - started
+    (args.work / "funnel.json").write_text(json.dumps(result, indent=1, default=str))
+    print(
+        f"\nsplit seed {result['seed']}: {result['users']} users with a liked test item, {args.candidates} candidates"
+    )
+    print("\n| order | NDCG@10 |\n| --- | ---: |")
+    for name, value in result["rows"].items():
+        print(f"| {name} | {value:.4f} |")
+    print(f"\nrecommendations: {args.work / 'recommendations.parquet'}; {result['total_seconds']:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
     PYTHONPATH=. .venv/bin/python bench/prepare_engines.py                     # 5M rows, 125k users, 50k items
     PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --rows 500000 --users 12500 --items 5000
-    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --doc docs/SCALE.md  # also write the section
+    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --doc docs/SCALE.md  # also write the figures
+    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --synthetic 1000000,10000000  # + generated sets
 
 Writes a seeded CSV (user, item, rating, timestamp), prepares it with each engine through the CLI
-(``recsys data prepare``, one subprocess each, timed by ``/usr/bin/time -v`` for the peak RSS when it
-is installed), checks that both give the same dataset (metadata but the engine and the block count,
+(``recsys data prepare``, one subprocess each; wall time, CPU time and peak RSS of its processes sampled
+by psutil), checks that both give the same dataset (metadata but the engine and the block count,
 vocabularies, every split's (user_id, item_id, label) rows, histories, users and items tables), prints
-wall time, peak RSS and the ratio spark / local, and with ``--doc`` replaces the "Prepare engines"
-section of that file.
+wall time, peak RSS and the ratio spark / local. ``--synthetic ROWS,...`` also prepares
+``synthetic-retrieval`` (generated and written in chunks) at each size, for its peak RSS. With ``--doc``
+the figures replace the part of that file's "Prepare engines" section between its markers (the section
+is added when missing; the notes around the markers and the other sections are left alone). The load
+average (1 minute) is recorded before and after each run: the machine is shared.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SECTION = "Prepare engines"
+SECTION = "## Prepare engines"
+BEGIN, END = "<!-- bench/prepare_engines.py: begin -->", "<!-- bench/prepare_engines.py: end -->"
 
 
 def write_csv(path: Path, rows: int, users: int, items: int, seed: int = 0) -> None:
@@ -61,15 +65,17 @@ class Run:
     cpu: float
     rss: float
     stderr: str
+    load: tuple[float, float]  # 1-minute load average before and after
 
 
-def run_prepare(src: Path, out: Path, engine: str, extra: list[str]) -> Run:
+def run_prepare(args: list[str], name: str) -> Run:
     """Wall seconds, CPU seconds (every process of the run: the JVM and Spark's Python workers too,
-    sampled) and the peak RSS of the largest process (GB) of one CLI prepare; its stderr is printed."""
+    sampled) and the peak RSS of the largest process (GB) of one CLI prepare (``recsys data prepare
+    ARGS``)."""
     import psutil
 
-    argv = [sys.executable, "-m", "app.cli", "data", "prepare", "--dataset", "interactions"]
-    argv += ["--source", str(src), "--out", str(out), "--engine", engine, *extra]
+    argv = [sys.executable, "-m", "app.cli", "data", "prepare", *args]
+    before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=os.environ.copy())
     cpu: dict[int, float] = {}
@@ -97,8 +103,8 @@ def run_prepare(src: Path, out: Path, engine: str, extra: list[str]) -> Run:
     seconds = time.perf_counter() - start
     stderr = "".join(lines)
     if proc.returncode != 0:
-        sys.exit(f"{engine} engine failed:\n{stderr[-3000:]}")
-    return Run(seconds, sum(cpu.values()), rss / 1e9, stderr)
+        sys.exit(f"{name} failed:\n{stderr[-3000:]}")
+    return Run(seconds, sum(cpu.values()), rss / 1e9, stderr, (before, os.getloadavg()[0]))
 
 
 def table(path: Path, files: list[str], sort: list[str]) -> pd.DataFrame:
@@ -142,12 +148,30 @@ def stage_lines(stderr: str) -> list[str]:
 
 
 def write_section(doc: Path, text: str) -> None:
-    """Replace (or append) the section ``## Prepare engines`` of ``doc``, leaving the others as they are."""
-    old = doc.read_text() if doc.exists() else "# Scale\n"
-    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = f"## {SECTION}\n\n{text.strip()}\n\n"
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
-    doc.write_text(new.rstrip() + "\n")
+    """Replace the generated part of ``doc``'s "Prepare engines" section (between its markers; the
+    section is added when missing), leaving the notes around it and the other sections alone."""
+    current = doc.read_text() if doc.is_file() else "# Scale\n"
+    block = f"{BEGIN}\n{text.strip()}\n{END}"
+    if BEGIN in current and END in current:
+        current = current[: current.index(BEGIN)] + block + current[current.index(END) + len(END) :]
+    else:
+        current = current.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+    doc.write_text(current)
+
+
+def synthetic_runs(sizes: list[int], work: Path) -> dict[int, Run]:
+    """``synthetic-retrieval`` prepared (in chunks) at each size, one after the other, each deleted after."""
+    runs = {}
+    for rows in sizes:
+        out = work / f"synthetic-{rows}"
+        shutil.rmtree(out, ignore_errors=True)
+        runs[rows] = run = run_prepare(
+            ["--dataset", "synthetic-retrieval", "--rows", str(rows), "--out", str(out)], f"synthetic {rows:,}"
+        )
+        disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"synthetic-retrieval {rows:>11,} rows {run.wall:8.1f} s wall  peak RSS {run.rss:.2f} GB  {disk:.2f} GB")
+    return runs
 
 
 def main() -> None:
@@ -156,6 +180,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=125_000)
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--spark-master", default="local[*]")
+    parser.add_argument("--synthetic", default="", help="also prepare synthetic-retrieval at these sizes (ROWS,...)")
     parser.add_argument("--work", type=Path, default=None, help="keep the CSV and datasets here")
     parser.add_argument("--doc", type=Path, default=None, help="write the figures into this file's section")
     args = parser.parse_args()
@@ -168,13 +193,16 @@ def main() -> None:
         print(f"wrote {src} ({src.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f}s")
     results: dict[str, Run] = {}
     spark_stages: list[str] = []
-    load = os.getloadavg()[0]
     for engine, extra in (("local", []), ("spark", ["--spark-master", args.spark_master])):
         out = work / engine
         shutil.rmtree(out, ignore_errors=True)
-        run = run_prepare(src, out, engine, extra)
+        argv = ["--dataset", "interactions", "--source", str(src), "--out", str(out), "--engine", engine, *extra]
+        run = run_prepare(argv, f"{engine} engine")
         results[engine] = run
-        print(f"{engine:<6} {run.wall:8.1f} s wall {run.cpu:8.1f} s CPU   peak RSS {run.rss:.2f} GB")
+        print(
+            f"{engine:<6} {run.wall:8.1f} s wall {run.cpu:8.1f} s CPU   peak RSS {run.rss:.2f} GB"
+            f"   load {run.load[0]:.1f} -> {run.load[1]:.1f}"
+        )
         if engine == "spark":
             spark_stages = stage_lines(run.stderr)
             for line in spark_stages:
@@ -184,26 +212,44 @@ def main() -> None:
     cpu_ratio = results["spark"].cpu / results["local"].cpu
     same = "; ".join(problems) if problems else "yes"
     print(f"spark / local: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU; same dataset: {same}")
+    synthetic = synthetic_runs([int(n) for n in args.synthetic.split(",") if n], work)
     if args.doc:
-        rows = "\n".join(f"| `--engine {e}` | {r.wall:.0f} | {r.cpu:.0f} | {r.rss:.2f} |" for e, r in results.items())
+        flags = f"--rows {args.rows} --users {args.users} --items {args.items}"
+        flags += f" --synthetic {args.synthetic}" if args.synthetic else ""
+        rows = "\n".join(
+            f"| `--engine {e}` | {r.wall:.0f} | {r.cpu:.0f} | {r.rss:.2f} | {r.load[0]:.1f} / {r.load[1]:.1f} |"
+            for e, r in results.items()
+        )
         stages = "\n".join(f"    {line}" for line in spark_stages)
         text = f"""
-`python bench/prepare_engines.py --rows {args.rows} --users {args.users} --items {args.items}`,
-{time.strftime("%Y-%m-%d")}, on this machine ({os.cpu_count()} cores, shared: load average {load:.1f} when it
-started): one interactions CSV ({src.stat().st_size / 1e6:.0f} MB; user, item, rating, timestamp), prepared by
+`python bench/prepare_engines.py {flags}`
+({time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores, shared): one interactions CSV ({src.stat().st_size / 1e6:.0f} MB;
+{args.rows:,} rows of user, item, rating, timestamp; {args.users:,} users, {args.items:,} items), prepared by
 each engine through the CLI, one after the other. CPU: every process of the run (Spark's JVM and Python
-workers too), sampled.
+workers too), sampled; load: the 1-minute load average before / after the run.
 
-| engine | wall s | CPU s | peak RSS GB (largest process) |
-| --- | ---: | ---: | ---: |
+| engine | wall s | CPU s | peak RSS GB (largest process) | load |
+| --- | ---: | ---: | ---: | ---: |
 {rows}
 
 Spark / local: **{ratio:.2f}x** wall time ({cpu_ratio:.2f}x CPU). Same dataset: {same} (metadata but
 the engine and the block count, vocabularies, every split's rows, histories, users and items tables).
-Spark's stages, as it printed them:
+Spark's progress lines, as it printed them on stderr:
 
 {stages}
 """
+        if synthetic:
+            text += """
+`synthetic-retrieval` (generated and written in chunks), `recsys data prepare --dataset
+synthetic-retrieval --rows N` with the default users (rows / 40) and items (rows / 20, at most 200,000):
+
+| rows | wall s | CPU s | peak RSS GB | load |
+| ---: | ---: | ---: | ---: | ---: |
+"""
+            text += "\n".join(
+                f"| {n:,} | {r.wall:.0f} | {r.cpu:.0f} | {r.rss:.2f} | {r.load[0]:.1f} / {r.load[1]:.1f} |"
+                for n, r in synthetic.items()
+            )
         write_section(args.doc, text)
     if problems:
         sys.exit(1)

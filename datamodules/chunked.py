@@ -46,7 +46,15 @@ from datamodules.encoding import (
     write_tables,
 )
 from datamodules.schema import DatasetMetadata
-from datamodules.sources import RawTable, canonical_interactions, interactions_path, sha256_of
+from datamodules.sources import (
+    RawTable,
+    arrow_as_text,
+    canonical_interactions,
+    check_id_types,
+    interaction_columns,
+    interactions_path,
+    sha256_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +64,6 @@ CSV_BLOCK_BYTES = 4 << 20
 
 def is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
-
-
-def text_frame(table: Any) -> pd.DataFrame:
-    """A chunk of a Parquet file with every column as text, as ``sources.read_interactions`` reads the
-    whole file (numbers as their text; nested and binary columns, which no canonical column is, left out)."""
-    import pyarrow as pa
-
-    columns = {}
-    for name, column in zip(table.column_names, table.columns, strict=True):
-        if pa.types.is_nested(column.type) or pa.types.is_binary(column.type):
-            continue
-        columns[str(name)] = column.to_pandas()
-    frame = pd.DataFrame(columns)
-    for c in frame.columns:
-        frame[c] = frame[c].astype(str)
-    return frame
 
 
 def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -84,8 +76,9 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
 
         try:
             parquet = pq.ParquetFile(path)
+            whole_file = parquet_id_types(parquet, where)
             for batch in parquet.iter_batches(batch_size=chunk_rows):
-                yield text_frame(pa.Table.from_batches([batch]))
+                yield arrow_as_text(pa.Table.from_batches([batch]), where, check_types=not whole_file)
         except (pa.ArrowException, OSError) as e:
             raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
         return
@@ -119,15 +112,40 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise RecsysError(f"{where}: cannot parse ({str(e).splitlines()[0]})") from None
 
 
+def parquet_id_types(parquet: Any, where: str) -> bool:
+    """The whole-file reader's id-type check from the file's footer, before any row is read: an id
+    column of floating-point type without a null (per its row groups' statistics) is refused; one with
+    a null is left to the canonical checks, which name the missing id. False where a row group lacks
+    the statistics: then each chunk is checked as the whole file would be."""
+    names = [str(n) for n in parquet.schema_arrow.names]
+    user, item, *_ = interaction_columns(names, where, need_rating=False)
+    meta = parquet.metadata
+    leaves = [meta.schema.column(k).path for k in range(meta.num_columns)]  # nested columns have several
+    types = {}
+    for name in (user, item):
+        j = leaves.index(name)
+        nulls = 0
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(j).statistics
+            if stats is None or not stats.has_null_count:
+                return False
+            nulls += stats.null_count
+        if nulls == 0:
+            types[name] = str(parquet.schema_arrow.field(name).type)
+    check_id_types(where, types)
+    return True
+
+
 def interaction_chunks(path: Path, rows: int | None, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """Canonical interaction rows of the file (``sources.canonical_interactions``, errors naming the
     line), at most ``rows`` of them, ``chunk_rows`` at a time."""
     seen = 0
+    lines = not is_parquet(path)  # Parquet has no lines: its errors name the value alone, as the whole-file reader's
     for raw in raw_chunks(path, chunk_rows):
         if rows is not None:
             raw = raw.iloc[: rows - seen]
         if len(raw):
-            yield canonical_interactions(raw, str(path), offset=2 + seen)
+            yield canonical_interactions(raw, str(path), offset=2 + seen if lines else None)
         seen += len(raw)
         if rows is not None and seen >= rows:
             break

@@ -41,6 +41,8 @@ class DenseFeature:
 
     name: str
     tower: str
+    """'user', 'item', 'context', or 'candidate': computed per (user, candidate) by the recommender funnel
+    (``modules.candidates``) in a ranking dataset built from a retrieval stage's candidates."""
     mean: float
     std: float
 
@@ -76,6 +78,10 @@ class DatasetMetadata:
     """Retrieval datasets: how the per-user train histories (``corpus["histories"]``) are made and
     looked up (``history_description``); empty for datasets prepared without them."""
     extra: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[str, Any] = field(default_factory=dict)
+    """Ranking datasets built from a retrieval stage's candidates (``recsys data candidates``): which
+    retrieval run and dataset produced them, which run and dataset the funnel serves them with, how
+    many candidates per user and how the labels were made (see ``app.candidates``); empty otherwise."""
     format_version: int = FORMAT_VERSION
 
     @property

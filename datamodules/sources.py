@@ -337,7 +337,6 @@ def read_interactions(source: str | None, rows: int | None) -> RawTable:
 def read_parquet_as_text(path: Path) -> pd.DataFrame:
     """Every column of a Parquet file as text, as Arrow writes it (an int64 id 69 stays ``"69"``; a
     missing value stays missing, for the checks to name), id columns of floating-point type refused."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -346,11 +345,20 @@ def read_parquet_as_text(path: Path) -> pd.DataFrame:
         raise RecsysError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
     if table.num_rows == 0:
         raise RecsysError(f"{path}: no data rows")
+    return arrow_as_text(table, str(path))
+
+
+def arrow_as_text(table: Any, where: str, *, check_types: bool = True) -> pd.DataFrame:
+    """``read_parquet_as_text`` for an Arrow table already read (the chunked engine calls it per chunk,
+    ``check_types=False`` where it checked the id types for the whole file)."""
+    import pyarrow as pa
+
     names = [str(n) for n in table.column_names]
-    user, item, *_ = interaction_columns(names, str(path), need_rating=False)
-    # a missing id is named by the canonical checks (it is also what made an integer column float)
-    whole = [c for c in (user, item) if table.column(c).null_count == 0]
-    check_id_types(str(path), {c: str(table.schema.field(c).type) for c in whole})
+    user, item, *_ = interaction_columns(names, where, need_rating=False)
+    if check_types:
+        # a missing id is named by the canonical checks (it is also what made an integer column float)
+        whole = [c for c in (user, item) if table.column(c).null_count == 0]
+        check_id_types(where, {c: str(table.schema.field(c).type) for c in whole})
     columns = {}
     for name, column in zip(names, table.columns, strict=True):
         if pa.types.is_nested(column.type) or pa.types.is_binary(column.type):

@@ -1,13 +1,15 @@
 """``--engine spark``: the same prepared dataset as the local engine, computed by PySpark.
 
-Reading, the per-user split (``applyInPandas`` over user groups), vocabularies and statistics (Spark
-aggregations over the train split) and shard writing (``streaming``'s ``dataframe_to_mds``, one writer
-per partition, indexes merged) all run on the cluster; the row-level functions are the local engine's
-own (``assign_split``, ``encode_frame``, ``pack_blocks``), so both engines give the same rows.
+Reading and checking (``sources.canonical_interactions`` over every batch), the per-user split
+(``mapInPandas`` over hash partitions of whole users), vocabularies and statistics (Spark aggregations
+over the train split) and shard writing (one range-partitioned pass, one writer per partition, indexes
+merged) all run on the cluster, with a line per stage on stderr; the row-level functions are the local
+engine's own (``assign_split``, ``encode_frame``, ``BlockPacker``), so both engines give the same rows.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -54,18 +56,40 @@ log = logging.getLogger(__name__)
 
 
 class Stages:
-    """One line per stage on stderr (``spark: STAGE: WHAT (N.Ns, total N.Ns)``): Spark's own UI and
-    progress bar are off, and a prepare of millions of rows must not look hung."""
+    """One line per stage on stderr (``spark: STAGE: WHAT (N.Ns, CPU N.Ns, total N.Ns)``): Spark's UI
+    and progress bar are off, and a prepare of millions of rows must not look hung. CPU counts this
+    process and its children (Spark's JVM and its Python workers)."""
 
     def __init__(self) -> None:
         self.started = self.last = time.time()
+        self.cpu = self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        import psutil
+
+        me = psutil.Process()
+        total = 0.0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass  # a Python worker that just ended
+        return total
 
     def done(self, stage: str, what: str = "") -> None:
-        now = time.time()
+        now, cpu = time.time(), self._cpu()
+        what = f": {what}" if what else ""
         log.info(
-            "spark: %s%s (%.1fs, total %.1fs)", stage, f": {what}" if what else "", now - self.last, now - self.started
+            "spark: %s%s (%.1fs, CPU %.1fs, total %.1fs)",
+            stage,
+            what,
+            now - self.last,
+            cpu - self.cpu,
+            now - self.started,
         )
-        self.last = now
+        self.last, self.cpu = now, cpu
 
 
 def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
@@ -108,8 +132,8 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
             splits[name] = SplitInfo(rows=rows, blocks=written[name]["blocks"], label_rate=rate)
         stages.done("wrote the splits", ", ".join(f"{k} {v.blocks:,} blocks" for k, v in splits.items()))
         if raw.features:
-            user_rows = _lists(train.dropDuplicates(["user"]).drop("key", "split", "_group").toPandas())
-            item_rows = _lists(train.dropDuplicates(["item"]).drop("key", "split", "_group").toPandas())
+            user_rows = _lists(train.dropDuplicates(["user"]).drop("key", "split").toPandas())
+            item_rows = _lists(train.dropDuplicates(["item"]).drop("key", "split").toPandas())
         else:  # ids alone: the tables are the vocabularies
             user_rows = pd.DataFrame({"user": list(plan.vocabs["user_id"]), "item": ""})
             item_rows = pd.DataFrame({"user": "", "item": list(plan.vocabs["item_id"])})
@@ -177,6 +201,10 @@ def read_table_spark(spark: Any, path: Path, where: str) -> Any:
     """CSV (all strings) or Parquet into Spark, with the local reader's errors."""
     if path.stat().st_size == 0:
         raise RecsysError(f"{where}: file is empty")
+    # at least 4 input splits per task slot (Spark's default, 128 MB a split, parses a 130 MB file in
+    # one task); at most Spark's default size
+    split_bytes = min(128 << 20, max(4 << 20, -(-path.stat().st_size // (4 * spark.sparkContext.defaultParallelism))))
+    spark.conf.set("spark.sql.files.maxPartitionBytes", str(split_bytes))
     if path.suffix.lower() in (".parquet", ".pq"):
         df = spark.read.parquet(str(path))
     else:
@@ -231,29 +259,36 @@ def first_problem(df: Any, where: str, columns: list[str]) -> str | None:
 
 
 def with_split(df: Any, cfg: PrepareConfig, groups: int) -> Any:
-    """Add ``key`` and ``split`` with the local engine's functions, over groups of whole users.
+    """Add ``key`` and ``split`` with the local engine's functions, over partitions of whole users.
 
-    Each group (users hashed into ``groups`` groups, column ``_group``) is one pandas call:
-    ``assign_split`` splits many users at once, where a call per user (``groupBy("user")``) costs a
-    Python round trip per user. The rows stay partitioned by ``_group``, so the histories, per user
-    too, need no second shuffle.
+    The rows are hash-partitioned by user into ``groups`` partitions and each partition is one pandas
+    call: ``assign_split`` splits many users at once, where a call per user (``groupBy("user")``)
+    costs a Python round trip per user, and ``groupBy(...).applyInPandas`` would sort every row by
+    its group first. The result keeps that partitioning (``write_histories_spark`` relies on it).
     """
-    from pyspark.sql import functions as F
-    from pyspark.sql.types import ByteType, IntegerType, LongType, StructField, StructType
+    from pyspark.sql.types import ByteType, LongType, StructField, StructType
 
     seed, rule, val_frac, test_frac = cfg.seed, cfg.split, cfg.val_frac, cfg.test_frac
-    fields = [*df.schema.fields, StructField("key", LongType()), StructField("split", ByteType())]
-    schema = StructType([*fields, StructField("_group", IntegerType())])
+    kept = [f for f in df.schema.fields if f.name != "rating"]  # in the key and the label, no longer needed
+    schema = StructType([*kept, StructField("key", LongType()), StructField("split", ByteType())])
 
-    def add_split(pdf: pd.DataFrame) -> pd.DataFrame:
+    def add_split(batches: Any) -> Any:
+        pdf = whole(batches)
+        if pdf is None:
+            return
         keys = row_keys(pdf, seed)
         pdf = pdf.assign(key=keys)
         pdf["split"] = assign_split(pdf, rule, val_frac, test_frac)
         pdf["key"] = keys.view(np.int64)
-        return pdf[[f.name for f in schema.fields]]
+        yield pdf[[f.name for f in schema.fields]]
 
-    grouped = df.withColumn("_group", F.pmod(F.hash(F.col("user")), F.lit(groups)).cast("int"))
-    return grouped.groupBy("_group").applyInPandas(add_split, schema=schema)
+    return df.repartition(groups, "user").mapInPandas(add_split, schema=schema)
+
+
+def whole(batches: Any) -> pd.DataFrame | None:
+    """All the Arrow batches of one partition as one frame (None for an empty partition)."""
+    frames = list(batches)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def fit_plan_spark(plan: EncodingPlan, train: Any) -> None:
@@ -283,13 +318,12 @@ def write_splits_spark(df: Any, plan: EncodingPlan, cfg: PrepareConfig, tmp: Pat
     key order (the key compared as unsigned, as numpy sorts it), and each partition is encoded once and
     written by one task: MDS shards in ``SPLIT/PARTITION/`` (blocks cut across the partition's Arrow
     batches) and its pairs in ``pairs/SPLIT.parquet/``; the driver merges each split's shard indexes
-    (``streaming.base.util.merge_index``). Not streaming's ``dataframe_to_mds``: it writes one DataFrame
+    (``merge_mds_indexes``). Not streaming's ``dataframe_to_mds``: it writes one DataFrame
     (split) per call, spends a job checking that it is not empty, and cuts a partial block at the end of
     every Arrow batch. Returns, per split, its blocks and pairs files (of the successful task attempts).
     """
     from pyspark import TaskContext
     from pyspark.sql import functions as F
-    from streaming.base.util import merge_index
 
     block_rows, num_multi, root = cfg.block_rows, len(plan.multi), str(tmp)
     names = {code: name for name, code in SPLIT_CODES.items()}
@@ -334,25 +368,43 @@ def write_splits_spark(df: Any, plan: EncodingPlan, cfg: PrepareConfig, tmp: Pat
     for name in SPLIT_CODES:
         parts = sorted((r["part"], r["blocks"], r["pairs"]) for r in written if r["split"] == name)
         if parts:
-            merge_index([str(tmp / name / p / "index.json") for p, _, _ in parts], str(tmp / name), keep_local=True)
+            merge_mds_indexes(tmp / name, [p for p, _, _ in parts])
         else:
             write_empty_split(tmp / name, num_multi)
         out[name] = {"blocks": sum(b for _, b, _ in parts), "pairs": [f for _, _, f in parts]}
     return out
 
 
+def merge_mds_indexes(split: Path, parts: list[str]) -> None:
+    """``split/index.json`` listing the shards of every ``split/PART/index.json``, in ``parts`` order.
+
+    What ``streaming.base.util.merge_index`` does for local directories; not called because importing
+    ``streaming`` costs the driver about 10 s of CPU (it imports transformers and torch) for a JSON
+    concatenation."""
+    shards = []
+    for part in parts:
+        for shard in json.loads((split / part / "index.json").read_text())["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{part}/{shard[key]['basename']}"
+            shards.append(shard)
+    (split / "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
+
+
 def write_histories_spark(train: Any, plan: EncodingPlan, out: Path) -> None:
-    """The per-user train histories (``encoding.user_histories`` over the groups of whole users of
-    ``with_split``) as Parquet."""
+    """The per-user train histories (``encoding.user_histories``, one partition of whole users at a
+    time) as Parquet. ``train`` is ``with_split``'s output filtered: its partitions still hold whole
+    users, so no second shuffle is needed (Spark cannot know it: the rows came out of Python)."""
     from pyspark.sql.types import ArrayType, LongType, StructField, StructType
 
     schema = StructType([StructField("user_id", LongType()), StructField("items", ArrayType(LongType()))])
 
-    def histories(pdf: pd.DataFrame) -> pd.DataFrame:
-        return user_histories(pdf, plan)  # Arrow takes the numpy arrays as they are
+    def histories(batches: Any) -> Any:
+        pdf = whole(batches)
+        if pdf is not None:
+            yield user_histories(pdf, plan)  # Arrow takes the numpy arrays as they are
 
-    rows = train.select("_group", "user", "item", "timestamp")
-    rows.groupBy("_group").applyInPandas(histories, schema=schema).write.parquet(str(out))
+    train.select("user", "item", "timestamp").mapInPandas(histories, schema=schema).write.parquet(str(out))
 
 
 def write_empty_split(out: Path, num_multi: int) -> None:

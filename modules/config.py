@@ -27,7 +27,9 @@ class ModelConfig:
     temperature: float = 1.0
     """two-tower: logits = similarity / temperature."""
     loss: Literal["bce", "softmax", "full_softmax", "multinomial"] = "bce"
-    """two-tower: pointwise BCE on the label; in-batch sampled softmax (positives only, log-Q corrected);
+    """ranking models: bce (pointwise), or softmax: listwise, a softmax over each user's candidate list
+    (needs the lists of ``recsys data candidates``). two-tower: pointwise BCE on the label; in-batch
+    sampled softmax (positives only, log-Q corrected);
     full_softmax: each positive against every corpus item, all scored every batch (small corpora); or
     multinomial (needs ``history``): Mult-DAE's objective (Liang et al. 2018): a user, embedded from
     the whole train history (history dropout its only corruption: no leave-one-out), against every
@@ -74,6 +76,9 @@ class ModelConfig:
     """dcn: rank of each cross layer."""
     deepfm_hidden: list[int] = field(default_factory=lambda: [128, 64])
     """deepfm: deep-part MLP hidden sizes."""
+    drop_features: list[str] = field(default_factory=list)
+    """dlrm/dcn/deepfm: sparse features of the dataset the model does not read (no table), e.g.
+    ``[user_id, item_id]`` for a ranker of candidates that should score by their features, not memorise ids."""
 
     def __post_init__(self) -> None:
         require(self.embedding_dim >= 1, f"--arch.embedding_dim: must be positive, got {self.embedding_dim}")

@@ -2,19 +2,26 @@
 
     retrieval stage   user tower (or the mean of a history's item vectors) -> vector index top-N,
                       the user's train items excluded
-    ranking stage     a ranking model scores the N candidates over the user's and items' features
-    result            the top-K by retrieval logit + log ranking probability, raw item ids with scores
+    ranking stage     a ranking model scores the N candidates over the user's and items' features (and,
+                      for a ranker trained on the retrieval stage's own candidates, the candidate
+                      features of ``modules.candidates`` and the user's history)
+    result            the top-K by the ranking probability (a ranker trained on candidates), else by
+                      retrieval logit + log ranking probability; raw item ids with scores
 
 Each stage reads raw ids through its own dataset's vocabularies, so the retrieval and the ranking
-model may come from differently prepared copies of the same data. Fallbacks: a user the retrieval
-model does not know (and who brings no history) gets the most popular train items, marked
-``popular``; history items the model does not know are skipped with a warning.
+model may come from differently prepared copies of the same data. What the funnel knows about a
+user (the items excluded from their recommendations, their history, the popularity of items) is the
+retrieval stage's train split. Fallbacks: a user the retrieval model does not know (and who brings no
+history) gets the most popular train items, marked ``popular``; history items the model does not know
+are skipped with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +32,9 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from core.errors import RecsysError, require
-from datamodules.schema import DatasetMetadata
+from datamodules.histories import UserHistories, with_feature
+from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
+from modules.candidates import CANDIDATE_TOWER, ITEM_ITEM_FEATURES, CandidateFeatures
 from modules.config import ModelConfig
 from modules.index import VectorIndex, search
 from modules.registry import ModelKind
@@ -38,6 +47,8 @@ POPULAR = "popular"
 """``Recommendation.source`` of the fallback: the most popular train items."""
 RERANK_ROWS = 65_536
 """(user, item) rows scored by the ranking model per forward pass."""
+HISTORY_ROWS = 8_192
+"""Rows per forward pass of a ranking model that reads the user's history (each row carries its bag)."""
 
 
 class FeatureTable:
@@ -95,14 +106,24 @@ class FeatureTable:
 
 
 def model_inputs(
-    meta: DatasetMetadata, n: int, sides: Sequence[tuple[FeatureTable, torch.Tensor]]
+    meta: DatasetMetadata,
+    n: int,
+    sides: Sequence[tuple[FeatureTable, torch.Tensor]],
+    candidate: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, KeyedJaggedTensor]:
     """Dense matrix and KJT (every key of the dataset) of ``n`` rows whose ``tower`` features are
-    those of ``sides`` rows (table, indices); features of a tower not given get empty bags / zeros."""
+    those of ``sides`` rows (table, indices); features of a tower not given get empty bags / zeros.
+    Dense features of the ``candidate`` tower come from ``candidate`` (raw values by name, one per row),
+    standardised with the dataset's statistics: the ranking data is encoded through here too
+    (``app.candidates``), so that served rows are the rows the ranker trained on."""
     by_tower = {table.tower: (table, idx) for table, idx in sides}
     dense = torch.zeros(n, len(meta.dense_features))
     for j, d in enumerate(meta.dense_features):
-        if d.tower in by_tower and d.name in by_tower[d.tower][0].dense:
+        if d.tower == CANDIDATE_TOWER:
+            if candidate is None or d.name not in candidate:
+                raise RecsysError(f"dataset {meta.dataset!r}: no value for its candidate feature {d.name!r}")
+            dense[:, j] = torch.as_tensor((np.asarray(candidate[d.name], np.float32) - d.mean) / d.std)
+        elif d.tower in by_tower and d.name in by_tower[d.tower][0].dense:
             table, idx = by_tower[d.tower]
             dense[:, j] = table.dense[d.name][idx]
     values, lengths = [], []
@@ -122,6 +143,23 @@ def model_inputs(
     return dense, kjt
 
 
+def candidate_feature_names(meta: DatasetMetadata) -> list[str]:
+    """The candidate features a ranking dataset's rows carry (empty for other datasets)."""
+    return [d.name for d in meta.dense_features if d.tower == CANDIDATE_TOWER]
+
+
+def dataset_fingerprint(meta: DatasetMetadata, user_vocab: Sequence[str], item_vocab: Sequence[str]) -> str:
+    """What identifies a prepared dataset for the funnel: its source, split, train rows and id
+    vocabularies (a ranking dataset built from it records this; a copy prepared the same way matches)."""
+    digest = hashlib.sha256()
+    source = {k: v for k, v in (meta.source or {}).items() if k != "path"}
+    head = {"dataset": meta.dataset, "source": source, "split": meta.split_rule, "train": meta.splits["train"].rows}
+    digest.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for vocab in (user_vocab, item_vocab):
+        digest.update(json.dumps(list(vocab)).encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class Stage:
     """A trained model and what it needs to read raw ids: kind, architecture, dataset metadata, the
@@ -137,6 +175,9 @@ class Stage:
     item_vocab: list[str]
     users: FeatureTable
     items: FeatureTable
+    histories: UserHistories | None = None
+    """Each user's train items, oldest first (``histories.parquet`` of the stage's dataset): what a user
+    tower reading the history is fed, and the history a ranking stage reads in a funnel."""
 
     def __post_init__(self) -> None:
         self._user_index = {raw: i + 1 for i, raw in enumerate(self.user_vocab)}
@@ -162,20 +203,51 @@ class Stage:
         for lo in progress_over(range(0, len(idx), batch), progress, desc=f"{tower} vectors", unit="batch"):
             rows = torch.as_tensor(idx[lo : lo + batch])
             dense, kjt = model_inputs(self.meta, len(rows), [(table, rows)])
+            if self.arch.history:  # the user tower reads the history; the item tower gets empty bags
+                bags = self.bags(rows) if tower == "user" else empty_bags(len(rows))
+                kjt = with_feature(kjt, HISTORY_FEATURE, *bags)
             out.append(self.kind.embed(self.model, dense, kjt, tower).float().numpy())
         dim = self.arch.tower_layers[-1] if self.arch.tower_layers else self.arch.embedding_dim
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
+    def bags(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history bags (values, lengths) of user indices, as training reads them (whole histories)."""
+        if self.histories is None:
+            raise RecsysError(
+                f"a {self.kind.name} model reading user histories needs its dataset's histories.parquet "
+                f"(dataset {self.meta.dataset!r} has none: prepare it again)"
+            )
+        return self.histories.lookup(users, max_len=self.arch.history_max_len)
+
     @torch.no_grad()
-    def score_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """The model's probability for each (user index, item index) row."""
+    def score_pairs(
+        self,
+        users: np.ndarray,
+        items: np.ndarray,
+        candidate: Mapping[str, np.ndarray] | None = None,
+        bags: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The model's probability for each (user index, item index) row; ``candidate``: the rows'
+        candidate features (raw, by name); ``bags``: each row's history as (values, lengths) in this
+        stage's item indices, for a model that reads it."""
+        require(not self.arch.history or bags is not None, f"a {self.kind.name} ranking model here needs histories")
+        step = HISTORY_ROWS if self.arch.history else RERANK_ROWS
+        starts = None if bags is None else np.r_[0, np.cumsum(bags[1])]
         out = []
-        for lo in range(0, len(users), RERANK_ROWS):
-            u = torch.as_tensor(users[lo : lo + RERANK_ROWS])
-            i = torch.as_tensor(items[lo : lo + RERANK_ROWS])
-            dense, kjt = model_inputs(self.meta, len(u), [(self.users, u), (self.items, i)])
+        for lo in range(0, len(users), step):
+            hi = min(lo + step, len(users))
+            u, i = torch.as_tensor(users[lo:hi]), torch.as_tensor(items[lo:hi])
+            chunk = None if candidate is None else {k: v[lo:hi] for k, v in candidate.items()}
+            dense, kjt = model_inputs(self.meta, len(u), [(self.users, u), (self.items, i)], chunk)
+            if self.arch.history and bags is not None and starts is not None:
+                values = torch.as_tensor(bags[0][starts[lo] : starts[hi]])
+                kjt = with_feature(kjt, HISTORY_FEATURE, values, torch.as_tensor(bags[1][lo:hi]).to(torch.int32))
             out.append(self.scorer(dense, kjt).float().reshape(-1).numpy())
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def empty_bags(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(0, dtype=torch.int64), torch.zeros(n, dtype=torch.int32)
 
 
 def item_vectors(stage: Stage, batch: int = 4096, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -207,7 +279,10 @@ class Recommender:
     """The funnel: retrieval stage + vector index + optional ranking stage, with the popularity fallback.
 
     ``seen[u]``: raw ids of the items user index ``u`` had in train (never recommended to them);
-    ``popular``: raw item ids, most popular first, with their share of train positives.
+    ``popular``: raw item ids, most popular first, with their share of train positives; ``pairs``: the
+    retrieval stage's train pairs (``user_id``, ``item_id``, ``label``), what a ranking stage trained on
+    candidates computes its candidate features from; ``retrieval_run``: the retrieval stage's run id,
+    checked against the run whose candidates such a ranker learned from.
     """
 
     def __init__(
@@ -217,11 +292,32 @@ class Recommender:
         seen: dict[int, set[str]],
         popular: tuple[np.ndarray, np.ndarray],
         ranking: Stage | None = None,
+        pairs: pd.DataFrame | None = None,
+        retrieval_run: str | None = None,
     ) -> None:
         require(retrieval.kind.retrieves, f"--retrieval: a {retrieval.kind.name} model cannot retrieve (no towers)")
         self.retrieval, self.index, self.seen, self.ranking = retrieval, index, seen, ranking
         self.popular_ids, self.popular_scores = popular
         self._index_position = index.positions()
+        self.ranking_features = candidate_feature_names(ranking.meta) if ranking is not None else []
+        """The candidate features the ranking stage reads (empty: a ranker trained on rated pairs)."""
+        self.features: CandidateFeatures | None = None
+        self.trained_candidates: int | None = None
+        self._warned = False
+        if ranking is not None and self.ranking_features:
+            spec = check_candidates(ranking.meta, retrieval, retrieval_run)
+            require(pairs is not None, "a ranking stage trained on candidates needs the retrieval stage's train pairs")
+            assert pairs is not None
+            lam = (
+                float(spec.get("item_item_lambda", 0.0)) if set(ITEM_ITEM_FEATURES) & set(self.ranking_features) else 0
+            )
+            self.features = CandidateFeatures(index.ids, index.vectors, raw_pairs(pairs, retrieval), lam)
+            self.trained_candidates = int(spec["candidates"])
+        self._ranking_item = None
+        if ranking is not None and ranking.arch.history:
+            # the ranking stage's item index of each retrieval item index (0: unknown to the ranker)
+            self._ranking_item = ranking.item_index(["", *retrieval.item_vocab])
+            self._ranking_item[0] = 0
 
     # -- the stages ----------------------------------------------------------------------------------
 
@@ -231,13 +327,70 @@ class Recommender:
         scores, ids = search(self.index, queries, n, exclude=list(exclude))
         return Candidates(ids.astype(str), scores)
 
-    def rank(self, user_raw: Sequence[str], found: Candidates) -> np.ndarray:
-        """The ranking stage's probability of each candidate (rows: users, as raw ids; "" = unknown)."""
+    def rank(
+        self, user_raw: Sequence[str], found: Candidates, histories: Sequence[Sequence[str]] | None = None
+    ) -> np.ndarray:
+        """The ranking stage's probability of each candidate (rows: users, as raw ids; "" = unknown).
+
+        ``histories``: for anonymous queries, the raw ids of the items each brought (their history
+        and likes); else each user's are the retrieval stage's train items. A ranker trained on
+        candidates also reads the candidate features (``modules.candidates``), one that reads
+        histories the user's history (in its own item vocabulary; items it does not know left out).
+        """
         assert self.ranking is not None
         m, n = found.ids.shape
+        step = max(1, (HISTORY_ROWS if self.ranking.arch.history else RERANK_ROWS) // max(n, 1))
+        out = []
+        for lo in range(0, m, step):
+            rows = slice(lo, min(lo + step, m))
+            given = None if histories is None else list(histories[rows])
+            inputs = self.ranking_rows(list(user_raw[rows]), Candidates(found.ids[rows], found.scores[rows]), given)
+            out.append(self.ranking.score_pairs(*inputs).reshape(-1, n))
+        return np.concatenate(out) if out else np.zeros((0, n), np.float32)
+
+    def ranking_rows(
+        self, user_raw: Sequence[str], found: Candidates, histories: Sequence[Sequence[str]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None, tuple[np.ndarray, np.ndarray] | None]:
+        """What the ranking stage scores for ``found`` (see ``rank``), row by row (query-major): its user
+        and item indices, the raw candidate features by name and the history bags (``Stage.score_pairs``'
+        arguments; ``model_inputs`` encodes them as the ranking data was encoded)."""
+        assert self.ranking is not None
+        n = found.ids.shape[1]
         users = np.repeat(self.ranking.user_index(user_raw), n)
         items = self.ranking.item_index(found.ids.reshape(-1).tolist())
-        return self.ranking.score_pairs(users, items).reshape(m, n)
+        candidate = None
+        if self.features is not None:
+            if histories is None:
+                touched, liked = zip(*(self.features.known(u) for u in user_raw), strict=True)
+                who: list[str | None] = list(user_raw)
+            else:
+                touched = liked = tuple(self.features.positions(h) for h in histories)
+                who = [None] * len(histories)
+            values = self.features.compute(found.ids, found.scores, touched, liked, who)
+            candidate = {name: values[name].reshape(-1) for name in self.ranking_features}
+        bags = self.ranking_bags(user_raw, histories, n) if self.ranking.arch.history else None
+        return users, items, candidate, bags
+
+    def ranking_bags(
+        self, user_raw: Sequence[str], histories: Sequence[Sequence[str]] | None, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's history bag (values, lengths) in the ranking stage's item indices, every query's
+        repeated for its ``n`` candidates: a user's train history (the retrieval stage's, oldest first),
+        or an anonymous query's items; the most recent ``history_max_len`` kept."""
+        assert self.ranking is not None and self._ranking_item is not None
+        if histories is None:
+            users = torch.as_tensor(self.retrieval.user_index(user_raw))
+            values, lengths = self.retrieval.bags(users) if len(users) else empty_bags(0)
+            ends = np.cumsum(lengths.numpy())
+            mapped = self._ranking_item[values.numpy()]
+            per_query = [mapped[e - ln : e] for e, ln in zip(ends, lengths.numpy(), strict=True)]
+        else:
+            per_query = [self.ranking.item_index([str(i) for i in h]) for h in histories]
+        cap = self.ranking.arch.history_max_len
+        per_query = [b[b > 0][-cap:] if cap > 0 else b[b > 0] for b in per_query]
+        lengths_out = np.repeat([len(b) for b in per_query], n).astype(np.int32)
+        values_out = np.concatenate([np.tile(b, n) for b in per_query]) if per_query else np.zeros(0, np.int64)
+        return values_out.astype(np.int64), lengths_out
 
     def joint(self, found: Candidates, probabilities: np.ndarray) -> np.ndarray:
         """The reranking score: retrieval logit (similarity / temperature) + log of the ranking stage's
@@ -324,18 +477,37 @@ class Recommender:
             rows.append(r)
             exclude.append(set(known))
         if rows:
-            answers = self.run(np.stack(queries), exclude, [""] * len(rows), k, candidates)
+            given = [[i for i in histories[r] if str(i).strip() in self._index_position] for r in rows]
+            answers = self.run(np.stack(queries), exclude, [""] * len(rows), k, candidates, given)
             for r, answer in zip(rows, answers, strict=True):
                 out[r] = answer
         return [r for r in out if r is not None]
 
     def run(
-        self, queries: np.ndarray, exclude: Sequence[set[str]], user_raw: Sequence[str], k: int, candidates: int
+        self,
+        queries: np.ndarray,
+        exclude: Sequence[set[str]],
+        user_raw: Sequence[str],
+        k: int,
+        candidates: int,
+        histories: Sequence[Sequence[str]] | None = None,
     ) -> list[Recommendation]:
-        """Retrieve ``candidates`` per query, rerank them when there is a ranking stage, keep the top ``k``."""
+        """Retrieve ``candidates`` per query, rerank them when there is a ranking stage, keep the top ``k``:
+        by the ranking probability for a ranker trained on candidates (the retrieval score is one of
+        its features), else by ``joint``."""
         found = self.candidates(queries, exclude, max(candidates, k))
-        scores = found.scores if self.ranking is None else self.joint(found, self.rank(user_raw, found))
-        return self.finish(found, scores, k)
+        if self.ranking is None:
+            return self.finish(found, found.scores, k)
+        if self.trained_candidates not in (None, found.ids.shape[1]) and not self._warned:
+            self._warned = True
+            log.warning(
+                "the ranking stage learned from %d candidates per user; reranking %d (pass --candidates %d)",
+                self.trained_candidates,
+                found.ids.shape[1],
+                self.trained_candidates,
+            )
+        probabilities = self.rank(user_raw, found, histories)
+        return self.finish(found, probabilities if self.features is not None else self.joint(found, probabilities), k)
 
 
 def progress_over(steps: range, progress: bool, **bar: Any) -> Iterable[int]:
@@ -383,6 +555,45 @@ def popularity(pairs: pd.DataFrame, stage: Stage) -> tuple[np.ndarray, np.ndarra
     if len(order) == 0:
         raise RecsysError(f"dataset {stage.meta.dataset!r}: no train interactions to rank popular items by")
     return stage.item_raw[order].astype(str), counts[order] / max(int(counts.sum()), 1)
+
+
+def raw_pairs(pairs: pd.DataFrame, stage: Stage) -> pd.DataFrame:
+    """(user, item, label) in raw ids of a split's encoded user_id/item_id/label rows."""
+    users = np.array(["", *stage.user_vocab], dtype=object)
+    return pd.DataFrame(
+        {
+            "user": users[pairs.user_id.to_numpy(np.int64)],
+            "item": stage.item_raw[pairs.item_id.to_numpy(np.int64)],
+            "label": pairs.label.to_numpy(np.float32),
+        }
+    )
+
+
+def check_candidates(meta: DatasetMetadata, retrieval: Stage, retrieval_run: str | None) -> dict[str, Any]:
+    """The provenance of a ranking dataset built from a retrieval stage's candidates, after refusing
+    (one line) a funnel whose retrieval stage is neither the run that produced the candidates nor the
+    one they were built to be served with, or whose dataset is not that run's. Returns
+    ``metadata.json: candidates``."""
+    spec = meta.candidates
+    require(bool(spec), f"dataset {meta.dataset!r} has candidate features but no candidates provenance")
+    runs = {
+        spec.get("retrieval_run"): spec.get("retrieval_dataset"),
+        spec.get("serving_run"): spec.get("serving_dataset"),
+    }
+    if retrieval_run is not None and retrieval_run not in runs:
+        raise RecsysError(
+            f"--ranking: trained on the candidates of retrieval run {spec.get('retrieval_run')} "
+            f"(served with {spec.get('serving_run')}), not {retrieval_run}: build its data with "
+            "`recsys data candidates` for this retrieval run and train it again"
+        )
+    have = dataset_fingerprint(retrieval.meta, retrieval.user_vocab, retrieval.item_vocab)
+    allowed = [runs[retrieval_run]] if retrieval_run is not None else list(runs.values())
+    if have not in allowed:
+        raise RecsysError(
+            "--ranking: trained on candidates for another dataset than the retrieval stage's "
+            f"({str(allowed[0])[:12]} vs {have[:12]}): build its data from this retrieval run and train it again"
+        )
+    return dict(spec)
 
 
 def describe(rec: Recommendation, titles: dict[str, str] | None = None) -> list[dict[str, Any]]:

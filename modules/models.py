@@ -23,7 +23,11 @@ from modules.config import ModelConfig
 
 
 def table_configs(
-    meta: DatasetMetadata, dim: int, history: str | None = None, history_pooling: str = "mean"
+    meta: DatasetMetadata,
+    dim: int,
+    history: str | None = None,
+    history_pooling: str = "mean",
+    drop: tuple[str, ...] = (),
 ) -> list[EmbeddingBagConfig]:
     """One table per sparse feature: ``cardinality`` rows (index 0 = out of vocabulary).
 
@@ -36,11 +40,14 @@ def table_configs(
     the shared table was the better of the two on validation (docs/HISTORY.md), so the preset shares.
     A shared table pools by mean, which leaves the single-hot item id as it is. ``history_pooling``
     ``sum`` or ``sqrt`` pools the history by sum (the model divides ``sqrt`` bags by sqrt(length)).
+    Features in ``drop`` get no table: the model does not read them (the batches still carry them).
     """
     history_mean = history_pooling == "mean"
     item_key = meta.item_id_feature or "item_id"
     configs = []
     for f in meta.sparse_features:
+        if f.name in drop:
+            continue
         names = [f.name]
         mean = f.multi_hot
         if history == "item" and f.name == item_key:
@@ -224,10 +231,12 @@ def history_table(meta: DatasetMetadata, cfg: ModelConfig) -> str | None:
     return cfg.history_table
 
 
-def new_collection(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device) -> EmbeddingBagCollection:
+def new_collection(
+    meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device, drop: tuple[str, ...] = ()
+) -> EmbeddingBagCollection:
     """One EmbeddingBagCollection with a table per sparse feature of the dataset (and, with
-    ``--arch.history``, the history feature's, see ``table_configs``), on ``device``."""
-    tables = table_configs(meta, cfg.embedding_dim, history_table(meta, cfg), cfg.history_pooling)
+    ``--arch.history``, the history feature's, see ``table_configs``; ``drop``: features left out), on ``device``."""
+    tables = table_configs(meta, cfg.embedding_dim, history_table(meta, cfg), cfg.history_pooling, drop)
     return EmbeddingBagCollection(tables=tables, device=torch.device(device))
 
 
@@ -239,7 +248,16 @@ def ranking_collection(meta: DatasetMetadata, cfg: ModelConfig, device: str | to
         "ranking models read the history mean-pooled and leave-one-out "
         "(--arch.history_pooling mean, --arch.history_leave_one_out true)",
     )
-    return new_collection(meta, cfg, device)
+    names = [f.name for f in meta.sparse_features]
+    unknown = [n for n in cfg.drop_features if n not in names]
+    require(not unknown, f"--arch.drop_features: dataset {meta.dataset!r} has no feature {', '.join(unknown)}")
+    drop = tuple(cfg.drop_features)
+    require(
+        not (cfg.history and cfg.history_table == "item" and (meta.item_id_feature or "item_id") in drop),
+        "--arch.drop_features: the history reads the item id table (--arch.history_table item); keep the item id",
+    )
+    require(len(drop) < len(names) or cfg.history, "--arch.drop_features: the model would read no sparse feature")
+    return new_collection(meta, cfg, device, drop)
 
 
 def build_two_tower(meta: DatasetMetadata, cfg: ModelConfig, device: str | torch.device = "meta") -> nn.Module:

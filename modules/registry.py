@@ -71,6 +71,8 @@ class ModelKind:
         evaluated = ["auroc", "logloss"]
         if self.dataset_task == "retrieval":
             evaluated += [f"recall_at_{k}", f"ndcg_at_{k}"]
+        else:  # within the candidate lists of ranking data built by `recsys data candidates`
+            evaluated += [f"ndcg_at_{k}"]
         return ("train/loss_epoch", *(f"val/{m}" for m in evaluated))
 
     @property
@@ -130,7 +132,10 @@ def _retrieval_task(model: nn.Module, inputs: TaskInputs) -> Any:
 def _ranking_task(model: nn.Module, inputs: TaskInputs) -> Any:
     from modules.tasks import HistoryFeature, RankingTask
 
-    return RankingTask(model, inputs.optim, HistoryFeature.of(inputs.arch, inputs.meta, inputs.histories))
+    history = HistoryFeature.of(inputs.arch, inputs.meta, inputs.histories)
+    # candidate lists (recsys data candidates): rows grouped by user, scored per list
+    lists = (inputs.meta.user_id_feature or "user_id") if inputs.meta.candidates else None
+    return RankingTask(model, inputs.optim, history, lists, inputs.arch.loss == "softmax", inputs.k)
 
 
 def _pair_scorer(model: nn.Module, cfg: ModelConfig) -> nn.Module:

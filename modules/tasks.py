@@ -126,7 +126,9 @@ class RecTask(L.LightningModule):
         raise NotImplementedError
 
     def _score(self, batch: Any, split: str) -> None:
-        logits = self.logits(batch)
+        self._update(self.logits(batch), batch, split)
+
+    def _update(self, logits: torch.Tensor, batch: Any, split: str) -> None:
         labels = batch.labels
         m: Any = self.metrics[split]
         m["auroc"].update(torch.sigmoid(logits), labels.long())
@@ -159,15 +161,99 @@ class RecTask(L.LightningModule):
 
 class RankingTask(RecTask):
     """Binary classification of the label with BCE on the model's logit (DLRM, DCN, DeepFM); with
-    ``history`` the model also reads the user's train history, the row's own item left out in training."""
+    ``history`` the model also reads the user's train history, the row's own item left out in training.
+
+    On ranking data made of whole candidate lists (``recsys data candidates``: one MDS block per user's
+    list), ``lists`` names the feature that groups a batch's rows into lists (the user id): then
+    NDCG@K within each list is logged as ``{split}/ndcg_at_K``, and ``listwise`` trains with a softmax
+    over each list instead of BCE (each liked row against the whole list, averaged per list)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        history: HistoryFeature | None = None,
+        lists: str | None = None,
+        listwise: bool = False,
+        k: int = 10,
+    ) -> None:
+        super().__init__(model, optim, history)
+        if listwise and lists is None:
+            raise RecsysError(
+                "--arch.loss softmax: a ranking model learns listwise only from the candidate lists of "
+                "recsys data candidates"
+            )
+        self.lists, self.listwise, self.k = lists, listwise, k
+        if lists is not None:
+            for split in ("val", "test"):
+                split_metrics: Any = self.metrics[split]
+                split_metrics[f"ndcg_at_{k}"] = torchmetrics.MeanMetric()
 
     def logits(self, batch: Any, training: bool = False) -> torch.Tensor:
         return self.model(batch.dense_features, self.with_history(batch.sparse_features, training)).squeeze(-1)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = nn.functional.binary_cross_entropy_with_logits(self.logits(batch, training=True), batch.labels)
+        logits = self.logits(batch, training=True)
+        if self.listwise and self.lists is not None:
+            loss = listwise_loss(logits, batch.labels, single_ids(batch.sparse_features, self.lists))
+        else:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.labels))
         return loss
+
+    def _update(self, logits: torch.Tensor, batch: Any, split: str) -> None:
+        super()._update(logits, batch, split)
+        if self.lists is not None:
+            total, lists = list_ndcg(logits, batch.labels, single_ids(batch.sparse_features, self.lists), self.k)
+            if lists:
+                split_metrics: Any = self.metrics[split]
+                split_metrics[f"ndcg_at_{self.k}"].update(total / lists, weight=lists)
+
+
+def list_groups(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each row's list number (0..G-1) and the number of lists G."""
+    _, inverse = torch.unique(groups, return_inverse=True)
+    return inverse, int(inverse.max()) + 1 if len(inverse) else 0
+
+
+def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy within lists: minus the mean, over each list's liked rows, of their log
+    softmax over the list, averaged over the lists with a liked row (ListNet's loss with the labels,
+    normalised, as the target distribution)."""
+    g, count = list_groups(groups)
+    peak = torch.full((count,), -torch.inf, device=logits.device).scatter_reduce(0, g, logits.detach(), "amax")
+    shifted = logits - peak[g]
+    norm = torch.zeros(count, device=logits.device, dtype=logits.dtype).index_add_(0, g, shifted.exp())
+    log_softmax = shifted - norm.log()[g]
+    liked = (labels > 0.5).to(logits.dtype)
+    per_list = torch.zeros(count, device=logits.device, dtype=logits.dtype).index_add_(0, g, liked)
+    with_liked = per_list > 0
+    if not bool(with_liked.any()):
+        return logits.sum() * 0.0  # keeps every rank's backward in step
+    loss = -(log_softmax * liked / per_list.clamp(min=1)[g]).sum()
+    return loss / with_liked.sum()
+
+
+def list_ndcg(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, k: int) -> tuple[float, int]:
+    """(sum over lists of NDCG@k of the lists ordered by ``logits``, number of lists with a liked row);
+    the ideal order puts a list's liked rows first (liked items outside the list are not counted)."""
+    g, count = list_groups(groups)
+    if count == 0:
+        return 0.0, 0
+    by_score = torch.argsort(-logits.detach(), stable=True)
+    order = by_score[torch.argsort(g[by_score], stable=True)]  # rows by list, best first within each
+    sizes = torch.bincount(g, minlength=count)
+    starts = torch.cumsum(sizes, 0) - sizes
+    position = torch.arange(len(order), device=logits.device) - starts[g[order]]
+    discount = 1.0 / torch.log2(position.to(torch.float64) + 2.0)
+    liked = (labels[order] > 0.5).to(torch.float64)
+    top = (position < k).to(torch.float64)
+    dcg = torch.zeros(count, dtype=torch.float64, device=logits.device).index_add_(0, g[order], liked * discount * top)
+    n_liked = torch.zeros(count, dtype=torch.float64, device=logits.device).index_add_(0, g, (labels > 0.5).double())
+    ideal_table = torch.cumsum(1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=logits.device) + 2.0), 0)
+    has = n_liked > 0
+    ideal = ideal_table[(n_liked.clamp(min=1, max=k) - 1).long()]
+    return float((dcg[has] / ideal[has]).sum()), int(has.sum())
 
 
 # -- retrieval ---------------------------------------------------------------------------------------

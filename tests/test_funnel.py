@@ -224,15 +224,7 @@ def test_refusals_are_one_line(runs: Runs, tmp_path: Path, capsys: pytest.Captur
 
     client = MlflowClient(runs.tracking)
     empty = client.create_run(client.get_run(runs.retrieval).info.experiment_id).info.run_id  # no weights logged
-    # a model that reads user histories: the funnel does not look them up (one line, before any download)
-    history_run = client.create_run(client.get_run(runs.retrieval).info.experiment_id).info.run_id
-    (tmp_path / "model_state").mkdir()
-    (tmp_path / "model_state" / "state_dict.pt").write_bytes(b"")
-    client.log_artifact(history_run, str(tmp_path / "model_state" / "state_dict.pt"), "model_state")
-    (tmp_path / "config.yaml").write_text("model: dcn\narch:\n  history: true\ndata:\n  path: nowhere\n")
-    client.log_artifact(history_run, str(tmp_path / "config.yaml"))
     cases = [
-        (["recommend", "--retrieval", runs.retrieval, "--ranking", history_run, "--user", "1"], "--arch.history"),
         (["recommend", "--retrieval", empty, "--user", "1"], "the run has no model_state/state_dict.pt"),
         (["recommend", "--retrieval", runs.retrieval], "exactly one of --user"),
         (["recommend", "--retrieval", runs.retrieval, "--user", "1", "--history", "1"], "exactly one of --user"),
@@ -267,6 +259,217 @@ def test_prepare_keeps_item_titles_beside_the_shards(ml_dataset: Path) -> None:
     assert titles.set_index("item").title["3"] == "Movie 3 (1990)"
     meta = json.loads((ml_dataset / "metadata.json").read_text())
     assert "item_titles" not in json.dumps(meta)  # no model reads it: not part of the schema
+
+
+# -- a ranking stage trained on the retrieval stage's own candidates (issue 17) ---------------------------
+
+CANDIDATES = 8
+
+
+@dataclasses.dataclass
+class FunnelRuns:
+    """Ranking data built from ``runs.retrieval``'s candidates, and a DCN reading the history trained on it."""
+
+    data: Path
+    ranking: str
+
+
+def candidate_ranker(runs: Runs, out: Path) -> FunnelRuns:
+    """``recsys data candidates`` on the tiny set, then the shipped funnel ranking preset, shrunk."""
+    from app.candidates import CandidatesConfig, build_candidates
+
+    cfg = CandidatesConfig(
+        retrieval=runs.retrieval,
+        data=str(runs.data),
+        out=str(out),
+        candidates=CANDIDATES,
+        val_users=0.3,
+        tracking_uri=runs.tracking,
+    )
+    build_candidates(cfg)
+    train = shrink("funnel-ranking", out, runs.work, "--batch-size=32", tracking=True)
+    return FunnelRuns(out, str(run_training(train)["run_id"]))
+
+
+@pytest.fixture(scope="module")
+def funnel(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> FunnelRuns:
+    return candidate_ranker(runs, tmp_path_factory.mktemp("candidates") / "data")
+
+
+def raw_rows(path: Path, split: str) -> pd.DataFrame:
+    """(user, item, label) of a split's pairs in raw ids (through the dataset's own vocabularies)."""
+    users = ["", *json.loads((path / "vocab" / "user_id.json").read_text())]
+    items = ["", *json.loads((path / "vocab" / "item_id.json").read_text())]
+    pairs = pd.read_parquet(path / "pairs" / f"{split}.parquet")
+    return pd.DataFrame(
+        {
+            "user": [users[u] for u in pairs.user_id],
+            "item": [items[i] for i in pairs.item_id],
+            "label": pairs.label.to_numpy(),
+        }
+    )
+
+
+def test_candidate_labels_never_come_from_pairs_the_retriever_trained_on(runs: Runs, funnel: FunnelRuns) -> None:
+    meta = json.loads((funnel.data / "metadata.json").read_text())
+    spec = meta["candidates"]
+    assert spec["retrieval_run"] == spec["serving_run"] == runs.retrieval and spec["candidates"] == CANDIDATES
+    rows = pd.concat([raw_rows(funnel.data, "train"), raw_rows(funnel.data, "val")])
+    train, val, test = (raw_rows(runs.data, s) for s in ("train", "val", "test"))
+    pairs = set(zip(rows.user, rows.item, strict=True))
+    assert not pairs & set(zip(train.user, train.item, strict=True))  # never a pair the retriever trained on
+    liked_val = set(zip(val.user[val.label > 0.5], val.item[val.label > 0.5], strict=True))
+    positives = set(zip(rows.user[rows.label > 0.5], rows.item[rows.label > 0.5], strict=True))
+    assert positives and positives == pairs & liked_val  # every label is "liked in val", nothing else
+    liked_test = set(zip(test.user[test.label > 0.5], test.item[test.label > 0.5], strict=True))
+    assert not positives & liked_test
+    assert set(raw_rows(funnel.data, "train").user).isdisjoint(raw_rows(funnel.data, "val").user)  # split by user
+    assert rows.groupby("user").size().eq(CANDIDATES).all()
+    assert meta["splits"]["test"]["rows"] == 0
+    assert [d["name"] for d in meta["dense_features"] if d["tower"] == "candidate"] == spec["features"]
+
+
+def test_served_rows_are_the_rows_the_ranker_trained_on(runs: Runs, funnel: FunnelRuns, tmp_path: Path) -> None:
+    """The funnel computes a candidate's inputs as the ranking data stored them (offline = served)."""
+    from datamodules.config import DataConfig
+    from datamodules.streaming import StreamingDataModule
+    from modules.funnel import Candidates, model_inputs
+
+    rec = load_bundle(assemble_bundle(runs.retrieval, funnel.ranking, tmp_path / "bundle", runs.tracking)).recommender
+    assert rec.ranking.arch.history and rec.features is not None
+    dm = StreamingDataModule(DataConfig(path=str(funnel.data), batch_size=8, shuffle=False, cache_dir=str(tmp_path)))
+    stored: dict[tuple[int, int], np.ndarray] = {}
+    for batch in dm.val_dataloader():
+        users, items = (batch.sparse_features[k].values().tolist() for k in ("user_id", "item_id"))
+        for r, key in enumerate(zip(users, items, strict=True)):
+            stored[key] = batch.dense_features[r].numpy()
+    dm.teardown()
+    stage = rec.ranking
+    user_idx = sorted({u for u, _ in stored})
+    users = [stage.user_vocab[u - 1] for u in user_idx]
+    query = rec.retrieval.embed("user", rec.retrieval.user_index(users))
+    found = rec.candidates(query, [rec.seen[int(i)] for i in rec.retrieval.user_index(users)], CANDIDATES)
+    u, i, candidate, bags = rec.ranking_rows(users, Candidates(found.ids, found.scores))
+    dense, _ = model_inputs(
+        stage.meta, len(u), [(stage.users, torch.as_tensor(u)), (stage.items, torch.as_tensor(i))], candidate
+    )
+    assert set(zip(u.tolist(), i.tolist(), strict=True)) == set(stored)
+    for r, key in enumerate(zip(u.tolist(), i.tolist(), strict=True)):
+        np.testing.assert_allclose(dense[r].numpy(), stored[key], rtol=1e-5, atol=1e-5)
+    # every row reads its user's whole train history, as the ranker's training rows of val users did
+    from datamodules.histories import UserHistories
+
+    stored_histories = UserHistories.from_table(
+        pd.read_parquet(funnel.data / "histories.parquet"), stage.meta.feature("user_id").cardinality
+    )
+    assert bags is not None and (bags[1] > 0).all()
+    ends = np.cumsum(bags[1])
+    for r, user in enumerate(u.tolist()):
+        assert bags[0][ends[r] - bags[1][r] : ends[r]].tolist() == stored_histories.of(user)
+
+
+def test_candidate_ranker_orders_by_its_probability_and_history_requests_work(
+    runs: Runs, funnel: FunnelRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rec = load_bundle(assemble_bundle(runs.retrieval, funnel.ranking, tmp_path / "bundle", runs.tracking)).recommender
+    user = rec.retrieval.user_vocab[0]
+    ranked = rec.recommend_users([user], k=K, candidates=CANDIDATES)[0]
+    found = rec.candidates(rec.retrieval.embed("user", rec.retrieval.user_index([user])), [rec.seen[1]], CANDIDATES)
+    probabilities = rec.rank([user], found)[0]
+    order = np.argsort(-probabilities, kind="stable")[:K]
+    assert ranked.items == found.ids[0][order].tolist()
+    assert ranked.scores == pytest.approx(probabilities[order].tolist(), rel=1e-5)
+    code, out, err = cli(
+        capsys, runs, "recommend", "--retrieval", runs.retrieval, "--ranking", funnel.ranking, "--user", user,
+        "--k", str(K), "--candidates", str(CANDIDATES),
+    )  # fmt: skip
+    assert code == 0, err
+    assert [line.split()[2] for line in out.splitlines()[1:]] == ranked.items  # the CLI's list is the same
+    liked = rec.retrieval.item_vocab[:3]
+    (answer,) = rec.recommend_histories([liked], k=K, candidates=CANDIDATES)
+    assert answer.source == MODEL and len(answer.items) == K and not set(answer.items) & set(liked)
+
+
+def test_candidate_ranker_refuses_another_retrieval_run_or_dataset(
+    runs: Runs, funnel: FunnelRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.candidates import CandidatesConfig, build_candidates
+    from core.errors import RecsysError
+    from modules.funnel import check_candidates
+
+    code, _, err = cli(capsys, runs, "recommend", "--retrieval", runs.other, "--ranking", funnel.ranking, "--user", "1")
+    assert code == 2 and f"trained on the candidates of retrieval run {runs.retrieval}" in one_line(err)
+    stage = load_bundle(assemble_bundle(runs.retrieval, None, tmp_path / "bundle", runs.tracking)).recommender.retrieval
+    meta = load_stage(fetch_stage(funnel.ranking, runs.tracking, tmp_path / "ranking", "--ranking", False)).meta
+    other = dataclasses.replace(
+        meta, candidates={**meta.candidates, "serving_dataset": "0" * 64, "retrieval_dataset": "0" * 64}
+    )
+    with pytest.raises(RecsysError, match="another dataset than the retrieval stage's"):
+        check_candidates(other, stage, runs.retrieval)
+    # the data step itself: a run trained on another dataset, a bad flag
+    from conftest import ratings_frame, tiny_prepare, write_ml100k
+
+    from datamodules.prepare import prepare
+
+    src = write_ml100k(tmp_path / "src", ratings_frame(n_users=60, n_items=50, per_user=16))
+    prepare(tiny_prepare(tmp_path / "reseeded", "movielens-100k", source=str(src), block_rows=16, seed=3))
+    with pytest.raises(RecsysError, match="trained on another dataset than --data"):
+        build_candidates(
+            CandidatesConfig(
+                runs.retrieval, str(tmp_path / "reseeded"), str(tmp_path / "c"), tracking_uri=runs.tracking
+            )
+        )
+    code, _, err = cli(
+        capsys, runs, "data", "candidates", "--retrieval", runs.retrieval, "--data", str(runs.data),
+        "--out", str(tmp_path / "c2"), "--candidates", "0",
+    )  # fmt: skip
+    assert code == 2 and "--candidates: must be at least 1" in one_line(err)
+
+
+def test_all_users_batch_serves_the_candidate_ranker_as_recommend_does(
+    runs: Runs, funnel: FunnelRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`recommend --all-users` goes through the same Recommender: the candidate ranker (features and
+    history) gives the lists `recommend --users` gives (one local process; the engines: test_batch.py)."""
+    from app.batch import AllUsersConfig, recommend_all_users
+
+    users = [str(u) for u in json.loads((runs.data / "vocab" / "user_id.json").read_text())]
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    base = ["recommend", "--retrieval", runs.retrieval, "--ranking", funnel.ranking, "--k", str(K)]
+    base += ["--candidates", str(CANDIDATES)]
+    code, _, err = cli(
+        capsys, runs, *base, "--users", str(tmp_path / "users.txt"), "--out", str(tmp_path / "one.parquet")
+    )
+    assert code == 0, err
+    single = pd.read_parquet(tmp_path / "one.parquet")
+    cfg = AllUsersConfig(
+        retrieval=runs.retrieval,
+        ranking=funnel.ranking,
+        out=str(tmp_path / "all"),
+        k=K,
+        candidates=CANDIDATES,
+        partitions=2,
+        tracking_uri=runs.tracking,
+        progress=False,
+    )
+    recommend_all_users(cfg)
+    table = pd.read_parquet(tmp_path / "all")
+    both = single.merge(table, on=["user", "rank"], suffixes=("_one", "_all"), validate="one_to_one")
+    assert len(both) == len(single) == len(table) and set(table.user) == set(users)
+    assert (both.item_one == both.item_all).all() and (both.score_one - both.score_all).abs().max() <= 1e-6
+
+
+def test_history_two_tower_indexes_and_recommends(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
+    """A retrieval model whose user tower reads the history is served too: the bundle carries the histories."""
+    cfg = shrink("two-tower-history-movielens", runs.data, runs.work, tracking=True)
+    run = str(run_training(cfg)["run_id"])
+    code, out, err = cli(capsys, runs, "recommend", "--retrieval", run, "--user", "1", "--k", "3")
+    assert code == 0, err
+    items = [line.split()[2] for line in out.splitlines()[1:]]
+    pairs = pd.read_parquet(runs.data / "pairs" / "train.parquet")
+    vocab = json.loads((runs.data / "vocab" / "item_id.json").read_text())
+    user = json.loads((runs.data / "vocab" / "user_id.json").read_text()).index("1") + 1
+    assert len(items) == 3 and not set(items) & {vocab[i - 1] for i in pairs.item_id[pairs.user_id == user]}
 
 
 # -- outputs, integrity and crafted artifacts (issue 18) ---------------------------------------------

@@ -12,6 +12,8 @@ import pytest
 from conftest import ratings_frame, tiny_prepare
 
 from app.cli import main
+from core.errors import RecsysError
+from datamodules.chunked import interaction_chunks
 from datamodules.config import PrepareConfig, SyntheticConfig
 from datamodules.integrity import record_shard_hashes
 from datamodules.prepare import prepare, prepare_interactions
@@ -123,3 +125,25 @@ def test_ids_ordered_as_strings_without_strings() -> None:
     ids = np.r_[np.arange(0, 1200), [9_999_999, 1_000_000, 10_000, 99_999]]
     np.random.default_rng(0).shuffle(ids)
     assert [str(i) for i in lexicographic(ids)] == sorted(str(i) for i in ids)
+
+
+def test_parquet_in_chunks_refuses_what_the_whole_file_refuses(tmp_path: Path) -> None:
+    """Null ids in a later chunk, float ids, a label outside {0, 1} in a later chunk: the chunked reader's
+    one-line error is the whole-file reader's (no line numbers: Parquet has none)."""
+    good = pd.DataFrame({"user": range(40), "item": [str(i % 5) for i in range(40)], "label": [0, 1] * 20})
+    cases = {
+        "null id late": good.assign(user=[*range(39), None]),  # an integer column with a null: doubles
+        "float ids": good.assign(user=good["user"].astype(float)),
+        "label late": good.assign(label=[0] * 39 + [7]),
+    }
+    for name, frame in cases.items():
+        src = tmp_path / f"{name.replace(' ', '-')}.parquet"
+        frame.to_parquet(src)
+        with pytest.raises(RecsysError) as whole:
+            read_interactions(str(src), None)
+        out = tmp_path / "out"
+        argv = ["data", "prepare", "--dataset", "interactions", "--source", str(src), "--out", str(out)]
+        with pytest.raises(RecsysError) as chunked:
+            list(interaction_chunks(src, None, 8))
+        assert str(chunked.value) == str(whole.value), name
+        assert main([*argv, "--chunk-rows", "8"]) == 2 and not out.exists(), name

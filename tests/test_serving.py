@@ -5,6 +5,7 @@ one-line 4xx, and stopping a request that runs past its deadline."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -22,7 +23,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from test_funnel import Runs, train_runs
+from test_funnel import CANDIDATES, Runs, candidate_ranker, train_runs
 
 from app.cli import main
 from app.recommend import assemble_bundle, load_bundle
@@ -32,6 +33,23 @@ from core.services import running_service
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "recommender-test"
+FUNNEL_NAME = "recommender-funnel-test"
+
+
+@dataclasses.dataclass
+class Served:
+    """Two recommenders packaged with `recsys package --register`: the two-tower + DLRM (trained on
+    rated pairs) and the funnel's (a DCN reading the user's history, trained on the two-tower's
+    candidates); their model URIs and the in-process recommenders."""
+
+    runs: Runs
+    uri: str
+    recommender: Any
+    funnel_uri: str
+    funnel: Any
+    funnel_ranking: str
+
+
 TIMEOUT_S = 2
 """MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT of the test server: a request stops at 0.9 x this."""
 MAX_ROWS, MAX_CANDIDATES = 10_000, 2_000
@@ -39,19 +57,22 @@ MAX_ROWS, MAX_CANDIDATES = 10_000, 2_000
 
 
 @pytest.fixture(scope="module")
-def served(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Runs, str, Any]:
-    """Two tiny runs packaged with `recsys package --register`; the model URI and the in-process recommender."""
+def served(ml_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Served:
     work = tmp_path_factory.mktemp("serving")
     runs = train_runs(ml_dataset, work, other=False)
-    code = main(
-        [
-            *("package", "--retrieval", runs.retrieval, "--ranking", runs.ranking),
-            *("--register", NAME, "--tracking-uri", runs.tracking),
-        ]
-    )
-    assert code == 0
-    local = load_bundle(assemble_bundle(runs.retrieval, runs.ranking, work / "bundle", runs.tracking))
-    return runs, f"models:/{NAME}/1", local.recommender
+    ranker = candidate_ranker(runs, work / "candidates").ranking
+    out: list[Any] = []
+    for name, ranking in ((NAME, runs.ranking), (FUNNEL_NAME, ranker)):
+        code = main(
+            [
+                *("package", "--retrieval", runs.retrieval, "--ranking", ranking),
+                *("--register", name, "--tracking-uri", runs.tracking),
+            ]
+        )
+        assert code == 0
+        local = load_bundle(assemble_bundle(runs.retrieval, ranking, work / f"bundle-{name}", runs.tracking))
+        out += [f"models:/{name}/1", local.recommender]
+    return Served(runs, out[0], out[1], out[2], out[3], ranker)
 
 
 def requests_frame(recommender: Any) -> pd.DataFrame:
@@ -66,10 +87,10 @@ def requests_frame(recommender: Any) -> pd.DataFrame:
     )
 
 
-def local_model(served: tuple[Runs, str, Any], dest: Path) -> Path:
+def local_model(served: Served, dest: Path) -> Path:
     import mlflow
 
-    runs, uri, _ = served
+    runs, uri = served.runs, served.uri
     mlflow.set_tracking_uri(runs.tracking)
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dest)))
 
@@ -92,9 +113,7 @@ def pickles_in(directory: Path) -> list[str]:
     return found
 
 
-def test_packaged_model_is_code_and_safetensors_with_signature_and_pins(
-    served: tuple[Runs, str, Any], tmp_path: Path
-) -> None:
+def test_packaged_model_is_code_and_safetensors_with_signature_and_pins(served: Served, tmp_path: Path) -> None:
     local = local_model(served, tmp_path)
     spec = yaml.safe_load((local / "MLmodel").read_text())
     assert spec["signature"]["outputs"] and spec["signature"]["params"]
@@ -127,7 +146,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_crafted_pickle_in_the_model_never_runs(served: tuple[Runs, str, Any], tmp_path: Path) -> None:
+def test_a_crafted_pickle_in_the_model_never_runs(served: Served, tmp_path: Path) -> None:
     """A copy of the packaged model whose python_model.pkl (what a cloudpickled PythonModel loads) is
     a payload: loading it, as `mlflow models serve` does, must not run it; a payload in place of the
     weights is refused by the bundle's checksums."""
@@ -141,7 +160,7 @@ def test_a_crafted_pickle_in_the_model_never_runs(served: tuple[Runs, str, Any],
     (copy / "python_model.pkl").write_bytes(pickle.dumps(Payload(marker)))
     model = mlflow.pyfunc.load_model(str(copy))
     assert not marker.exists(), "loading the model ran the pickle"
-    frame = requests_frame(served[2])
+    frame = requests_frame(served.recommender)
     assert len(model.predict(frame, params={"candidates": 30})) == len(frame)
     assert not marker.exists()
 
@@ -153,26 +172,37 @@ def test_a_crafted_pickle_in_the_model_never_runs(served: tuple[Runs, str, Any],
     assert not marker.exists(), "loading the model ran the pickle"
 
 
-def test_loaded_pyfunc_answers_as_the_in_process_recommender(served: tuple[Runs, str, Any]) -> None:
+@pytest.mark.parametrize("funnel", [False, True], ids=["dlrm", "funnel-dcn-history"])
+def test_loaded_pyfunc_answers_as_the_in_process_recommender(served: Served, funnel: bool, tmp_path: Path) -> None:
+    """With a ranker of rated pairs, and with the funnel's (candidate features, the user's history)."""
     import mlflow
 
-    runs, uri, recommender = served
-    mlflow.set_tracking_uri(runs.tracking)
+    uri, recommender = (served.funnel_uri, served.funnel) if funnel else (served.uri, served.recommender)
+    mlflow.set_tracking_uri(served.runs.tracking)
     model = mlflow.pyfunc.load_model(uri)
     frame = requests_frame(recommender)
-    got = model.predict(frame, params={"candidates": 30})
-    want = predict_frame(recommender, frame, candidates=30)
+    candidates = CANDIDATES if funnel else 30
+    got = model.predict(frame, params={"candidates": candidates})
+    want = predict_frame(recommender, frame, candidates=candidates)
     assert got["items"].tolist() == want["items"].tolist()
     assert got["source"].tolist() == ["model", "model", "popular", "model", "popular"]
     assert [len(x) for x in got["items"]] == [5, 3, 4, 6, 2]
     for a, b in zip(got["scores"], want["scores"], strict=True):
         assert list(a) == pytest.approx(list(b), rel=1e-5)
+    # and `recsys recommend` (its own bundle, the same runs) gives the served list for a user
+    ranking = served.funnel_ranking if funnel else served.runs.ranking
+    recs = tmp_path / "recs.parquet"
+    args = ["recommend", "--retrieval", served.runs.retrieval, "--ranking", ranking, "--user", str(frame.user[0])]
+    args += ["--k", "5", "--candidates", str(candidates), "--out", str(recs), "--tracking-uri", served.runs.tracking]
+    assert main(args) == 0
+    assert pd.read_parquet(recs).sort_values("rank").item.tolist() == list(got["items"][0])
 
 
 @pytest.fixture(scope="module")
-def server(served: tuple[Runs, str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Path]]:
-    """`mlflow models serve` of the packaged model on 127.0.0.1: (URL, process, log file)."""
-    runs, uri, _ = served
+def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Path]]:
+    """`mlflow models serve` of the funnel's packaged model (a ranker of the two-tower's candidates reading
+    the user's history) on 127.0.0.1: (URL, process, log file)."""
+    runs, uri = served.runs, served.funnel_uri
     port = free_port()
     env = {
         **os.environ,
@@ -203,14 +233,15 @@ def post(url: str, body: bytes | dict[str, Any], timeout: float = 60) -> tuple[i
 
 
 @pytest.mark.cluster
-def test_mlflow_models_serve_answers_over_http(served: tuple[Runs, str, Any], server: tuple[str, Any, Path]) -> None:
-    _, _, recommender = served
+def test_mlflow_models_serve_answers_over_http(served: Served, server: tuple[str, Any, Path]) -> None:
+    """The funnel's recommender over HTTP answers as in process (and so as `recommend`, test_funnel.py)."""
+    recommender = served.funnel
     frame = requests_frame(recommender)
-    body = {"dataframe_records": json.loads(frame.to_json(orient="records")), "params": {"candidates": 30}}
+    body = {"dataframe_records": json.loads(frame.to_json(orient="records")), "params": {"candidates": CANDIDATES}}
     status, text = post(server[0], body)
     assert status == 200, text
     predictions = json.loads(text)["predictions"]
-    want = predict_frame(recommender, frame, candidates=30)
+    want = predict_frame(recommender, frame, candidates=CANDIDATES)
     assert [p["items"] for p in predictions] == want["items"].tolist()
     assert [p["source"] for p in predictions] == want["source"].tolist()
     for p, scores in zip(predictions, want["scores"], strict=True):
@@ -291,13 +322,11 @@ def server_cpu_s(proc: Any) -> float:
 
 
 @pytest.mark.cluster
-def test_a_request_past_its_deadline_stops_using_the_cpu(
-    served: tuple[Runs, str, Any], server: tuple[str, Any, Path]
-) -> None:
+def test_a_request_past_its_deadline_stops_using_the_cpu(served: Served, server: tuple[str, Any, Path]) -> None:
     """Requests that outlive the server's timeout are answered 504 and their work stops: before, the
     server answered 504 at its timeout while the worker thread kept computing."""
     url, proc, log = server
-    items = served[2].retrieval.item_vocab
+    items = served.funnel.retrieval.item_vocab
     body = json.dumps(
         records(*[{"history": ",".join(items[: 1 + i % 40])} for i in range(MAX_ROWS)], candidates=MAX_CANDIDATES)
     ).encode()
