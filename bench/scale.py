@@ -448,50 +448,49 @@ def plan_text(plan: dict[str, Any], results: dict[str, Any]) -> list[str]:
             f"| {p['dim']} | {p['budget_gib']} | {p['mode']} | {p.get('workers', 'none up to 64')} | {kernels} "
             f"| {shardings} | {gb(user)} | {gb(item)} | {per} |"
         )
-    # rates: the steady training rate per CPU second and the all-users users per CPU second measured at
-    # the largest rung that has them
+    # rates per CPU second measured at each rung: the steady training rate, and the single process's
+    # all-users rates (retrieval alone, with the rerank)
     rungs = results["rungs"]
-    train_rate = batch_rate = rerank_rate = None
-    at_train = at_batch = None
+    train_rates: list[tuple[str, float]] = []
+    batch_rates: list[tuple[str, float, float | None]] = []
     for n in (n for n in RUNGS if n != "smoke"):
         probe = rungs.get(n, {}).get("train", {}).get("probe", {})
         if probe.get("samples_per_cpu_s"):
-            train_rate, at_train = probe["samples_per_cpu_s"], n
-        b = rungs.get(n, {}).get("batch")
-        if b:
-            local = [r for r in b["settings"] if r["backend"] == "local"]
-            plain = next((r for r in local if not r["rerank"]), None)
-            rr = next((r for r in local if r["rerank"]), None)
-            if plain:
-                batch_rate, at_batch = plain["users_per_cpu_s"], n
-            if rr:
-                rerank_rate = rr["users_per_cpu_s"]
+            train_rates.append((n, float(probe["samples_per_cpu_s"])))
+        local = [r for r in rungs.get(n, {}).get("batch", {}).get("settings", []) if r["backend"] == "local"]
+        plain = next((r for r in local if not r["rerank"]), None)
+        rr = next((r for r in local if r["rerank"]), None)
+        if plain:
+            batch_rates.append((n, plain["users_per_cpu_s"], rr["users_per_cpu_s"] if rr else None))
     train_rows = PLAN_USERS * ROWS_PER_USER * (1 - VAL_FRAC - TEST_FRAC)
     lines += [
         "",
-        f"Hours at {plan['users']:,} users ({ROWS_PER_USER} interactions a user, {train_rows / 1e9:.1f}B train rows):",
+        f"Hours at {plan['users']:,} users ({ROWS_PER_USER} interactions a user, {train_rows / 1e9:.1f}B train rows), "
+        "in CPU-core hours at each rung's measured rate per CPU second (divided by the cores if the work "
+        "spreads without loss) and at a published GPU rate:",
         "",
     ]
-    if train_rate:
-        cpu_h = train_rows / train_rate / 3600
-        lines.append(
-            f"- one epoch of the two-tower: {cpu_h:,.0f} CPU-core hours at the {at_train} rung's "
-            f"{train_rate:,.0f} samples per CPU second ({cpu_h / 64:,.1f} h on 64 cores, if it scaled "
-            f"linearly); at {GPU_RATE:,} samples/s a GPU {train_rows / GPU_RATE / 3600:.1f} GPU hours "
-            f"(source: {GPU_SOURCE}; a DLRM, not a two-tower figure)"
+    if train_rates:
+        at = "; ".join(
+            f"{train_rows / r / 3600:,.0f} at the {n} rung's {r:,.0f} samples per CPU s" for n, r in train_rates
         )
-    if batch_rate:
-        h = PLAN_USERS / batch_rate / 3600
         lines.append(
-            f"- all-users scoring (top 10 of 200 from IVF-PQ): {h:,.0f} CPU-core hours retrieval alone at "
-            f"the {at_batch} rung's {batch_rate:,.0f} users per CPU second"
-            + (
-                f", {PLAN_USERS / rerank_rate / 3600:,.0f} with the DLRM rerank ({rerank_rate:,.0f})"
-                if rerank_rate
-                else ""
-            )
-            + f"; the rerank on a GPU at the same published rate (a training rate, so a bound an inference "
-            f"pass beats): 200 candidates a user, {PLAN_USERS * 200 / GPU_RATE / 3600:.1f} GPU hours"
+            f"- one epoch of the two-tower: {at}; at {GPU_RATE:,} samples/s on one GPU "
+            f"{train_rows / GPU_RATE / 3600:.1f} GPU hours (source: {GPU_SOURCE}; a DLRM, not a two-tower figure)"
+        )
+    if batch_rates:
+        at = "; ".join(
+            f"{PLAN_USERS / b / 3600:,.0f} retrieval alone"
+            + (f" and {PLAN_USERS / rr / 3600:,.0f} with the DLRM rerank" if rr else "")
+            + f" at the {n} rung's rates ({b:,.0f}"
+            + (f" and {rr:,.0f}" if rr else "")
+            + " users per CPU s)"
+            for n, b, rr in batch_rates
+        )
+        lines.append(
+            f"- all-users scoring (top 10 of 200 from IVF-PQ): {at}; the rerank on a GPU at the same published "
+            f"rate (a training rate, so a bound an inference pass beats): 200 candidates a user, "
+            f"{PLAN_USERS * 200 / GPU_RATE / 3600:.1f} GPU hours"
         )
     return lines
 
