@@ -150,15 +150,17 @@ def table(results: list[dict[str, Any]]) -> str:
 BEGIN, END = "<!-- bench/batch_recommend.py: begin -->", "<!-- bench/batch_recommend.py: end -->"
 
 
-def write_doc(doc: Path, text: str) -> None:
+def write_doc(doc: Path, text: str, markers: tuple[str, str, str] = (SECTION, BEGIN, END)) -> None:
     """Replace the generated part of docs/SCALE.md's section (between its markers; the section is added
-    when missing), leaving the notes around it and the other sections alone."""
+    when missing), leaving the notes around it and the other sections alone. ``markers``: the section's
+    heading and its begin and end markers (another bench's section)."""
+    section, begin, end = markers
     current = doc.read_text() if doc.is_file() else "# Scale\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in current and END in current:
-        current = current[: current.index(BEGIN)] + block + current[current.index(END) + len(END) :]
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in current and end in current:
+        current = current[: current.index(begin)] + block + current[current.index(end) + len(end) :]
     else:
-        current = current.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+        current = current.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     doc.write_text(current)
 
 
