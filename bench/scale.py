@@ -140,10 +140,10 @@ def held(lock: str | None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def timed_run(cmd: list[str], log: Path, lock: str | None) -> dict[str, Any]:
+def timed_run(cmd: list[str], log: Path, lock: str | None, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """``cmd`` under ``/usr/bin/time -v`` (and the lock), its output appended to ``log``; wall seconds,
     peak RSS, CPU seconds and the exit status."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     report = log.with_suffix(".time")
     with held(lock), log.open("a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
@@ -222,7 +222,7 @@ def stage_train(rung: str, work: Path, args: Any, uri: str) -> dict[str, Any]:
     cmd = [python(), "-m", "bench.scale_probe", str(probe), "train"]
     cmd += ["--config", str(ROOT / "configs" / "two-tower-synthetic.yaml"), *train_flags(rung, work, "two-tower", uri)]
     cmd += [f"--max-steps={args.steps}", f"--trainer.eval_users={eval_users}"]
-    result = timed_run(cmd, work / rung / "train.log", args.lock)
+    result = timed_run(cmd, work / rung / "train.log", args.lock, {"SCALE_PROBE_WARMUP": str(args.warmup)})
     result["probe"] = json.loads(probe.read_text())
     result["eval_users_flag"] = eval_users
     return result
@@ -547,6 +547,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="stages to leave out: " + ",".join(STAGES) + ",plan")
     parser.add_argument("--redo", default="", help="stages to measure again though results.json has them")
     parser.add_argument("--steps", type=int, default=300, help="two-tower training steps (20 warm-up)")
+    parser.add_argument("--warmup", type=int, default=20, help="training steps left out of the rate")
     parser.add_argument("--eval-users", type=int, default=10_000, help="--trainer.eval_users above 1M")
     parser.add_argument("--batch-users", type=int, default=4_000, help="users of the all-users stage")
     parser.add_argument("--settings", default="local:1,ray:1,ray:2,spark:1,spark:2", help="engine:workers,...")

@@ -19,13 +19,16 @@ Only for a one-process run (``--num-workers 1``, the default): patches do not re
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-WARMUP = 20
-"""Training steps left out of the rate."""
+WARMUP = int(os.environ.get("SCALE_PROBE_WARMUP", "20"))
+"""Training steps left out of the rate (``SCALE_PROBE_WARMUP``, ``bench.scale --warmup``): at 100M rows
+the first few hundred steps also decompress every shard of the split (the shuffle spans all of them),
+a one-off cost per epoch that a steady rate leaves out."""
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
@@ -78,6 +81,7 @@ def main(argv: list[str]) -> int:
             out["rss_train_peak"] = rss_bytes("VmHWM")
             out["steps"] = self.steps
             out["timed_steps"] = max(0, self.steps - WARMUP)
+            out["warmup_steps"] = WARMUP
             out["timed_samples"] = self.samples
             out["timed_seconds"] = self.end - self.start
             out["timed_cpu_seconds"] = self.cpu_end - self.cpu_start
