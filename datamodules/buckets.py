@@ -119,14 +119,18 @@ class Buckets:
             return pa.ipc.open_stream(source).read_all().to_pandas()
 
     def batches(self, bucket: int) -> Iterator[pd.DataFrame]:
-        """The rows of one bucket a ``write`` at a time (for buckets larger than memory)."""
+        """The rows of one bucket a ``write`` at a time (for buckets larger than memory).
+
+        Read, not memory-mapped: the pages of a mapped file that have been read stay in the process's
+        resident set until the map is closed, so a mapped bucket of several hundred MB (the histories
+        spill of a 100M-row synthetic-retrieval set) would count whole towards peak RSS."""
         import pyarrow as pa
 
         self.close()
         path = self._path(bucket)
         if not path.exists():
             return
-        with pa.memory_map(str(path)) as source:
+        with pa.OSFile(str(path), "rb") as source:
             for batch in pa.ipc.open_stream(source):
                 yield batch.to_pandas()
 
