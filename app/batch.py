@@ -418,6 +418,7 @@ def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> 
     progress = Progress(out, {t.partition: len(t.keys) for t in tasks}, len(users), cfg.progress)
     loads: dict[int, int] = {}  # worker process -> how many times it loaded the bundle
     seconds = cpu_seconds = 0.0
+    peak_rss = 0
     try:
         for result in map_partitions(job, tasks, cfg.cluster):
             if result.error:
@@ -427,6 +428,7 @@ def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> 
             loads[result.pid] = max(loads.get(result.pid, 0), result.loads)
             seconds += result.seconds
             cpu_seconds += result.cpu_seconds
+            peak_rss = max(peak_rss, result.peak_rss)
     finally:
         progress.close()
         run.update(
@@ -435,6 +437,7 @@ def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> 
             bundle_loads=sum(loads.values()),
             partition_seconds=round(seconds, 3),  # in the workers, summed over the partitions
             partition_cpu_seconds=round(cpu_seconds, 3),
+            worker_peak_rss=peak_rss,  # the largest of the workers' peak resident memory, bytes
         )
         write_manifest(out, manifest)
     missing = [p for p in range(partitions) if not (out / part_name(p)).exists()]

@@ -106,7 +106,7 @@ def user_split(users: list[str], share: float, seed: int, fold: int = 0) -> np.n
 
 def build_candidates(cfg: CandidatesConfig) -> Any:
     """Write the ranking dataset of ``cfg`` (atomically) and return its metadata."""
-    from app.recommend import assemble_bundle, fetch_stage, load_bundle, load_stage
+    from app.recommend import assemble_bundle, fetch_stage, load_bundle, load_stage, load_train_pairs
     from datamodules.output import atomic_output, check_output
     from datamodules.schema import read_metadata
 
@@ -132,7 +132,7 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
             stage = load_stage(stage_dir)
             require(stage.kind.retrieves, f"--serving-retrieval {serving}: a {stage.kind.name} model cannot retrieve")
             serving_fingerprint = stage_fingerprint_of(stage)
-            refuse_test_leak(stage, pd.read_parquet(stage_dir / "train_pairs.parquet"), rec.retrieval, data, meta)
+            refuse_test_leak(stage, load_train_pairs(stage_dir, stage.meta).frame(), rec.retrieval, data, meta)
         with atomic_output(Path(cfg.out), cfg.overwrite) as out:
             return write_candidates(cfg, names, rec, local, meta, data, out, (serving, serving_fingerprint))
 

@@ -11,8 +11,9 @@ weights (the run's ``model_state/state_dict.pt``, read with ``weights_only=True`
 recommender needs, in one directory that the MLflow pyfunc packages as it is::
 
     bundle.json            the runs, the index fingerprint, the SHA-256 of every other file (checked on load)
-    retrieval/             stage directory of the two-tower run (+ train_pairs.parquet: seen items, popularity,
-                           candidate features; + histories.parquet: the users' train histories)
+    retrieval/             stage directory of the two-tower run (+ train/: its train pairs by user as CSR
+                           arrays, for the seen items, popularity and candidate features; + histories/: the
+                           users' train histories as CSR arrays), the arrays memory-mapped on load
     ranking/               stage directory of the ranking run (optional)
     index/                 the vector index (modules/index.py), fingerprinted with retrieval/'s weights + vocabularies
     titles.parquet         raw item id -> title, when the dataset has titles
@@ -45,13 +46,16 @@ STAGE_CONFIG = "config.yaml"
 STAGE_WEIGHTS = "weights.safetensors"
 STAGE_META = "metadata.json"
 STAGE_VOCAB = "vocab"
-TRAIN_PAIRS = "train_pairs.parquet"
-HISTORIES = "histories.parquet"
+TRAIN_PAIRS = "train"
+"""Stage subdirectory of the train pairs: ``pairs.{indptr,items,positive}.npy`` + ``item_positives.npy``."""
+HISTORIES = "histories"
+"""Stage subdirectory of the histories: ``offsets.npy`` + ``values.npy`` (``datamodules.histories``)."""
 TITLES = "titles.parquet"
 TITLES_IN_DATASET = "item_titles.parquet"
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "recsys-recommender-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
+"""2: train pairs and histories as memory-mapped CSR arrays (1: Parquet tables read whole)."""
 INDEX_ARTIFACT = "index"
 DEFAULT_SPEC = "flat"
 
@@ -170,9 +174,9 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
         for table in ("users", "items"):
             read_parquet(data_path, files[table], work / "corpus").to_parquet(dest / f"{table}.parquet")
         if with_pairs:
-            read_parquet(data_path, files["pairs"]["train"], work / "corpus").to_parquet(dest / TRAIN_PAIRS)
+            write_train_pairs(data_path, files["pairs"]["train"], meta, dest / TRAIN_PAIRS, work / "corpus")
         if (with_pairs or (cfg.get("arch") or {}).get("history")) and meta.history:  # what a funnel knows of users
-            read_parquet(data_path, files["histories"], work / "corpus").to_parquet(dest / HISTORIES)
+            write_histories(data_path, files["histories"], meta, dest / HISTORIES, work / "corpus")
         try:
             titles = fetch_file(data_path, TITLES_IN_DATASET, work / "titles")
             if titles.is_file():
@@ -181,6 +185,68 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
             pass  # a dataset without titles: ids only
     (dest / "run.json").write_text(json.dumps({"run_id": run_id, "model": cfg["model"], "dataset": data_path}))
     return dest
+
+
+def id_bounds(meta: Any) -> tuple[int, int]:
+    """(users, items) cardinalities of a retrieval dataset's id features (index 0 = unknown included)."""
+    return (
+        meta.feature(str(meta.user_id_feature or "user_id")).cardinality,
+        meta.feature(str(meta.item_id_feature or "item_id")).cardinality,
+    )
+
+
+def write_train_pairs(data_path: str, files: list[str], meta: Any, out: Path, work: Path) -> None:
+    """The train split's pairs as CSR arrays by user (``modules.funnel.TrainPairs``), streamed from its
+    Parquet files one record batch at a time (memory O(users + batch), whatever the number of pairs)."""
+    from datamodules.corpus import write_csr
+
+    n_users, n_items = id_bounds(meta)
+    out.mkdir(parents=True, exist_ok=True)
+    positives = np.zeros(n_items, dtype=np.int64)
+    write_csr(data_path, files, n_users, n_items, out / "pairs", work, positives, flags=True)
+    np.save(out / "item_positives.npy", positives)
+
+
+def write_histories(data_path: str, files: list[str], meta: Any, out: Path, work: Path) -> None:
+    """The users' train histories as CSR arrays (``datamodules.histories.UserHistories``), streamed."""
+    from datamodules.corpus import write_history_csr
+
+    n_users, n_items = id_bounds(meta)
+    out.mkdir(parents=True, exist_ok=True)
+    write_history_csr(data_path, files, n_users, n_items, out)
+    shutil.rmtree(out / "fetched", ignore_errors=True)  # remote files it copied to read
+
+
+def load_train_pairs(stage_dir: Path, meta: Any) -> Any:
+    """``modules.funnel.TrainPairs`` of a stage directory, memory-mapped and checked (one line if not)."""
+    from datamodules.corpus import checked_array, checked_csr
+    from modules.funnel import TrainPairs
+
+    where = stage_dir / TRAIN_PAIRS
+    shown = str(where)
+    require(where.is_dir(), f"{stage_dir}: no {TRAIN_PAIRS}/ (train pairs): package the bundle again")
+    n_users, n_items = id_bounds(meta)
+    indptr, items = checked_csr(where / "pairs.indptr.npy", where / "pairs.items.npy", n_users, n_items, shown)
+    positive = checked_array(where / "pairs.positive.npy", "b", f"{shown}/pairs.positive.npy")
+    require(len(positive) == len(items), f"{shown}/pairs.positive.npy: {len(positive)} flags for {len(items)} pairs")
+    counts = checked_array(where / "item_positives.npy", "iu", f"{shown}/item_positives.npy")
+    require(len(counts) == n_items, f"{shown}/item_positives.npy: {len(counts)} counts for {n_items} items")
+    return TrainPairs(indptr, items, positive, counts)
+
+
+def load_histories_dir(stage_dir: Path, meta: Any) -> Any:
+    """``datamodules.histories.UserHistories`` of a stage directory (None without one), memory-mapped."""
+    import torch
+
+    from datamodules.corpus import checked_csr
+    from datamodules.histories import UserHistories
+
+    where = stage_dir / HISTORIES
+    if not where.is_dir():
+        return None
+    n_users, n_items = id_bounds(meta)
+    offsets, values = checked_csr(where / "offsets.npy", where / "values.npy", n_users, n_items, str(where))
+    return UserHistories(torch.from_numpy(offsets.astype(np.int64, copy=False)), torch.from_numpy(values))
 
 
 def check_retrieves(stage_dir: Path, flag: str) -> None:
@@ -202,15 +268,16 @@ def stage_fingerprint(stage_dir: Path) -> str:
     return fingerprint_files([stage_dir / STAGE_WEIGHTS, *sorted((stage_dir / STAGE_VOCAB).glob("*.json"))])
 
 
-def load_stage(stage_dir: Path) -> Any:
+def load_stage(stage_dir: Path, like: Any = None) -> Any:
     """The ``modules.funnel.Stage`` of a stage directory: the model rebuilt through the registry from
-    the config and dataset metadata, its weights read from safetensors (no pickle)."""
-    from datamodules.histories import UserHistories
+    the config and dataset metadata, its weights read from safetensors (no pickle). ``like``: a stage
+    loaded before, whose vocabularies (and their lookups) are reused where this stage's are equal:
+    2.5M user ids cost ~0.3 GB a copy."""
     from datamodules.schema import read_metadata
     from modules.config import ModelConfig
     from modules.funnel import FeatureTable, Stage
     from modules.registry import model_kind
-    from modules.safe_checkpoint import load_weights
+    from modules.safe_checkpoint import load_weights_into
 
     cfg = read_stage_config(stage_dir / STAGE_CONFIG, str(stage_dir / STAGE_CONFIG))
     kind = model_kind(str(cfg["model"]))
@@ -220,19 +287,17 @@ def load_stage(stage_dir: Path) -> Any:
         raise RecsysError(f"{stage_dir / STAGE_CONFIG}: bad architecture options ({e})") from None
     meta = read_metadata(stage_dir)
     model = kind.build_model(meta, arch, "cpu")
-    state = load_weights(stage_dir / STAGE_WEIGHTS)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise RecsysError(f"{stage_dir / STAGE_WEIGHTS}: does not fit the model ({str(e).splitlines()[0]})") from None
+    load_weights_into(model, stage_dir / STAGE_WEIGHTS)
     vocab_of: dict[str, list[str]] = {}
     for key in (meta.user_id_feature, meta.item_id_feature):
         require(key is not None, f"{stage_dir}: dataset {meta.dataset!r} has no user/item id features")
         vocab_file = meta.feature(str(key)).vocab_file
         require(vocab_file is not None, f"{stage_dir}: feature {key!r} has no vocabulary")
-        vocab_of[str(key)] = [
-            str(v) for v in json.loads((stage_dir / STAGE_VOCAB / Path(str(vocab_file)).name).read_text())
-        ]
+        vocab = [str(v) for v in json.loads((stage_dir / STAGE_VOCAB / Path(str(vocab_file)).name).read_text())]
+        if like is not None:
+            known = like.user_vocab if key == meta.user_id_feature else like.item_vocab
+            vocab = known if known == vocab else vocab
+        vocab_of[str(key)] = vocab
     return Stage(
         kind=kind,
         arch=arch,
@@ -242,11 +307,8 @@ def load_stage(stage_dir: Path) -> Any:
         item_vocab=vocab_of[str(meta.item_id_feature)],
         users=FeatureTable(pd.read_parquet(stage_dir / "users.parquet"), meta, "user"),
         items=FeatureTable(pd.read_parquet(stage_dir / "items.parquet"), meta, "item"),
-        histories=UserHistories.from_table(
-            pd.read_parquet(stage_dir / HISTORIES), meta.feature(str(meta.user_id_feature)).cardinality
-        )
-        if (stage_dir / HISTORIES).is_file()
-        else None,
+        histories=load_histories_dir(stage_dir, meta),
+        like=like,
     )
 
 
@@ -379,13 +441,6 @@ def check_same_source(retrieval_dir: Path, ranking_dir: Path) -> None:
         )
 
 
-def compact_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Train pairs in 32-bit columns (indices and labels): half the memory of what Parquet gives back,
-    which counts at hundreds of millions of pairs."""
-    kinds = {"user_id": np.int32, "item_id": np.int32, "label": np.float32}
-    return pairs.astype({c: t for c, t in kinds.items() if c in pairs.columns}, copy=False)
-
-
 @dataclass
 class Loaded:
     """A recommender read from a bundle, with the item titles when the dataset had them."""
@@ -398,7 +453,7 @@ class Loaded:
 def load_bundle(bundle: str | Path) -> Loaded:
     """The ``modules.funnel.Recommender`` of a bundle directory (its index checked against its weights)."""
     from core.checksums import verify_checksums
-    from modules.funnel import Recommender, popularity, seen_items
+    from modules.funnel import Recommender
     from modules.index import load_index
 
     root = Path(bundle)
@@ -414,11 +469,9 @@ def load_bundle(bundle: str | Path) -> Loaded:
     verify_checksums(root, runs.get("files"), BUNDLE_FILE, exact=True, exclude=[BUNDLE_FILE])
     retrieval = load_stage(root / "retrieval")
     index = load_index(root / INDEX_ARTIFACT, stage_fingerprint(root / "retrieval"))
-    pairs = compact_pairs(pd.read_parquet(root / "retrieval" / TRAIN_PAIRS))
-    ranking = load_stage(root / "ranking") if (root / "ranking").is_dir() else None
-    recommender = Recommender(
-        retrieval, index, seen_items(pairs, retrieval), popularity(pairs, retrieval), ranking, pairs, runs["retrieval"]
-    )
+    pairs = load_train_pairs(root / "retrieval", retrieval.meta)
+    ranking = load_stage(root / "ranking", like=retrieval) if (root / "ranking").is_dir() else None
+    recommender = Recommender(retrieval, index, pairs, ranking, runs["retrieval"])
     titles = None
     if (root / TITLES).is_file():
         table = pd.read_parquet(root / TITLES)

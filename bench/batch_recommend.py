@@ -123,6 +123,7 @@ def measure(
         "busy_users_per_s": users / run["partition_seconds"],
         "users_per_cpu_s": users / run["partition_cpu_seconds"],
         "bundle_loads": run["bundle_loads"],
+        "worker_peak_rss": run.get("worker_peak_rss"),
         "load": os.getloadavg()[1],  # the 5-minute load average at the end
     }
 
@@ -130,8 +131,8 @@ def measure(
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| stage | engine | workers | engine phase s | users/s end to end | users/s per busy worker | vs single "
-        "| users per CPU s | vs single | load |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| users per CPU s | vs single | worker peak RSS GB | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for rerank in (False, True):
         rows = [r for r in results if r["rerank"] == rerank]
@@ -139,10 +140,11 @@ def table(results: list[dict[str, Any]]) -> str:
         for r in rows:
             busy = r["busy_users_per_s"] / base["busy_users_per_s"] if base else float("nan")
             cpu = r["users_per_cpu_s"] / base["users_per_cpu_s"] if base else float("nan")
+            rss = f"{r['worker_peak_rss'] / 1e9:.2f}" if r.get("worker_peak_rss") else "-"
             lines.append(
                 f"| {'+ rerank' if rerank else 'retrieval'} | {r['backend']} | {r['workers']} | {r['seconds']:.0f} | "
                 f"{r['users_per_s']:.0f} | {r['busy_users_per_s']:.0f} | {busy:.2f} | {r['users_per_cpu_s']:.0f} | "
-                f"{cpu:.2f} | {r['load']:.1f} |"
+                f"{cpu:.2f} | {rss} | {r['load']:.1f} |"
             )
     return "\n".join(lines)
 

@@ -549,7 +549,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="two-tower training steps (20 warm-up)")
     parser.add_argument("--warmup", type=int, default=20, help="training steps left out of the rate")
     parser.add_argument("--eval-users", type=int, default=10_000, help="--trainer.eval_users above 1M")
-    parser.add_argument("--batch-users", type=int, default=4_000, help="users of the all-users stage")
+    parser.add_argument("--batch-users", type=int, default=25_000, help="users of the all-users stage")
     parser.add_argument("--settings", default="local:1,ray:1,ray:2,spark:1,spark:2", help="engine:workers,...")
     parser.add_argument("--lock", default=None, help="flock this file around each heavy step")
     parser.add_argument("--clean", action="store_true", help="delete a rung's data and runs once it finished")

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,9 +73,11 @@ class PartitionResult:
     """Wall time of the partition's function in the worker."""
     cpu_seconds: float = 0.0
     """CPU time of the worker process meanwhile (what contention for the cores does not inflate)."""
+    peak_rss: int = 0
+    """The worker process's peak resident memory so far, bytes (its loaded bundle included)."""
 
 
-RESULT_FIELDS = ("partition", "keys", "rows", "error", "pid", "loads", "seconds", "cpu_seconds")
+RESULT_FIELDS = ("partition", "keys", "rows", "error", "pid", "loads", "seconds", "cpu_seconds", "peak_rss")
 
 
 def check_batch_cluster(cluster: ClusterConfig) -> None:
@@ -176,7 +179,13 @@ class Worker:
                 log.debug("partition %d failed", task.partition, exc_info=True)
             return PartitionResult(**done, error=one_line(e))  # type: ignore[arg-type]
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        return PartitionResult(**done, rows=int(rows), seconds=wall, cpu_seconds=cpu)  # type: ignore[arg-type]
+        return PartitionResult(
+            **done,  # type: ignore[arg-type]
+            rows=int(rows),
+            seconds=wall,
+            cpu_seconds=cpu,
+            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
+        )
 
 
 def forget(key: str) -> None:
@@ -195,4 +204,5 @@ def result_of(row: Any) -> PartitionResult:
         loads=int(row["loads"]),
         seconds=float(row["seconds"]),
         cpu_seconds=float(row["cpu_seconds"]),
+        peak_rss=int(row.get("peak_rss", 0) or 0),
     )

@@ -20,7 +20,8 @@ from core.errors import RecsysError
 from core.spark import spark_session
 
 RESULT_SCHEMA = (
-    "partition long, keys long, rows long, error string, pid long, loads long, seconds double, cpu_seconds double"
+    "partition long, keys long, rows long, error string, pid long, loads long, seconds double, cpu_seconds double, "
+    "peak_rss long"
 )
 RESULT_COLUMNS = [part.split()[0] for part in RESULT_SCHEMA.split(", ")]
 

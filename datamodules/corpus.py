@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from core.errors import RecsysError
+from core.errors import RecsysError, require
 from datamodules.histories import UserHistories
 from datamodules.schema import SPLITS, DatasetMetadata, corpus_files, history_files
 from datamodules.storage import fetch_file, is_remote
@@ -297,6 +297,37 @@ def load_csr(prefix: Path) -> UserItems:
     return UserItems(load_array(prefix.with_suffix(".indptr.npy")), load_array(prefix.with_suffix(".items.npy")))
 
 
+def checked_array(path: Path, kind: str, shown: str) -> np.ndarray:
+    """A 1-d ``.npy`` array of ``kind`` (numpy kind codes: ``"iu"`` integers, ``"b"`` flags) memory-mapped,
+    or one line naming the file: no pickled objects, another shape or kind of values."""
+    try:
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise RecsysError(f"{shown}: unreadable ({str(e).splitlines()[0]})") from None
+    require(array.ndim == 1 and array.dtype.kind in kind, f"{shown}: not a flat array of {kind!r} values")
+    return array
+
+
+def checked_csr(offsets: Path, values: Path, n_users: int, n_items: int, shown: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a CSR by user id (``write_csr``, ``write_history_csr``) memory-mapped, after
+    checking that they are one: ``n_users + 1`` non-decreasing offsets from 0 to the number of values,
+    every value an item id below ``n_items``. One line naming ``shown`` otherwise (a truncated or crafted
+    file is refused here rather than indexing out of bounds later)."""
+    indptr = checked_array(offsets, "iu", f"{shown}/{offsets.name}")
+    items = checked_array(values, "iu", f"{shown}/{values.name}")
+    require(
+        len(indptr) == n_users + 1 and int(indptr[0]) == 0 and int(indptr[-1]) == len(items),
+        f"{shown}/{offsets.name}: {len(indptr)} offsets ending at {int(indptr[-1]) if len(indptr) else None} "
+        f"do not index {len(items)} values of {n_users} users",
+    )
+    require(bool(np.all(np.diff(indptr) >= 0)), f"{shown}/{offsets.name}: offsets decrease")
+    require(
+        len(items) == 0 or (int(items.min()) >= 0 and int(items.max()) < n_items),
+        f"{shown}/{values.name}: item ids outside 0..{n_items - 1}",
+    )
+    return indptr, items
+
+
 # -- building, one record batch at a time ----------------------------------------------------------
 
 
@@ -354,11 +385,12 @@ def write_csr(
     work: Path,
     item_positives: np.ndarray | None = None,
     positives_only: bool = False,
+    flags: bool = False,
 ) -> None:
     """CSR of a split's pairs by user (every pair, or its positives only), in two passes over the
     files: count per user, then place each pair; memory is O(users + one record batch), the item
     array being written into a memory-mapped file. ``item_positives`` receives each item's count of
-    positive pairs."""
+    positive pairs; ``flags`` also writes ``.positive.npy``, each placed pair's label > 0.5."""
     shown = f"{root.rstrip('/')}/{relative[0]}" if relative else root
     counts = np.zeros(n_users, dtype=np.int64)
     for batch in record_batches(root, relative, work, ["user_id", "item_id", "label"]):
@@ -374,14 +406,21 @@ def write_csr(
     values = np.lib.format.open_memmap(
         prefix.with_suffix(".items.npy"), mode="w+", dtype=id_dtype(n_items), shape=(int(indptr[-1]),)
     )
+    labels = (
+        np.lib.format.open_memmap(prefix.with_suffix(".positive.npy"), mode="w+", dtype=np.bool_, shape=values.shape)
+        if flags
+        else None
+    )
     cursor = indptr[:-1].copy()
     for batch in record_batches(root, relative, work, ["user_id", "item_id", "label"]):
         users, items, positive = pair_columns(batch)
         if positives_only:
-            users, items = users[positive], items[positive]
-        place(values, cursor, users, items)
+            users, items, positive = users[positive], items[positive], positive[positive]
+        place(values, cursor, users, items, (labels, positive) if labels is not None else None)
     values.flush()
-    del values
+    if labels is not None:
+        labels.flush()
+    del values, labels
 
 
 def pair_columns(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -391,8 +430,15 @@ def pair_columns(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return users, items, positive
 
 
-def place(values: np.ndarray, cursor: np.ndarray, users: np.ndarray, items: np.ndarray) -> None:
-    """Write ``items`` at each one's user's cursor (in their order within the batch), advancing the cursors."""
+def place(
+    values: np.ndarray,
+    cursor: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    also: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """Write ``items`` at each one's user's cursor (in their order within the batch), advancing the
+    cursors; ``also`` = (target, source): ``source`` (one value a pair) placed alike into ``target``."""
     if not len(users):
         return
     order = np.argsort(users, kind="stable")
@@ -400,7 +446,10 @@ def place(values: np.ndarray, cursor: np.ndarray, users: np.ndarray, items: np.n
     starts = np.r_[0, np.flatnonzero(users[1:] != users[:-1]) + 1]
     runs = np.diff(np.r_[starts, len(users)])
     within = np.arange(len(users)) - np.repeat(starts, runs)
-    values[cursor[users] + within] = items
+    where = cursor[users] + within
+    values[where] = items
+    if also is not None:
+        also[0][where] = also[1][order]
     cursor[users[starts]] += runs
 
 

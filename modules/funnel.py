@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Any
 
 import numpy as np
@@ -160,6 +160,11 @@ def dataset_fingerprint(meta: DatasetMetadata, user_vocab: Sequence[str], item_v
     return digest.hexdigest()
 
 
+def index_of(vocab: Sequence[str]) -> dict[str, int]:
+    """Raw id -> vocabulary index (position + 1; 0 is the unknown id)."""
+    return {raw: i + 1 for i, raw in enumerate(vocab)}
+
+
 @dataclass
 class Stage:
     """A trained model and what it needs to read raw ids: kind, architecture, dataset metadata, the
@@ -179,10 +184,23 @@ class Stage:
     """Each user's train items, oldest first (``histories.parquet`` of the stage's dataset): what a user
     tower reading the history is fed, and the history a ranking stage reads in a funnel."""
 
-    def __post_init__(self) -> None:
-        self._user_index = {raw: i + 1 for i, raw in enumerate(self.user_vocab)}
-        self._item_index = {raw: i + 1 for i, raw in enumerate(self.item_vocab)}
-        self.item_raw = np.array(["", *self.item_vocab], dtype=object)
+    like: InitVar[Stage | None] = None
+    """Another stage whose lookups this one shares where its vocabularies are the very same lists
+    (``load_stage``'s ``like``: the two stages of a bundle on one dataset hold them once)."""
+
+    def __post_init__(self, like: Stage | None) -> None:
+        self._user_index: dict[str, int]
+        self._item_index: dict[str, int]
+        self.item_raw: np.ndarray
+        if like is not None and like.user_vocab is self.user_vocab:
+            self._user_index = like._user_index
+        else:
+            self._user_index = index_of(self.user_vocab)
+        if like is not None and like.item_vocab is self.item_vocab:
+            self._item_index, self.item_raw = like._item_index, like.item_raw
+        else:
+            self._item_index = index_of(self.item_vocab)
+            self.item_raw = np.array(["", *self.item_vocab], dtype=object)
         self.scorer = self.kind.build_scorer(self.model, self.arch).eval()
 
     def user_index(self, raw: Sequence[str]) -> np.ndarray:
@@ -278,26 +296,25 @@ class Candidates:
 class Recommender:
     """The funnel: retrieval stage + vector index + optional ranking stage, with the popularity fallback.
 
-    ``seen[u]``: raw ids of the items user index ``u`` had in train (never recommended to them);
-    ``popular``: raw item ids, most popular first, with their share of train positives; ``pairs``: the
-    retrieval stage's train pairs (``user_id``, ``item_id``, ``label``), what a ranking stage trained on
-    candidates computes its candidate features from; ``retrieval_run``: the retrieval stage's run id,
-    checked against the run whose candidates such a ranker learned from.
+    ``pairs``: the retrieval stage's train pairs, from which ``seen[u]`` (raw ids of the items user
+    index ``u`` had in train: never recommended to them), the popularity fallback (raw item ids, most
+    popular first, with their share of train positives) and, for a ranking stage trained on
+    candidates, the candidate features come; ``retrieval_run``: the retrieval stage's run id, checked
+    against the run whose candidates such a ranker learned from.
     """
 
     def __init__(
         self,
         retrieval: Stage,
         index: VectorIndex,
-        seen: SeenItems,
-        popular: tuple[np.ndarray, np.ndarray],
+        pairs: TrainPairs,
         ranking: Stage | None = None,
-        pairs: pd.DataFrame | None = None,
         retrieval_run: str | None = None,
     ) -> None:
         require(retrieval.kind.retrieves, f"--retrieval: a {retrieval.kind.name} model cannot retrieve (no towers)")
-        self.retrieval, self.index, self.seen, self.ranking = retrieval, index, seen, ranking
-        self.popular_ids, self.popular_scores = popular
+        self.retrieval, self.index, self.ranking = retrieval, index, ranking
+        self.seen = SeenItems(pairs, retrieval.item_raw)
+        self.popular_ids, self.popular_scores = popularity(pairs, retrieval)
         self._index_position = index.positions()
         self.ranking_features = candidate_feature_names(ranking.meta) if ranking is not None else []
         """The candidate features the ranking stage reads (empty: a ranker trained on rated pairs)."""
@@ -306,12 +323,10 @@ class Recommender:
         self._warned = False
         if ranking is not None and self.ranking_features:
             spec = check_candidates(ranking.meta, retrieval, retrieval_run)
-            require(pairs is not None, "a ranking stage trained on candidates needs the retrieval stage's train pairs")
-            assert pairs is not None
             lam = (
                 float(spec.get("item_item_lambda", 0.0)) if set(ITEM_ITEM_FEATURES) & set(self.ranking_features) else 0
             )
-            self.features = CandidateFeatures(index.ids, index.vectors, raw_pairs(pairs, retrieval), lam)
+            self.features = CandidateFeatures(index.ids, index.vectors, raw_pairs(pairs.frame(), retrieval), lam)
             self.trained_candidates = int(spec["candidates"])
         self._ranking_item = None
         if ranking is not None and ranking.arch.history:
@@ -534,24 +549,55 @@ def check_sizes(k: int, candidates: int) -> None:
     require(candidates >= 1, f"--candidates: must be at least 1, got {candidates}")
 
 
-class SeenItems:
-    """User index -> raw ids of the items the user had in a split's pairs, held as CSR arrays (one
-    offset per user, one item index per pair) and turned into a set for the users asked about only. A
-    dict of Python sets costs about 100 bytes a pair: 10 GB for the 96M train pairs of 2.5M users,
-    where these arrays take 0.4 GB."""
+@dataclass
+class TrainPairs:
+    """The retrieval stage's train pairs by user index, CSR (``datamodules.corpus.write_csr``): user
+    ``u``'s items are ``items[indptr[u]:indptr[u + 1]]``, ``positive`` each pair's label > 0.5 and
+    ``item_positives`` each item's count of positive pairs. Memory-mapped from a bundle, so the workers
+    of one machine share one copy in the page cache: 96M pairs of 2.5M users take 0.5 GB of arrays
+    where a frame of them took 2.3 GB in every process (and a dict of sets 10 GB)."""
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, item_raw: np.ndarray, n_users: int) -> None:
-        users = np.asarray(users, dtype=np.int64)
+    indptr: np.ndarray
+    items: np.ndarray
+    positive: np.ndarray
+    item_positives: np.ndarray
+
+    @classmethod
+    def from_frame(cls, pairs: pd.DataFrame, n_users: int, n_items: int) -> TrainPairs:
+        """From (``user_id``, ``item_id``, ``label``) rows in memory (small sets, tests)."""
+        users = pairs.user_id.to_numpy(np.int64)
         order = np.argsort(users, kind="stable")
-        self.items = np.asarray(items, dtype=np.int64)[order].astype(np.int32)
-        self.offsets = np.zeros(max(n_users, int(users.max(initial=-1)) + 1) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(users, minlength=len(self.offsets) - 1), out=self.offsets[1:])
-        self.item_raw = item_raw
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(users, minlength=n_users)[:n_users], out=indptr[1:])
+        items = pairs.item_id.to_numpy(np.int64)
+        positive = pairs.label.to_numpy(np.float64) > 0.5
+        return cls(indptr, items[order], positive[order], np.bincount(items[positive], minlength=n_items))
+
+    @property
+    def num_users(self) -> int:
+        return len(self.indptr) - 1
+
+    def frame(self) -> pd.DataFrame:
+        """Every pair as (``user_id``, ``item_id``, ``label``) rows, users ascending (what the candidate
+        features of a ranker trained on candidates are computed from: a whole-table step)."""
+        users = np.repeat(np.arange(self.num_users, dtype=np.int64), np.diff(self.indptr))
+        return pd.DataFrame(
+            {"user_id": users, "item_id": np.asarray(self.items, np.int64), "label": self.positive.astype(np.float32)}
+        )
+
+
+class SeenItems:
+    """User index -> raw ids of the items the user had in the train pairs (``TrainPairs``' CSR), turned
+    into a set for the users asked about only. A dict of Python sets costs about 100 bytes a pair: 10 GB
+    for the 96M train pairs of 2.5M users."""
+
+    def __init__(self, pairs: TrainPairs, item_raw: np.ndarray) -> None:
+        self.indptr, self.items, self.item_raw = pairs.indptr, pairs.items, item_raw
 
     def get(self, user: int, default: set[str] | None = None) -> set[str]:
         """The raw ids of ``user``'s items (``default``, else an empty set, when it has none)."""
-        if 0 <= user < len(self.offsets) - 1 and self.offsets[user + 1] > self.offsets[user]:
-            return set(self.item_raw[self.items[self.offsets[user] : self.offsets[user + 1]]].tolist())
+        if 0 <= user < len(self.indptr) - 1 and self.indptr[user + 1] > self.indptr[user]:
+            return set(self.item_raw[self.items[self.indptr[user] : self.indptr[user + 1]]].tolist())
         return set() if default is None else default
 
     def __getitem__(self, user: int) -> set[str]:
@@ -561,19 +607,14 @@ class SeenItems:
         return found
 
 
-def seen_items(pairs: pd.DataFrame, stage: Stage) -> SeenItems:
-    """User index -> raw ids of the items the user had in ``pairs`` (a split's user_id/item_id rows)."""
-    return SeenItems(
-        pairs.user_id.to_numpy(np.int64), pairs.item_id.to_numpy(np.int64), stage.item_raw, len(stage.user_vocab) + 1
-    )
-
-
-def popularity(pairs: pd.DataFrame, stage: Stage) -> tuple[np.ndarray, np.ndarray]:
-    """Raw item ids by decreasing count of train positives (ties: by id), with their share of positives."""
-    positives = pairs[pairs.label > 0.5].item_id.to_numpy(np.int64)
-    if len(positives) == 0:
-        positives = pairs.item_id.to_numpy(np.int64)
-    counts = np.bincount(positives, minlength=len(stage.item_raw))
+def popularity(pairs: TrainPairs, stage: Stage) -> tuple[np.ndarray, np.ndarray]:
+    """Raw item ids by decreasing count of train positives (ties: by id), with their share of positives
+    (a train split without positives: by count of pairs)."""
+    counts = np.zeros(len(stage.item_raw), dtype=np.int64)
+    known = np.asarray(pairs.item_positives[: len(counts)], dtype=np.int64)
+    counts[: len(known)] = known
+    if counts[1:].sum() == 0:
+        counts = np.bincount(np.asarray(pairs.items, np.int64), minlength=len(counts))[: len(counts)]
     counts[0] = 0
     order = np.lexsort((np.arange(len(counts)), -counts))
     order = order[counts[order] > 0]

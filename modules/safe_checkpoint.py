@@ -140,6 +140,29 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise RecsysError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [''])[0]})") from None
 
 
+def load_weights_into(model: torch.nn.Module, path: str | Path) -> None:
+    """Copy a safetensors file into ``model``'s parameters one tensor at a time: peak memory is the
+    model plus its largest tensor, where reading the whole file first held every weight twice (2.5M
+    users' tables: +0.9 GB a loading process). As strict as ``load_state_dict``; one line when the file
+    is unreadable or does not fit the model."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = set(model.state_dict())
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(expected - names), sorted(names - expected)
+            if missing or unexpected:
+                shown = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+                raise RecsysError(f"{path}: does not fit the model ({shown})")
+            for name in sorted(names):
+                model.load_state_dict({name: f.get_tensor(name)}, strict=False)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RecsysError(f"{path}: not a readable safetensors file ({(str(e).splitlines() or [''])[0]})") from None
+    except RuntimeError as e:  # a tensor of another shape
+        raise RecsysError(f"{path}: does not fit the model ({(str(e).splitlines() or [''])[-1].strip()})") from None
+
+
 def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """``trainer.pt`` of a checkpoint directory, loaded as plain data only."""
     path = Path(checkpoint) / TRAINER_STATE

@@ -134,6 +134,74 @@ def test_recommend_excludes_seen_items_and_returns_raw_ids(runs: Runs, bundle: A
     rec.ranking = bundle.recommender.ranking
 
 
+def test_bundle_keeps_train_pairs_and_histories_as_memory_mapped_arrays_equal_to_the_dataset(
+    runs: Runs, tmp_path: Path
+) -> None:
+    """The bundle's train pairs and histories are CSR arrays streamed from the dataset's Parquet files
+    and memory-mapped on load (workers of one machine share them): the same pairs, labels, positives
+    per item and histories as the tables read whole."""
+    from datamodules.histories import UserHistories
+    from modules.funnel import TrainPairs
+
+    root = assemble_bundle(runs.retrieval, None, tmp_path / "bundle", runs.tracking)
+    rec = load_bundle(root).recommender
+    meta = rec.retrieval.meta
+    n_users, n_items = meta.feature("user_id").cardinality, meta.feature("item_id").cardinality
+    table = pd.read_parquet(runs.data / "pairs" / "train.parquet")
+    whole = TrainPairs.from_frame(table, n_users, n_items)
+    served = rec.seen
+    assert isinstance(served.items, np.memmap) and isinstance(served.indptr, np.memmap)
+    np.testing.assert_array_equal(served.indptr, whole.indptr)
+    for u in range(n_users):  # the same (item, label) multiset per user
+        lo, hi = int(whole.indptr[u]), int(whole.indptr[u + 1])
+        mine = sorted(zip(served.items[lo:hi].tolist(), rec_positive(root)[lo:hi].tolist(), strict=True))
+        assert mine == sorted(zip(whole.items[lo:hi].tolist(), whole.positive[lo:hi].tolist(), strict=True))
+    np.testing.assert_array_equal(np.load(root / "retrieval" / "train" / "item_positives.npy"), whole.item_positives)
+    if meta.history:
+        stored = UserHistories.from_table(pd.read_parquet(runs.data / "histories.parquet"), n_users)
+        loaded = rec.retrieval.histories
+        assert loaded is not None
+        assert torch.equal(loaded.offsets, stored.offsets) and torch.equal(loaded.values.long(), stored.values)
+
+
+def rec_positive(root: Path) -> np.ndarray:
+    return np.load(root / "retrieval" / "train" / "pairs.positive.npy")
+
+
+def test_crafted_bundle_arrays_are_refused_in_one_line(runs: Runs, tmp_path: Path) -> None:
+    """A bundle whose arrays are pickled objects, truncated or out of range is refused in one line
+    naming the file, even when its bundle.json lists their hashes; nothing in them runs."""
+    import shutil
+
+    from core.checksums import checksums
+    from core.errors import RecsysError
+
+    base = assemble_bundle(runs.retrieval, None, tmp_path / "base", runs.tracking)
+    marker = tmp_path / "PWNED"
+    train = Path("retrieval") / "train"
+    cases = {
+        "pickled objects": (train / "pairs.items.npy", np.array([Payload(marker)], dtype=object), "unreadable"),
+        "ids past the vocabulary": (train / "pairs.items.npy", None, "item ids outside"),
+        "offsets cut short": (train / "pairs.indptr.npy", np.zeros(3, np.int64), "do not index"),
+        "flags of another length": (train / "pairs.positive.npy", np.zeros(2, np.bool_), "flags for"),
+        "a matrix": (train / "item_positives.npy", np.zeros((2, 2), np.int64), "not a flat array"),
+    }
+    for i, (case, (name, array, message)) in enumerate(cases.items()):
+        root = tmp_path / f"case{i}"
+        shutil.copytree(base, root)
+        if array is None:
+            array = np.load(root / name).copy()
+            array[-1] = 10**6
+        np.save(root / name, array, allow_pickle=True)
+        manifest = json.loads((root / "bundle.json").read_text())
+        manifest["files"] = checksums(root, exclude=["bundle.json"])
+        (root / "bundle.json").write_text(json.dumps(manifest))
+        with pytest.raises(RecsysError) as e:
+            load_bundle(root)
+        assert message in str(e.value) and name.name in str(e.value) and "\n" not in str(e.value), (case, e.value)
+        assert not marker.exists(), case
+
+
 def test_rerank_orders_the_candidates_by_retrieval_logit_plus_log_ranking_probability(bundle: Any) -> None:
     rec = bundle.recommender
     user = rec.retrieval.user_vocab[0]
