@@ -136,10 +136,14 @@ def table(results: list[dict[str, Any]]) -> str:
     ]
     for rerank in (False, True):
         rows = [r for r in results if r["rerank"] == rerank]
-        base = next((r for r in rows if r["backend"] == "local" and r["workers"] == 1), None)
+        # the single process: the mean of its runs (a bench may run it first and last, so that the
+        # drift of a shared machine's load between settings does not fall on the engines' ratios alone)
+        singles = [r for r in rows if r["backend"] == "local" and r["workers"] == 1]
+        base_busy = sum(r["busy_users_per_s"] for r in singles) / len(singles) if singles else float("nan")
+        base_cpu = sum(r["users_per_cpu_s"] for r in singles) / len(singles) if singles else float("nan")
         for r in rows:
-            busy = r["busy_users_per_s"] / base["busy_users_per_s"] if base else float("nan")
-            cpu = r["users_per_cpu_s"] / base["users_per_cpu_s"] if base else float("nan")
+            busy = r["busy_users_per_s"] / base_busy
+            cpu = r["users_per_cpu_s"] / base_cpu
             rss = f"{r['worker_peak_rss'] / 1e9:.2f}" if r.get("worker_peak_rss") else "-"
             lines.append(
                 f"| {'+ rerank' if rerank else 'retrieval'} | {r['backend']} | {r['workers']} | {r['seconds']:.0f} | "

@@ -31,14 +31,12 @@ from datamodules.buckets import Buckets, bucket_count, key_ranges, user_buckets
 from datamodules.config import PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
-    BlockPacker,
     ParquetParts,
-    SplitWriter,
+    SplitOutputs,
     assign_split,
     build_metadata,
     encode_frame,
     finish_dataset,
-    id_pairs,
     label_frame,
     make_plan,
     row_keys,
@@ -197,23 +195,15 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
     del users, items
     log.info("split and vocabularies (%.1fs)", time.time() - started)
 
-    writers = {name: SplitWriter(tmp / name, 0) for name in SPLIT_CODES}
-    packers = {name: BlockPacker(w, cfg.block_rows) for name, w in writers.items()}
-    pairs = ParquetParts()
-    try:
+    with SplitOutputs(cfg.block_rows, 0) as outputs:
+        for name in SPLIT_CODES:
+            outputs.open(name, tmp / name)
         for r in range(by_key.count):
             part = by_key.read(r)
             part = part.iloc[np.argsort(part["key"].to_numpy(), kind="stable")] if len(part) else part
             for name, code in SPLIT_CODES.items():
-                enc = encode_frame(part[part["split"] == code], plan)
-                packers[name].add(enc)
-                pairs.write(tmp / "pairs" / f"{name}.parquet", id_pairs(enc))
-        for p in packers.values():
-            p.finish()
-    finally:
-        for w in writers.values():
-            w.__exit__()
-        pairs.close()
+                outputs.add(name, encode_frame(part[part["split"] == code], plan), tmp / "pairs" / f"{name}.parquet")
+        splits = outputs.finish()
     by_key.remove()
     log.info("wrote the splits (%.1fs)", time.time() - started)
 
@@ -232,7 +222,6 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
     item_rows = pd.DataFrame({"user": "", "item": list(plan.vocabs["item_id"])})
     write_tables(user_rows, item_rows, plan, tmp)
     raw = RawTable(pd.DataFrame(), [], {"path": str(path), "sha256": sha256_of(path)})
-    splits = {name: w.info() for name, w in writers.items()}
     meta = build_metadata(cfg, plan, raw, splits, engine="local", label_from_rating=from_rating)
     finish_dataset(meta, plan.vocabs, tmp)
     rows = ", ".join(f"{k} {v.rows:,}" for k, v in meta.splits.items())

@@ -314,6 +314,44 @@ class ParquetParts:
         self.writers.clear()
 
 
+class SplitOutputs:
+    """What a preparation path writes of its splits, a part at a time: each split's MDS shards (a
+    ``SplitWriter`` behind a ``BlockPacker``) and its (user_id, item_id) pairs (``ParquetParts``). As a
+    context manager it closes every writer however the block ends; ``finish`` (the end of the normal
+    path) writes the last partial blocks and returns each split's counts."""
+
+    def __init__(self, block_rows: int, num_multi: int) -> None:
+        self.block_rows, self.num_multi = block_rows, num_multi
+        self.writers: dict[str, SplitWriter] = {}
+        self.packers: dict[str, BlockPacker] = {}
+        self.pairs = ParquetParts()
+
+    def open(self, name: str, directory: Path) -> None:
+        """Start split ``name``'s shards in ``directory``."""
+        self.writers[name] = SplitWriter(directory, self.num_multi)
+        self.packers[name] = BlockPacker(self.writers[name], self.block_rows)
+
+    def add(self, name: str, enc: dict[str, Any], pairs: Path) -> None:
+        """Encoded rows of split ``name``: into its blocks, and their id pairs into the file ``pairs``."""
+        self.packers[name].add(enc)
+        self.pairs.write(pairs, id_pairs(enc))
+
+    def finish(self) -> dict[str, SplitInfo]:
+        for packer in self.packers.values():
+            packer.finish()
+        return {name: w.info() for name, w in self.writers.items()}
+
+    def __enter__(self) -> SplitOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for w in self.writers.values():
+                w.__exit__()
+        finally:
+            self.pairs.close()
+
+
 def write_tables(user_rows: pd.DataFrame, item_rows: pd.DataFrame, plan: EncodingPlan, tmp: Path) -> None:
     """``users.parquet`` / ``items.parquet``: encoded features of each train user / item, by index.
 

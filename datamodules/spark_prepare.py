@@ -24,16 +24,14 @@ from core.spark import spark_session
 from datamodules.config import PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
-    BlockPacker,
     EncodingPlan,
-    ParquetParts,
+    SplitOutputs,
     SplitWriter,
     assign_split,
     build_metadata,
     column_of,
     encode_frame,
     finish_dataset,
-    id_pairs,
     make_plan,
     row_keys,
     user_histories,
@@ -335,31 +333,21 @@ def write_splits_spark(df: Any, plan: EncodingPlan, cfg: PrepareConfig, tmp: Pat
     def write(batches: Any) -> Any:
         context = TaskContext.get()
         part = f"{context.partitionId():05d}-{context.attemptNumber()}" if context else "00000-0"
-        writers: dict[str, SplitWriter] = {}
-        packers: dict[str, BlockPacker] = {}
-        pairs = ParquetParts()
-        try:
+        with SplitOutputs(block_rows, num_multi) as outputs:
             for pdf in batches:
                 for code, rows in pdf.groupby("split", sort=True):
                     name = names[int(code)]
-                    if name not in writers:
-                        writers[name] = SplitWriter(Path(root) / name / part, num_multi)
-                        packers[name] = BlockPacker(writers[name], block_rows)
-                    enc = encode_frame(_lists(rows), plan)
-                    packers[name].add(enc)
-                    pairs.write(Path(root) / "pairs" / f"{name}.parquet" / f"part-{part}.parquet", id_pairs(enc))
-            for packer in packers.values():
-                packer.finish()
-        finally:
-            for w in writers.values():
-                w.__exit__()
-            pairs.close()
+                    if name not in outputs.writers:
+                        outputs.open(name, Path(root) / name / part)
+                    pairs = Path(root) / "pairs" / f"{name}.parquet" / f"part-{part}.parquet"
+                    outputs.add(name, encode_frame(_lists(rows), plan), pairs)
+            outputs.finish()
         yield pd.DataFrame(
             {
-                "split": list(writers),
+                "split": list(outputs.writers),
                 "part": part,
-                "blocks": [w.blocks for w in writers.values()],
-                "pairs": [f"pairs/{name}.parquet/part-{part}.parquet" for name in writers],
+                "blocks": [w.blocks for w in outputs.writers.values()],
+                "pairs": [f"pairs/{name}.parquet/part-{part}.parquet" for name in outputs.writers],
             }
         )
 

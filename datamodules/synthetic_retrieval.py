@@ -42,14 +42,11 @@ from datamodules.buckets import Buckets, bucket_count, key_ranges
 from datamodules.config import PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
-    BlockPacker,
     EncodingPlan,
-    ParquetParts,
-    SplitWriter,
+    SplitOutputs,
     assign_split,
     build_metadata,
     finish_dataset,
-    id_pairs,
     make_plan,
     row_keys,
 )
@@ -587,10 +584,9 @@ def write_shards(
     """Pass 3: every split's rows in key order, cut into blocks, and their (user_id, item_id) pairs."""
     from tqdm import tqdm
 
-    writers = {name: SplitWriter(tmp / name, len(plan.multi)) for name in SPLIT_CODES}
-    packers = {name: BlockPacker(w, cfg.block_rows) for name, w in writers.items()}
-    pairs = ParquetParts()
-    try:
+    with SplitOutputs(cfg.block_rows, len(plan.multi)) as outputs:
+        for name in SPLIT_CODES:
+            outputs.open(name, tmp / name)
         for r in tqdm(range(by_key.count), desc="write", unit="bucket", disable=by_key.count < 4):
             part = by_key.read(r)
             if len(part) == 0:
@@ -608,15 +604,8 @@ def write_shards(
                     counts,
                     items,
                 )
-                packers[name].add(enc)
-                pairs.write(tmp / "pairs" / f"{name}.parquet", id_pairs(enc))
-        for p in packers.values():
-            p.finish()
-    finally:
-        for w in writers.values():
-            w.__exit__()
-        pairs.close()
-    return {name: w.info() for name, w in writers.items()}
+                outputs.add(name, enc, tmp / "pairs" / f"{name}.parquet")
+        return outputs.finish()
 
 
 def write_histories(history: Buckets, lookups: Lookups, path: Path) -> None:
