@@ -100,6 +100,51 @@ def expand_aliases(argv: list[str], aliases: dict[str, str]) -> list[str]:
     return config + out
 
 
+def split_tags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--tag KEY=VALUE`` (repeatable; also ``--tag=KEY=VALUE``) taken out of ``argv``: (the rest, the
+    values)."""
+    rest: list[str] = []
+    tags: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name != "--tag":
+            rest.append(argv[i])
+            i += 1
+        elif eq:
+            tags.append(value)
+            i += 1
+        elif i + 1 < len(argv):
+            tags.append(argv[i + 1])
+            i += 2
+        else:
+            raise RecsysError("--tag: expected KEY=VALUE (e.g. --tag team=search)")
+    return rest, tags
+
+
+def preset_of(argv: list[str]) -> str | None:
+    """The first ``--config FILE`` of ``argv`` (the preset a run starts from)."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--config":
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
+
+
+def with_preset_and_tags(cfg: RunConfig, preset: str | None, tags: list[str]) -> RunConfig:
+    """The run's tracking section with the preset it started from (its file name a tag, its leading
+    comment the run's description unless --tracking.description says otherwise) and the ``--tag``s."""
+    from app.tracking import parse_tags, preset_description
+
+    tracking = cfg.tracking
+    if preset:
+        description = tracking.description or preset_description(preset)
+        tracking = dataclasses.replace(tracking, preset=preset, description=description)
+    if tags:
+        tracking = dataclasses.replace(tracking, tags={**tracking.tags, **parse_tags(tags)})
+    return dataclasses.replace(cfg, tracking=tracking)
+
+
 def add_run_arguments(parser: Any) -> None:
     from jsonargparse import ActionConfigFile
 
@@ -257,8 +302,10 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
         }.get(argv[0] if argv else "", set())
         args = normalize_flags(argv, switches)
+        tags: list[str] = []
         if args[:1] == ["train"]:
-            args = ["train", *expand_aliases(args[1:], TRAIN_ALIASES)]
+            rest, tags = split_tags(args[1:])
+            args = ["train", *expand_aliases(rest, TRAIN_ALIASES)]
         elif args[:1] in (["evaluate"], ["recommend"]):
             args = [args[0], *expand_aliases(args[1:], EVALUATE_ALIASES)]
         ns = parser.parse_args(args)
@@ -291,6 +338,7 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         from app.train import run_training
 
         cfg = dataclasses.replace(to_config(RunConfig, ns.train), verbose=verbose)
+        cfg = with_preset_and_tags(cfg, preset_of(args[1:]), tags)
         metrics = run_training(cfg)
         print(format_metrics(metrics))
         if "run_id" in metrics:

@@ -59,6 +59,12 @@ class TrackingConfig:
     run_name: str | None = None
     """Default: MODEL-YYYYmmdd-HHMMSS-XXXX (distinct for every run)."""
     enabled: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+    """The user's own run tags (``recsys train --tag team=search --tag ...``), beside recsys's own."""
+    preset: str | None = None
+    """The ``--config`` preset the run started from (set by the CLI): tagged by its file name."""
+    description: str | None = None
+    """The run's description in MLflow (default: the preset's leading comment)."""
 
 
 @dataclass(frozen=True)

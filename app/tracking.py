@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -18,6 +19,8 @@ import yaml
 
 from app.config import RunConfig
 from core.errors import RecsysError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STATE_DICT_ARTIFACT = "model_state/state_dict.pt"
@@ -179,6 +182,213 @@ class RunState:
         client.set_tag(self.run_id, FAILED_RESUME_TAG, why[:4000])
 
 
+TAG = "recsys."
+"""recsys's own run tags: ``recsys.model``, ``recsys.dataset``, ... (the runs table filters on them)."""
+DESCRIPTION_TAG = "mlflow.note.content"
+"""Where MLflow keeps a run's description (its page shows it; ``mlflow.search_runs`` reads it as a tag)."""
+
+
+def parse_tags(values: list[str]) -> dict[str, str]:
+    """``--tag KEY=VALUE`` flags -> a dict; a malformed or reserved key is one line."""
+    tags: dict[str, str] = {}
+    for value in values:
+        key, eq, text = value.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise RecsysError(f"--tag {value}: expected KEY=VALUE (e.g. --tag team=search)")
+        if key.startswith((TAG, "mlflow.")):
+            raise RecsysError(f"--tag {value}: keys starting with {TAG!r} or 'mlflow.' are set by recsys and MLflow")
+        if len(key) > 250 or len(text) > 5000:
+            raise RecsysError(f"--tag {value[:40]}...: MLflow takes keys up to 250 and values up to 5000 characters")
+        tags[key] = text
+    return tags
+
+
+def preset_description(path: str | Path) -> str | None:
+    """The leading comment of a YAML preset as Markdown (None without one): its prose as paragraphs,
+    its indented command lines as code."""
+    lines: list[str] = []
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].removeprefix(" ")
+        lines.append(f"`{body.strip()}`  " if body.startswith((" ", "\t")) and body.strip() else body)
+    return "\n".join(lines).strip() or None
+
+
+def recsys_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recsys")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the recsys source tree that runs ("unknown" outside a git checkout), with ``-dirty``
+    when it has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def dataset_kind(meta: Any) -> str:
+    """retrieval (users, items, interactions), ranking (a table of labelled rows) or candidates (a
+    funnel's ranking data, built from a retrieval run's candidates)."""
+    if meta.candidates:
+        return "candidates"
+    return "retrieval" if meta.task == "retrieval" else "ranking"
+
+
+def run_tags(cfg: RunConfig, world_size: int, meta: Any) -> dict[str, str]:
+    """Every tag recsys sets on a training run: the model and what it ran on, the dataset, the preset,
+    the code, the funnel runs a candidates dataset came from; then the user's ``--tag``s."""
+    from modules.registry import model_kind
+
+    tags = {
+        f"{TAG}model": cfg.model,
+        f"{TAG}model_kind": "retrieval" if model_kind(cfg.model).retrieves else "ranking",
+        f"{TAG}backend": cfg.cluster.backend,
+        f"{TAG}world_size": str(world_size),
+        f"{TAG}dataset": meta.dataset,
+        f"{TAG}dataset_kind": dataset_kind(meta),
+        f"{TAG}dataset_path": public_uri(cfg.data.path),
+        f"{TAG}preset": Path(cfg.tracking.preset).name if cfg.tracking.preset else "none",
+        f"{TAG}version": recsys_version(),
+        f"{TAG}git_commit": git_commit(),
+    }
+    if meta.candidates:
+        tags[f"{TAG}candidates.retrieval_run"] = str(meta.candidates.get("retrieval_run"))
+        tags[f"{TAG}candidates.serving_run"] = str(meta.candidates.get("serving_run"))
+        tags[f"{TAG}candidates.data"] = public_uri(str(meta.candidates.get("data")))
+    if cfg.tracking.description:
+        tags[DESCRIPTION_TAG] = cfg.tracking.description
+    return {**tags, **cfg.tracking.tags}
+
+
+def public_uri(uri: str) -> str:
+    """A path or URI as it may be shown: without user, password or query string (which may carry a
+    token)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+"""The ``mlflow.data.context`` of each split's dataset input."""
+
+
+def dataset_input(uri: str, name: str, digest: str, meta: Any, context: str) -> Any:
+    """One MLflow dataset input: ``name``, ``digest``, its source (``uri`` without secrets) and its
+    schema (the metadata's features and label)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Array
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    columns: list[ColSpec | TensorSpec] = [ColSpec(DataType.float, f.name) for f in meta.dense_features]
+    for f in meta.sparse_features:
+        columns.append(ColSpec(Array(DataType.long) if f.multi_hot else DataType.long, f.name))
+    columns.append(ColSpec(DataType.float, str(meta.label.get("name", "label"))))
+    from mlflow.exceptions import MlflowException
+
+    shown = public_uri(uri)
+    try:
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": each of them names the path
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(shown)
+    except MlflowException:  # a store MLflow has no source type for (oci://, hf://, ...): shown as its URI
+        source = uri_source(shown)
+    dataset = MetaDataset(source=source, name=name, digest=digest, schema=Schema(columns))  # type: ignore[abstract]
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def uri_source(uri: str) -> Any:
+    """An MLflow dataset source that only names ``uri`` (source type ``uri``)."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class UriSource(DatasetSource):
+        def __init__(self, location: str) -> None:
+            self.uri = location
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "uri"
+
+        def load(self, **kwargs: Any) -> str:
+            return self.uri
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> UriSource:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> UriSource:
+            return cls(str(source_dict["uri"]))
+
+    return UriSource(uri)
+
+
+def dataset_inputs(uri: str, meta: Any, digests: dict[str, str]) -> list[Any]:
+    """The dataset inputs of a run trained on the prepared dataset at ``uri``: one per split that has
+    rows (context training, validation, test; name ``DATASET/SPLIT``), and for candidates data the train
+    split of the dataset they were drawn from (context ``candidates-source``: the same digest as the
+    retrieval run's training input, so a search by it finds both)."""
+    inputs = [
+        dataset_input(uri, f"{meta.dataset}/{split}", digests[split], meta, context)
+        for split, context in SPLIT_CONTEXTS.items()
+        if split in digests and meta.splits[split].rows
+    ]
+    source = str(meta.candidates.get("data") or "")
+    if source:
+        from datamodules.integrity import read_split_index, split_digest
+        from datamodules.schema import read_metadata
+
+        try:
+            origin = read_metadata(source)
+            digest = split_digest(read_split_index(source, "train"))
+        except RecsysError as e:
+            log.info("the candidates' source dataset is not linked: %s", e)
+        else:
+            inputs.append(dataset_input(source, f"{origin.dataset}/train", digest, origin, "candidates-source"))
+    return inputs
+
+
 def download_checkpoint(artifact: str, uri: str, dest: Path) -> str:
     """``runs:/RUN_ID/checkpoints/last`` (or ``.../best``) downloaded under ``dest``: the local directory."""
     import shutil
@@ -223,6 +433,47 @@ class Tracker:
     def run_id(self) -> str:
         return str(self.logger.run_id)
 
+    def describe(self, world_size: int, meta: Any, digests: dict[str, str]) -> None:
+        """What the runs table shows and filters on: the tags of ``run_tags`` (a description among
+        them) and one dataset input per split (``dataset_inputs``); a continued run gets them again."""
+        from mlflow.entities import RunTag
+
+        client = self.logger.experiment
+        tags = run_tags(self.cfg, world_size, meta)
+        client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        client.log_inputs(self.run_id, datasets=dataset_inputs(self.cfg.data.path, meta, digests))
+
+    def log_figures(self, data: dict[str, Any], k: int) -> None:
+        """The test stage's figures (``app.figures``): a retrieval run's Recall@K and NDCG@K at every K
+        (metrics ``test/recall_at_k`` and ``test/ndcg_at_k`` with step K, and their PNG), a ranking run's
+        calibration curve and score histogram (PNGs); nothing when the run had no test split."""
+        from mlflow.entities import Metric
+
+        from app import figures
+
+        client, run_id = self.logger.experiment, self.run_id
+        drawn: list[tuple[Any, str]] = []
+        if "recall_at_k" in data:
+            now = int(time.time() * 1000)
+            history = [
+                Metric(f"test/{name}_at_k", float(value), now, step)
+                for name in ("recall", "ndcg")
+                for step, value in enumerate(data[f"{name}_at_k"], start=1)
+            ]
+            for lo in range(0, len(history), 1000):  # MLflow's batch limit
+                client.log_batch(run_id, metrics=history[lo : lo + 1000], synchronous=True)
+            title = f"{self.cfg.model} on {Path(self.cfg.data.path).name}: test split (K={k} is the run's cut-off)"
+            drawn.append((figures.at_k_figure(data["recall_at_k"], data["ndcg_at_k"], title), "recall_ndcg_at_k.png"))
+        if "scores" in data and sum(data["scores"]["positives"]) + sum(data["scores"]["negatives"]) > 0:
+            title = f"{self.cfg.model} on {Path(self.cfg.data.path).name}: test split"
+            drawn.append((figures.calibration_figure(data["scores"], title), "calibration.png"))
+            drawn.append((figures.score_histogram_figure(data["scores"], title), "score_histogram.png"))
+        for fig, name in drawn:
+            try:
+                client.log_figure(run_id, fig, f"figures/{name}")
+            finally:
+                figures.close(fig)
+
     def log_params(self, world_size: int) -> None:
         """The configuration as dotted params, with the global batch (params are immutable: a
         continued run gets a tag instead)."""
@@ -230,6 +481,7 @@ class Tracker:
             self.logger.experiment.set_tag(self.run_id, RESUMED_TAG, self.resume_from)
             return
         params = flatten(dataclasses.asdict(self.cfg))
+        params.pop("tracking.description", None)  # the run's description, not a parameter
         params["world_size"] = world_size
         params["data.global_batch_size"] = self.cfg.data.batch_size * world_size
         self.logger.log_hyperparams(params)

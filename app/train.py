@@ -86,6 +86,7 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None, run_id: str | No
     trainer, observers = build_trainer(cfg, runtime, tracker)
     if tracker is not None:
         tracker.log_params(trainer.world_size)
+        tracker.describe(trainer.world_size, data.meta, data.digests)
     if runtime.rank == 0:
         log.info(
             "training %s on %s: %d process(es) x batch %d = global batch %d, %d epoch(s) at most",
@@ -109,6 +110,8 @@ def train(cfg: RunConfig, runtime: WorkerRuntime | None = None, run_id: str | No
             tested = trainer.test(task, datamodule=data, ckpt_path=best_path or None, verbose=False)
         elif runtime.rank == 0:
             log.info("%s has no test split: no test metrics", cfg.data.path)
+        if tracker is not None and tested:
+            tracker.log_figures(task.figure_data, cfg.trainer.k)
         metrics = run_metrics(trainer, tested, best_path, observers)
         metrics["last_checkpoint"] = last_path
         plan = getattr(trainer.strategy, "plan", None)

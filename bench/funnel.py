@@ -414,6 +414,56 @@ def evaluate(data: Path, uri: str, runs: dict[str, Any], work: Path, candidates:
     return out
 
 
+def log_comparison(uri: str, data: Path, result: dict[str, Any]) -> str:
+    """The comparison as a run of its own in the bench's experiment: each row's NDCG@10 as a metric, the
+    table as ``comparison.md``, a bar chart (``figures/funnel_ndcg_at_10.png``), the test split it was
+    scored on as a dataset input and the runs it compared as tags. Returns the run id."""
+    import re
+
+    import mlflow
+
+    from app import figures
+    from app.tracking import TAG, dataset_inputs
+    from datamodules.integrity import read_split_index, split_digest
+
+    meta = read_metadata(data)
+    table = "| order | NDCG@10 |\n| --- | ---: |\n" + "".join(
+        f"| {name} | {value:.4f} |\n" for name, value in result["rows"].items()
+    )
+    short = {name: name.split(" (")[0] for name in result["rows"]}
+    runs = result["runs"]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("funnel-bench")
+    with mlflow.start_run(run_name="comparison") as run:
+        mlflow.set_tags(
+            {
+                f"{TAG}bench": "funnel",
+                f"{TAG}dataset": meta.dataset,
+                f"{TAG}funnel.retrieval_run": runs["retrieval"],
+                f"{TAG}funnel.labelling_run": runs["labelling"],
+                f"{TAG}funnel.ranking_run": runs["ranking"],
+                "mlflow.note.content": f"bench/funnel.py on {data} (split seed {result['seed']}):\n\n{table}",
+            }
+        )
+        mlflow.log_params({"data": str(data), "candidates": result["candidates"], "split_seed": result["seed"]})
+        mlflow.log_metrics(
+            {"ndcg_at_10/" + re.sub(r"[^0-9A-Za-z_./ -]", "", short[n]): v for n, v in result["rows"].items()}
+        )
+        digest = split_digest(read_split_index(str(data), "test"))
+        mlflow.MlflowClient(uri).log_inputs(run.info.run_id, datasets=dataset_inputs(str(data), meta, {"test": digest}))
+        mlflow.log_text(table, "comparison.md")
+        fig = figures.bar_figure(
+            {short[n]: v for n, v in result["rows"].items()},
+            "NDCG@10 (test split)",
+            f"{meta.dataset}, split seed {result['seed']}: {result['users']} users",
+        )
+        try:
+            mlflow.log_figure(fig, "figures/funnel_ndcg_at_10.png")
+        finally:
+            figures.close(fig)
+        return str(run.info.run_id)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -431,6 +481,7 @@ def main() -> None:
     result["runs"] = runs
     result["seed"] = read_metadata(data).split_rule.get("seed")
     result["total_seconds"] = time.time() - started
+    result["comparison_run"] = log_comparison(uri, data, result)
     (args.work / "funnel.json").write_text(json.dumps(result, indent=1, default=str))
     print(
         f"\nsplit seed {result['seed']}: {result['users']} users with a liked test item, {args.candidates} candidates"
@@ -439,6 +490,7 @@ def main() -> None:
     for name, value in result["rows"].items():
         print(f"| {name} | {value:.4f} |")
     print(f"\nrecommendations: {args.work / 'recommendations.parquet'}; {result['total_seconds']:.0f} s in all")
+    print(f"MLflow run {result['comparison_run']} (table and chart): mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,18 @@ def read_split_index(path: str, split: str, cache: Path | None = None) -> dict[s
     return dict(index)
 
 
+def split_digest(index: dict[str, Any]) -> str:
+    """The digest of one split: 16 hex digits of the SHA-256 over its shards' names, sizes and xxh64
+    hashes in the order ``index.json`` lists them (what MLflow shows as the dataset's digest). Equal for
+    equal shards; a split without recorded hashes digests its names and sizes alone."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for info in shard_files(index):
+        h.update(f"{info['basename']}\t{info['bytes']}\t{(info.get('hashes') or {}).get(HASH_ALGO, '')}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def check_split(path: str, split: str, index: dict[str, Any]) -> str | None:
     """Fail unless every shard of a local split exists with its listed size; returns the hash
     algorithm to validate shards with (None for datasets prepared before hashes were recorded)."""

@@ -27,7 +27,7 @@ from datamodules.blocks import BlockCollate
 from datamodules.config import DataConfig
 from datamodules.corpus import RetrievalCorpus, load_histories
 from datamodules.histories import UserHistories
-from datamodules.integrity import check_dataset, one_line
+from datamodules.integrity import check_split, one_line, read_split_index, split_digest
 from datamodules.schema import METADATA_FILE, DatasetMetadata, read_metadata
 from datamodules.storage import fetch_file, is_remote
 
@@ -138,7 +138,10 @@ class StreamingDataModule(L.LightningDataModule):
         self.seed = 0 if cfg.seed is None else cfg.seed
         # every shard listed is there with its size, before any training starts; per split, the hash
         # algorithm StreamingDataset validates each shard with as it reads it (None: no hashes recorded)
-        self._validate_hash = check_dataset(cfg.path, self.meta.splits, self._files_cache)
+        indexes = {split: read_split_index(cfg.path, split, self._files_cache) for split in self.meta.splits}
+        self._validate_hash = {split: check_split(cfg.path, split, index) for split, index in indexes.items()}
+        self.digests = {split: split_digest(index) for split, index in indexes.items()}
+        """Each split's digest (``datamodules.integrity.split_digest``): what MLflow shows of the dataset."""
         self.train_blocks = blocks_per_batch(cfg.batch_size, self.meta.block_rows, "--data.batch_size")
         self.eval_blocks = blocks_per_batch(
             cfg.eval_batch_size or cfg.batch_size, self.meta.block_rows, "--data.eval_batch_size"

@@ -21,11 +21,14 @@ import math
 import numpy as np
 import pandas as pd
 import torch
+import torchmetrics
 
 from datamodules.corpus import UserItems
 
 SCORE_BYTES = 4
 """float32 scores and vectors."""
+CURVE_CUTOFFS = 100
+"""The test split of a retrieval run is also measured at every K = 1..100 (the run's Recall/NDCG-at-K curve)."""
 
 
 def block_users(n_items: int, budget_bytes: int) -> int:
@@ -67,12 +70,26 @@ def block_sums(
     column: torch.Tensor,
     k: int,
 ) -> tuple[float, float]:
-    """Sums over a block of users of Recall@K and NDCG@K.
+    """Sums over a block of users of Recall@K and NDCG@K (``block_curve_sums`` at ``k`` alone).
 
     ``scores``: block x items (changed in place: seen items become -inf); ``seen``, ``relevant``:
     (lengths, item ids) of each row's user, as ``UserItems.gather`` gives them; ``column``: each item
     id's column (``item_columns``).
     """
+    recall, ndcg = block_curve_sums(scores, seen, relevant, column, k)
+    return float(recall[-1]), float(ndcg[-1])
+
+
+def block_curve_sums(
+    scores: torch.Tensor,
+    seen: tuple[np.ndarray, np.ndarray],
+    relevant: tuple[np.ndarray, np.ndarray],
+    column: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over a block of users of Recall@K and NDCG@K for every K = 1..k (float64 tensors of length
+    k; index K-1 holds the cut-off K), from one top-k per row: a curve costs no more than its last point.
+    Arguments as ``block_sums``."""
     device = scores.device
     n_items = scores.shape[1]
     column = column.to(device)
@@ -91,11 +108,14 @@ def block_sums(
         rows[~inside], minlength=len(scores)
     )
     top = torch.topk(scores, k=min(k, n_items), dim=1).indices
-    hits = torch.isin(torch.arange(len(scores), device=device).unsqueeze(1) * n_items + top, keys).double()
+    hits = torch.zeros(len(scores), k, dtype=torch.float64, device=device)  # past the corpus: no hit
+    hits[:, : top.shape[1]] = torch.isin(torch.arange(len(scores), device=device).unsqueeze(1) * n_items + top, keys)
     discounts, ideal = (t.to(device) for t in discount_tables(k))
-    recall = hits.sum(1) / n_rel
-    ndcg = (hits * discounts[: top.shape[1]]).sum(1) / ideal[n_rel.clamp(min=1, max=k) - 1]
-    return float(recall.sum()), float(ndcg.sum())
+    cutoffs = torch.arange(1, k + 1, device=device)
+    recall = hits.cumsum(1) / n_rel.unsqueeze(1)
+    best = torch.minimum(n_rel.clamp(min=1).unsqueeze(1), cutoffs.unsqueeze(0)) - 1
+    ndcg = (hits * discounts).cumsum(1) / ideal[best]
+    return recall.sum(0).cpu(), ndcg.sum(0).cpu()
 
 
 def corpus_metrics(
@@ -123,3 +143,38 @@ def corpus_metrics(
 
 def _largest(ids: pd.Series) -> int:
     return int(ids.max()) if len(ids) else 0
+
+
+class ScoreHistogram(torchmetrics.Metric):
+    """Predicted probabilities binned on [0, 1]: per bin, how many negatives and positives fell there and
+    their summed probability. Fixed-size sums (synced across ranks by torchmetrics), so the calibration
+    curve and the score histogram of a ranking run cost the same memory at any test-set size; torchmetrics
+    computes calibration *errors* (``BinaryCalibrationError``), not the curve, so this keeps the bins."""
+
+    full_state_update = False
+    counts: torch.Tensor
+    score_sums: torch.Tensor
+
+    def __init__(self, bins: int = 20) -> None:
+        super().__init__()
+        self.bins = bins
+        self.add_state("counts", default=torch.zeros(2, bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("score_sums", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        probs = probs.detach().double().clamp(0.0, 1.0)
+        which = (probs * self.bins).long().clamp(max=self.bins - 1)
+        positive = (labels > 0.5).long()
+        self.counts.index_put_((positive, which), torch.ones_like(probs), accumulate=True)
+        self.score_sums.index_add_(0, which, probs)
+
+    def compute(self) -> dict[str, list[float]]:
+        """``edges`` (bins + 1), per bin ``negatives`` and ``positives`` (counts) and ``mean_score``
+        (NaN in an empty bin)."""
+        total = self.counts.sum(0)
+        return {
+            "edges": torch.linspace(0.0, 1.0, self.bins + 1).tolist(),
+            "negatives": self.counts[0].tolist(),
+            "positives": self.counts[1].tolist(),
+            "mean_score": (self.score_sums / total).tolist(),
+        }

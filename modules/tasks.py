@@ -24,7 +24,7 @@ from datamodules.corpus import RetrievalCorpus, tower_inputs
 from datamodules.histories import UserHistories, single_ids, with_feature
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
 from modules.config import ModelConfig, OptimConfig
-from modules.evaluation import block_sums, block_users, item_columns
+from modules.evaluation import CURVE_CUTOFFS, ScoreHistogram, block_curve_sums, block_users, item_columns
 from modules.evaluation import corpus_metrics as corpus_metrics  # where the benches import it from
 from modules.sharding import sparse_optimizer_class
 
@@ -98,6 +98,9 @@ class RecTask(L.LightningModule):
                 for split in ("val", "test")
             }
         )
+        self.figure_data: dict[str, Any] = {}
+        """What the test stage leaves for the run's figures (``app.figures``): Recall/NDCG at every K of a
+        retrieval run, the score histogram of a ranking run; filled on every rank, drawn by rank 0."""
 
     def sparse_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         kwargs: dict[str, Any] = {"lr": self.optim.sparse_lr}
@@ -184,6 +187,7 @@ class RankingTask(RecTask):
                 "recsys data candidates"
             )
         self.lists, self.listwise, self.k = lists, listwise, k
+        self.test_scores = ScoreHistogram()
         if lists is not None:
             for split in ("val", "test"):
                 split_metrics: Any = self.metrics[split]
@@ -203,11 +207,18 @@ class RankingTask(RecTask):
 
     def _update(self, logits: torch.Tensor, batch: Any, split: str) -> None:
         super()._update(logits, batch, split)
+        if split == "test":
+            self.test_scores.update(torch.sigmoid(logits), batch.labels)
         if self.lists is not None:
             total, lists = list_ndcg(logits, batch.labels, single_ids(batch.sparse_features, self.lists), self.k)
             if lists:
                 split_metrics: Any = self.metrics[split]
                 split_metrics[f"ndcg_at_{self.k}"].update(total / lists, weight=lists)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self.figure_data["scores"] = self.test_scores.compute()  # a collective on several ranks
+        self.test_scores.reset()
 
 
 def list_groups(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -525,7 +536,9 @@ class RetrievalTask(RecTask):
         share = -(-len(users) // world)
         mine = users[rank * share : (rank + 1) * share]
         block = min(max(share, 1), block_users(len(c.items), self.eval_block_bytes))
-        sums = torch.zeros(3, dtype=torch.float64)
+        # the test split also gets the curve at every K up to CURVE_CUTOFFS, from the same top-K per row
+        cutoffs = max(self.k, CURVE_CUTOFFS) if split == "test" else self.k
+        sums = torch.zeros(2 * cutoffs + 1, dtype=torch.float64)  # recall at 1..K, NDCG at 1..K, users
         for lo in range(0, share, block):
             picked = mine[lo : lo + block]
             # every process embeds min(block, share - lo) users here, padded with a real one
@@ -533,18 +546,22 @@ class RetrievalTask(RecTask):
             vectors = self.embed(c.users.take(c.user_rows[padded]), 0)[: len(picked)]
             if len(picked):
                 scores = vectors @ items.t()
-                recall, ndcg = block_sums(
-                    scores, c.train.gather(picked), c.targets[split].gather(picked), self._columns, self.k
+                recall, ndcg = block_curve_sums(
+                    scores, c.train.gather(picked), c.targets[split].gather(picked), self._columns, cutoffs
                 )
-                sums += torch.tensor([recall, ndcg, len(picked)], dtype=torch.float64)
+                sums += torch.cat([recall, ndcg, torch.tensor([len(picked)], dtype=torch.float64)])
         if world > 1:
             sums = sums.to(self.device)
             torch.distributed.all_reduce(sums)
             sums = sums.cpu()
-        recall_sum, ndcg_sum, count = (float(x) for x in sums)
+        count = float(sums[-1])
+        recall_at, ndcg_at = sums[:cutoffs] / count, sums[cutoffs:-1] / count
+        if split == "test":
+            self.figure_data["recall_at_k"] = recall_at.tolist()
+            self.figure_data["ndcg_at_k"] = ndcg_at.tolist()
         return {
-            f"{split}/recall_at_{self.k}": recall_sum / count,
-            f"{split}/ndcg_at_{self.k}": ndcg_sum / count,
+            f"{split}/recall_at_{self.k}": float(recall_at[self.k - 1]),
+            f"{split}/ndcg_at_{self.k}": float(ndcg_at[self.k - 1]),
             f"{split}/eval_users": float(len(users)),
             f"{split}/eval_users_total": float(total),
             f"{split}/eval_seconds": time.perf_counter() - started,

@@ -21,7 +21,7 @@ from cluster.config import ClusterConfig
 from datamodules.corpus import RetrievalCorpus, UserItems
 from datamodules.schema import read_metadata
 from modules.config import ModelConfig, OptimConfig
-from modules.evaluation import block_sums, corpus_metrics, item_columns
+from modules.evaluation import ScoreHistogram, block_curve_sums, block_sums, corpus_metrics, item_columns
 from modules.registry import model_kind
 from modules.tasks import RetrievalTask
 
@@ -90,6 +90,40 @@ def test_streamed_blocks_equal_the_dense_computation(seed: int) -> None:
                     scores[lo : lo + block].clone(), seen.gather(picked), relevant.gather(picked), column, k
                 )
             assert tuple(total / len(users)) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_curve_at_every_k_equals_the_dense_computation_at_that_k(seed: int) -> None:
+    """The test split's Recall/NDCG-at-K curve (K = 1..60, past the 35-item corpus) from one top-K."""
+    scores, users, items, train, target = random_case(seed)
+    seen = UserItems.from_pairs(train.user_id.to_numpy(), train.item_id.to_numpy(), 41)
+    pos = target[target.label > 0.5]
+    relevant = UserItems.from_pairs(pos.user_id.to_numpy(), pos.item_id.to_numpy(), 41)
+    picked = np.asarray(users)
+    recall, ndcg = block_curve_sums(
+        scores.clone(), seen.gather(picked), relevant.gather(picked), item_columns(np.asarray(items), 36), 60
+    )
+    assert recall.shape == ndcg.shape == (60,)
+    for k in (1, 2, 10, 35, 60):
+        expected = dense_reference(scores, users, items, train, target, k)
+        got = (float(recall[k - 1]) / len(users), float(ndcg[k - 1]) / len(users))
+        assert got == pytest.approx(expected, abs=1e-12), k
+
+
+def test_the_score_histogram_bins_positives_and_negatives() -> None:
+    """Counts per bin and class, and each bin's mean score, as numpy computes them; added up over updates."""
+    rng = np.random.default_rng(0)
+    probs, labels = rng.random(1000), (rng.random(1000) < 0.3).astype(np.float32)
+    metric = ScoreHistogram(bins=10)
+    for lo in range(0, 1000, 300):
+        metric.update(torch.as_tensor(probs[lo : lo + 300]), torch.as_tensor(labels[lo : lo + 300]))
+    got = metric.compute()
+    which = np.minimum((probs * 10).astype(int), 9)
+    for cls, key in ((0, "negatives"), (1, "positives")):
+        assert got[key] == np.bincount(which[labels == cls], minlength=10).tolist()
+    means = [probs[which == b].mean() for b in range(10)]
+    assert got["mean_score"] == pytest.approx(means, abs=1e-12)
+    assert got["edges"] == pytest.approx(np.linspace(0, 1, 11).tolist())
 
 
 def two_tower_task(path: Path, **eval_kw: Any) -> RetrievalTask:

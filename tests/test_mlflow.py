@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from app.cli import main
+from app.tracking import preset_description
 from cluster.local import free_port
 from core.services import running_service
 from datamodules.config import DataConfig
 from datamodules.streaming import StreamingDataModule
 
 pytestmark = pytest.mark.cluster
+PRESET = Path(__file__).parent.parent / "configs" / "funnel-retrieval.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,15 @@ def test_train_logs_a_complete_run(
     code = main(
         [
             "train",
-            "--model",
-            "two-tower",
+            "--config",  # the demo's retrieval preset, as the demo trains it (scripts/demo.sh)
+            str(PRESET),
             "--data",
             str(ml_dataset),
+            "--arch.uniform_negatives",
+            "16",
+            "--tag",
+            "team=search",
+            "--tag=ticket=RS-1",
             "--batch-size",
             "64",
             "--max-epochs",
@@ -103,7 +113,30 @@ def test_train_logs_a_complete_run(
     best = client.list_artifacts(run.info.run_id, "checkpoints/best")
     assert any(a.path.endswith("trainer.pt") for a in best) and any(a.path.endswith(".distcp") for a in best)
 
+    # what the run's page and the runs table show: dataset inputs, tags, a description, the figures
+    check_run_reads_well(client, run, ml_dataset, "two-tower", "funnel-retrieval.yaml")
+    assert run.data.tags["team"] == "search" and run.data.tags["ticket"] == "RS-1"
+    assert run.data.tags["mlflow.note.content"] == preset_description(PRESET)
+    assert run.data.tags["mlflow.note.content"].startswith("The funnel's retrieval stage")
+    for name in ("test/ndcg_at_k", "test/recall_at_k"):
+        curve = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        assert [m.step for m in curve] == list(range(1, 101)), name
+        if name == "test/recall_at_k":  # recall never falls as K grows
+            assert all(a.value <= b.value + 1e-12 for a, b in itertools.pairwise(curve))
+        at_k = curve[9].value  # K = 10, the run's cut-off: the same figure as test/NAME_at_10
+        assert at_k == pytest.approx(run.data.metrics[name.replace("_at_k", "_at_10")], abs=1e-6)  # float32 there
+    assert "figures/recall_ndcg_at_k.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    # the runs table filters on them, as a user would search the demo's runs
+    assert run.inputs is not None
+    digest = run.inputs.dataset_inputs[0].dataset.digest
     mlflow.set_tracking_uri(mlflow_server)
+    found = mlflow.search_runs(
+        experiment_names=["test-run-contents"], filter_string="tags.recsys.model = 'two-tower'", output_format="list"
+    )
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"dataset.digest = '{digest}'")
+    assert list(found["run_id"]) == [run.info.run_id]
+
     scorer = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     dm = StreamingDataModule(DataConfig(path=str(ml_dataset), batch_size=64, cache_dir=str(tmp_path / "c")))
     batch = next(iter(dm.test_dataloader()))
@@ -117,3 +150,88 @@ def test_train_logs_a_complete_run(
     table = capsys.readouterr().out
     auroc = float(next(line.split()[1] for line in table.splitlines() if line.startswith("test/auroc")))
     assert auroc == pytest.approx(run.data.metrics["test/auroc"], abs=1e-4)
+
+
+def check_run_reads_well(client: Any, run: Any, data: Path, model: str, preset: str) -> None:
+    """One dataset input per split (contexts training/validation/test) whose digest is the split's own,
+    and recsys's tags."""
+    from datamodules.integrity import read_split_index, split_digest
+    from datamodules.schema import read_metadata
+
+    meta = read_metadata(data)
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in run.inputs.dataset_inputs
+    }
+    assert sorted(inputs) == ["test", "training", "validation"]
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        dataset = inputs[context]
+        assert dataset.digest == split_digest(read_split_index(str(data), split))
+        assert dataset.name == f"{meta.dataset}/{split}" and str(data) in dataset.source
+        columns = {c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
+        assert columns >= {f.name for f in meta.sparse_features}
+    tags = run.data.tags
+    assert tags["recsys.model"] == model and tags["recsys.backend"] == "local" and tags["recsys.world_size"] == "1"
+    assert tags["recsys.dataset"] == meta.dataset and tags["recsys.dataset_path"] == str(data)
+    assert tags["recsys.dataset_kind"] == ("retrieval" if meta.task == "retrieval" else "ranking")
+    assert tags["recsys.preset"] == preset and tags["recsys.version"] == "0.1.0"
+    assert len(tags["recsys.git_commit"].removesuffix("-dirty")) == 40
+
+
+def test_a_ranking_run_logs_its_inputs_tags_and_score_figures(ctr_dataset: Path, tmp_path: Path) -> None:
+    """A DLRM run from a preset: the same dataset inputs and tags, and the test split's calibration curve
+    and score histogram (positives vs negatives) as PNGs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    preset = tmp_path / "my-dlrm.yaml"
+    preset.write_text("# A DLRM for the tests.\n#   recsys train --config my-dlrm.yaml\nmodel: dlrm\n")
+    code = main(
+        [
+            "train",
+            "--config",
+            str(preset),
+            "--data",
+            str(ctr_dataset),
+            "--tracking-uri",
+            uri,
+            "--max-epochs",
+            "1",
+            "--batch-size",
+            "256",
+            "--arch.embedding_dim",
+            "8",
+            "--trainer.progress_bar",
+            "false",
+            "--trainer.output_dir",
+            str(tmp_path / "runs"),
+        ]
+    )
+    assert code == 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("recsys")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    check_run_reads_well(client, run, ctr_dataset, "dlrm", "my-dlrm.yaml")
+    assert run.data.tags["recsys.model_kind"] == "ranking"
+    assert run.data.tags["mlflow.note.content"] == "A DLRM for the tests.\n`recsys train --config my-dlrm.yaml`"
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"figures/calibration.png", "figures/score_histogram.png"}
+    png = Path(client.download_artifacts(run.info.run_id, "figures/calibration.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("flag", "error"),
+    [
+        (["--tag", "team"], "--tag team: expected KEY=VALUE"),
+        (["--tag", "=x"], "--tag =x: expected KEY=VALUE"),
+        (["--tag", "recsys.model=x"], "are set by recsys and MLflow"),
+        (["--tag"], "--tag: expected KEY=VALUE"),
+    ],
+)
+def test_a_bad_tag_is_one_line(
+    flag: list[str], error: str, ctr_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--model", "dlrm", "--data", str(ctr_dataset), *flag])
+    err = capsys.readouterr().err
+    assert code == 2 and error in err and len(err.strip().splitlines()) == 1, err
