@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from core.errors import require
+from core.errors import RecsysError, require
 from datamodules.config import DATASETS, PrepareConfig
 from datamodules.encoding import (
     SPLIT_CODES,
@@ -137,12 +137,24 @@ def _report(meta: DatasetMetadata, seconds: float) -> None:
     log.info("prepared %s: %s rows in %.1fs", meta.dataset, rows, seconds)
 
 
+def split_digest_text(path: str, split: str) -> str:
+    """``  digest D`` of a split (what MLflow shows of the dataset a run read); empty when its index is
+    not there to read."""
+    from datamodules.integrity import read_split_index, split_digest
+
+    try:
+        return f"  digest {split_digest(read_split_index(path, split))}"
+    except RecsysError:
+        return ""
+
+
 def summarize(meta: DatasetMetadata, out: str) -> str:
     """A human summary of a prepared dataset (printed by the CLI)."""
     lines = [f"dataset      {meta.dataset} ({meta.task}) -> {out}"]
     lines.append(f"split        {meta.split_rule}")
     for name, s in meta.splits.items():
-        lines.append(f"{name:<12} {s.rows:>12,} rows  {s.blocks:>8,} blocks  label rate {s.label_rate:.3f}")
+        line = f"{name:<12} {s.rows:>12,} rows  {s.blocks:>8,} blocks  label rate {s.label_rate:.3f}"
+        lines.append(line + split_digest_text(out, name))
     lines.append(f"label        {meta.label['definition']}")
     for f in meta.sparse_features:
         kind = "multi-hot" if f.multi_hot else "sparse"

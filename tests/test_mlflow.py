@@ -129,6 +129,9 @@ def test_train_logs_a_complete_run(
     # the runs table filters on them, as a user would search the demo's runs
     assert run.inputs is not None
     digest = run.inputs.dataset_inputs[0].dataset.digest
+    capsys.readouterr()
+    assert main(["data", "summary", str(ml_dataset)]) == 0  # where a user reads their dataset's digests
+    assert f"digest {digest}" in capsys.readouterr().out
     mlflow.set_tracking_uri(mlflow_server)
     found = mlflow.search_runs(
         experiment_names=["test-run-contents"], filter_string="tags.recsys.model = 'two-tower'", output_format="list"
@@ -235,3 +238,27 @@ def test_a_bad_tag_is_one_line(
     code = main(["train", "--model", "dlrm", "--data", str(ctr_dataset), *flag])
     err = capsys.readouterr().err
     assert code == 2 and error in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_funnel_bench_logs_its_comparison_to_a_run_of_its_own(ml_dataset: Path, tmp_path: Path) -> None:
+    """bench/funnel.py's table as a run: each row's NDCG@10, the table, a bar chart, the scored test split
+    and the runs it compared (the figures themselves: a made-up result, the bench's own numbers are slow)."""
+    from mlflow.tracking import MlflowClient
+
+    from bench.funnel import log_comparison
+    from datamodules.integrity import read_split_index, split_digest
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows = {"most popular (train + val likes)": 0.1, "funnel (two-tower + ranker on its candidates)": 0.3}
+    runs = {"retrieval": "r1", "labelling": "r0", "ranking": "r2"}
+    result = {"rows": rows, "runs": runs, "seed": 0, "users": 12, "candidates": 100}
+    run_id = log_comparison(uri, ml_dataset, result)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.metrics == {"ndcg_at_10/most popular": 0.1, "ndcg_at_10/funnel": 0.3}
+    assert run.data.tags["recsys.funnel.ranking_run"] == "r2" and "| funnel" in run.data.tags["mlflow.note.content"]
+    assert run.inputs is not None
+    (test_input,) = run.inputs.dataset_inputs
+    assert test_input.dataset.digest == split_digest(read_split_index(str(ml_dataset), "test"))
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
+    assert {"comparison.md", "figures"} <= artifacts
+    assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "figures")] == ["figures/funnel_ndcg_at_10.png"]
