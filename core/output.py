@@ -265,7 +265,12 @@ def atomic_output(
     except OSError as e:
         raise RecsysError(f"{flag} {out}: cannot write in {parent} ({e.strerror or e})") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno not in WRITE_ERRORS:  # e.g. an input the body could not read: its own error
+                raise
+            raise RecsysError(f"{flag} {out}: cannot write the output ({os_reason(e)})") from None
         require_written(tmp, kind, out, flag)
         try:
             _install(tmp, target, out, kind, overwrite, flag)
@@ -274,6 +279,18 @@ def atomic_output(
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+"""What writing an output can run into however it was checked beforehand: no space, a quota, a file
+too large, a filesystem gone read-only, a failing disk."""
+
+
+def os_reason(error: OSError) -> str:
+    """The operating system's words for an error (``No space left on device``), with its errno name."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    text = error.strerror or str(error)
+    return f"{text}, {name}" if name else text
 
 
 def require_written(tmp: Path, kind: OutputKind, out: str | Path, flag: str) -> None:
