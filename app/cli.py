@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from typing import Any, TypeVar
 from app.candidates import CandidatesConfig
 from app.config import RunConfig, TrackingConfig, TrainerConfig
 from cluster.config import ClusterConfig
-from core.errors import RecsysError, require
+from core.errors import RecsysError, printable, require
 from core.logs import setup_logging
 from core.signals import Interrupted, interruption, stop_signals
 from datamodules.config import DataConfig, PrepareConfig
@@ -168,7 +169,7 @@ def build_parser() -> Any:
 
     download = ArgumentParser(description="Fetch a public dataset into the local cache.", exit_on_error=False)
     download.add_argument("name", type=str, help="movielens-100k or sets2019")
-    download.add_argument("--dest", type=str | None, default=None, help="target directory")
+    download.add_argument("--dest", type=str, default=None, help="target directory")
     data_commands.add_subcommand("download", download, help="fetch a public dataset")
 
     candidates = ArgumentParser(
@@ -187,12 +188,12 @@ def build_parser() -> Any:
     commands.add_subcommand("train", train, help="train a model and track it in MLflow")
 
     evaluate = ArgumentParser(description="Score a finished run or a checkpoint.", exit_on_error=False)
-    evaluate.add_argument("--run_id", type=str | None, default=None, help="MLflow run to evaluate")
-    evaluate.add_argument("--checkpoint", type=str | None, default=None, help="checkpoint directory")
-    evaluate.add_argument("--config_file", type=str | None, default=None, help="the run's config.yaml")
+    evaluate.add_argument("--run_id", type=str, default=None, help="MLflow run to evaluate")
+    evaluate.add_argument("--checkpoint", type=str, default=None, help="checkpoint directory")
+    evaluate.add_argument("--config_file", type=str, default=None, help="the run's config.yaml")
     evaluate.add_argument("--split", type=str, default="test", help="val or test")
-    evaluate.add_argument("--tracking_uri", type=str | None, default=None)
-    evaluate.add_argument("--data", type=str | None, default=None, help="evaluate on another prepared copy")
+    evaluate.add_argument("--tracking_uri", type=str, default=None)
+    evaluate.add_argument("--data", type=str, default=None, help="evaluate on another prepared copy")
     # where it runs: its own choice (default one local process), not the training's; any world size
     # and sharding plan loads the checkpoint
     evaluate.add_class_arguments(ClusterConfig, "cluster", as_group=False)
@@ -203,9 +204,9 @@ def build_parser() -> Any:
     )
     index.add_argument("--run_id", type=str, help="MLflow run of a two-tower model")
     index.add_argument("--index", type=str, default="flat", help="index spec: flat, hnsw32, ivf,pq16x4fs,rflat, ...")
-    index.add_argument("--out", type=str | None, default=None, help="also write the index into this new directory")
+    index.add_argument("--out", type=str, default=None, help="also write the index into this new directory")
     index.add_argument("--overwrite", type=bool, default=False, help="--out may replace an index directory")
-    index.add_argument("--tracking_uri", type=str | None, default=None)
+    index.add_argument("--tracking_uri", type=str, default=None)
     commands.add_subcommand("index", index, help="build a run's item index (vectors + FAISS) and log it")
 
     recommend = ArgumentParser(
@@ -213,20 +214,18 @@ def build_parser() -> Any:
         exit_on_error=False,
     )
     recommend.add_argument("--retrieval", type=str, help="MLflow run of the two-tower (retrieval) model")
-    recommend.add_argument("--ranking", type=str | None, default=None, help="MLflow run of a ranking model")
+    recommend.add_argument("--ranking", type=str, default=None, help="MLflow run of a ranking model")
     recommend.add_argument("--user", type=str, nargs="+", default=None, help="raw user id(s)")
-    recommend.add_argument("--users", type=str | None, default=None, help="file of raw user ids (.txt/.csv/.parquet)")
-    recommend.add_argument("--history", type=str | None, default=None, help="raw item ids, comma-separated")
+    recommend.add_argument("--users", type=str, default=None, help="file of raw user ids (.txt/.csv/.parquet)")
+    recommend.add_argument("--history", type=str, default=None, help="raw item ids, comma-separated")
     recommend.add_argument("--k", type=int, default=10, help="recommendations per user")
     recommend.add_argument("--candidates", type=int, default=200, help="candidates retrieved for the ranking stage")
-    recommend.add_argument("--out", type=str | None, default=None, help="write a new Parquet file instead of printing")
+    recommend.add_argument("--out", type=str, default=None, help="write a new Parquet file instead of printing")
     recommend.add_argument(
         "--overwrite", type=bool, default=False, help="--out may replace a Parquet file (--all-users: DIR's settings)"
     )
-    recommend.add_argument(
-        "--index", type=str | None, default=None, help="a saved index directory (default: the run's)"
-    )
-    recommend.add_argument("--tracking_uri", type=str | None, default=None)
+    recommend.add_argument("--index", type=str, default=None, help="a saved index directory (default: the run's)")
+    recommend.add_argument("--tracking_uri", type=str, default=None)
     recommend.add_argument(
         "--all_users", type=bool, default=False, help="every user of the vocabulary -> partitioned Parquet in --out DIR"
     )
@@ -239,17 +238,17 @@ def build_parser() -> Any:
         exit_on_error=False,
     )
     package.add_argument("--retrieval", type=str, help="MLflow run of the two-tower (retrieval) model")
-    package.add_argument("--ranking", type=str | None, default=None, help="MLflow run of a ranking model")
-    package.add_argument("--index", type=str | None, default=None, help="a saved index directory (default: the run's)")
-    package.add_argument("--register", type=str | None, default=None, help="register it under this model name")
-    package.add_argument("--tracking_uri", type=str | None, default=None)
+    package.add_argument("--ranking", type=str, default=None, help="MLflow run of a ranking model")
+    package.add_argument("--index", type=str, default=None, help="a saved index directory (default: the run's)")
+    package.add_argument("--register", type=str, default=None, help="register it under this model name")
+    package.add_argument("--tracking_uri", type=str, default=None)
     commands.add_subcommand("package", package, help="package a recommender for mlflow models serve")
 
     submit = ArgumentParser(
         description="Run a recsys command as a Ray job on a running cluster: recsys submit [options] -- train ...",
         exit_on_error=False,
     )
-    submit.add_argument("--address", type=str | None, default=None, help="Ray dashboard URL (default $RAY_ADDRESS)")
+    submit.add_argument("--address", type=str, default=None, help="Ray dashboard URL (default $RAY_ADDRESS)")
     submit.add_argument("--working_dir", type=str | None, default=".", help="directory uploaded with the job")
     submit.add_argument("--no_wait", type=bool, default=False, help="submit and return without following the logs")
     commands.add_subcommand("submit", submit, help="run a command as a Ray job (streams its logs)")
@@ -276,8 +275,30 @@ def load_run_config(path: str | Any, overrides: Sequence[str] = ()) -> RunConfig
     try:
         ns = parser.instantiate(parser.parse_args(argv))
     except argparse.ArgumentError as e:
-        raise RecsysError(f"{path}: " + " ".join(str(e).split())) from None
+        text = argument_problem(str(e), ["--config", str(path)])
+        raise RecsysError(text if text.startswith("--config") else f"{path}: {text}") from None
     return to_config(RunConfig, ns)
+
+
+def show(text: object) -> None:
+    """Print a command's result (its ids come from user data: control characters escaped)."""
+    print(printable(str(text)))
+
+
+def argument_problem(message: str, args: Sequence[str]) -> str:
+    """argparse's and jsonargparse's message as one line that says what to do: a YAML error names the
+    ``--config`` file instead of ``<unicode string>``; a value starting with a dash (read as a flag) says
+    to write ``--flag=VALUE``."""
+    text = " ".join(message.split())
+    preset = preset_of(list(args))
+    if preset and "Problems parsing config" in text:
+        text = text.replace("Problems parsing config: ", "").replace('"<unicode string>"', preset)
+        return f"--config {preset}: not a valid YAML preset: {text}"
+    flag = re.match(r"argument (--[\w.]+): expected one argument", text)
+    if flag:
+        name = flag.group(1)
+        return f"{text} (a value that starts with '-' is read as a flag: write {name}=VALUE, e.g. {name}=-1)"
+    return text
 
 
 def run(argv: Sequence[str], verbose: bool = False) -> int:
@@ -311,28 +332,28 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         ns = parser.parse_args(args)
         ns = parser.instantiate(ns)
     except argparse.ArgumentError as e:
-        raise RecsysError(" ".join(str(e).split())) from None
+        raise RecsysError(argument_problem(str(e), args)) from None
     if ns.command == "data":
         sub = ns.data
         if sub.action == "prepare":
             from datamodules.prepare import prepare, summarize
 
             prep = to_config(PrepareConfig, sub.prepare)
-            print(summarize(prepare(prep), prep.out))
+            show(summarize(prepare(prep), prep.out))
         elif sub.action == "candidates":
             from app.candidates import build_candidates, summarize_candidates
 
             made = to_config(CandidatesConfig, sub.candidates)
-            print(summarize_candidates(build_candidates(made), made.out))
+            show(summarize_candidates(build_candidates(made), made.out))
         elif sub.action == "download":
             from datamodules.download import download_dataset
 
-            print(download_dataset(sub.download.name, sub.download.dest))
+            show(download_dataset(sub.download.name, sub.download.dest))
         elif sub.action == "summary":
             from datamodules.prepare import summarize
             from datamodules.schema import read_metadata
 
-            print(summarize(read_metadata(sub.summary.path), sub.summary.path))
+            show(summarize(read_metadata(sub.summary.path), sub.summary.path))
     elif ns.command == "train":
         from app.evaluate import format_metrics
         from app.train import run_training
@@ -340,16 +361,16 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         cfg = dataclasses.replace(to_config(RunConfig, ns.train), verbose=verbose)
         cfg = with_preset_and_tags(cfg, preset_of(args[1:]), tags)
         metrics = run_training(cfg)
-        print(format_metrics(metrics))
+        show(format_metrics(metrics))
         if "run_id" in metrics:
-            print(f"MLflow run {metrics['run_id']}: mlflow ui --backend-store-uri {tracking_uri_of(cfg)}")
+            show(f"MLflow run {metrics['run_id']}: mlflow ui --backend-store-uri {tracking_uri_of(cfg)}")
     elif ns.command == "evaluate":
         run_evaluate(ns.evaluate)
     elif ns.command == "index":
         from app.recommend import index_run
 
         require(bool(ns.index.run_id), "index: --run-id is required")
-        print(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri, ns.index.overwrite))
+        show(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri, ns.index.overwrite))
     elif ns.command == "recommend":
         from app.recommend import recommend
 
@@ -359,10 +380,10 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         if r.all_users:
             from app.batch import all_users_config, recommend_all_users
 
-            print(recommend_all_users(all_users_config(r, cluster)))
+            show(recommend_all_users(all_users_config(r, cluster)))
             return 0
         require(cluster == ClusterConfig(), "recommend: --backend, --num-workers and --cluster.* go with --all-users")
-        print(
+        show(
             recommend(
                 r.retrieval,
                 r.ranking,
@@ -382,7 +403,7 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
 
         r = ns.package
         require(bool(r.retrieval), "package: --retrieval RUN is required")
-        print(package(r.retrieval, r.ranking, r.index, r.register, r.tracking_uri))
+        show(package(r.retrieval, r.ranking, r.index, r.register, r.tracking_uri))
     elif ns.command == "submit":
         from cluster.ray_jobs import submit
 
@@ -439,10 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise
                 raise stop from None
     except RecsysError as e:
-        print(f"recsys: error: {e}", file=sys.stderr)
+        print(f"recsys: error: {printable(str(e))}", file=sys.stderr)
         return int(getattr(e, "exit_code", 2))
     except Interrupted as e:
-        print(f"recsys: {e}", file=sys.stderr, flush=True)
+        print(f"recsys: {printable(str(e))}", file=sys.stderr, flush=True)
         return e.exit_code
 
 

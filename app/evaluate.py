@@ -9,7 +9,7 @@ from typing import Any
 
 from app.config import RunConfig, TrackingConfig
 from app.resolve import resolve_run
-from app.tracking import resolve_tracking_uri
+from app.tracking import existing_store
 from app.train import build_strategy, build_task
 from cluster.runtime import WorkerRuntime
 from core.errors import RecsysError
@@ -21,7 +21,7 @@ def fetch_run(run_id: str, tracking_uri: str | None, dest: Path) -> tuple[Path, 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(existing_store(tracking_uri))
     try:
         config = Path(client.download_artifacts(run_id, "config.yaml", str(dest)))
         checkpoint = Path(client.download_artifacts(run_id, "checkpoints/best", str(dest)))

@@ -67,10 +67,39 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def prepare_store(uri: str) -> None:
-    """Create the tracking store once, in the launching process, before workers race to migrate it."""
+    """Create the tracking store once, in the launching process, before workers race to migrate it. A
+    new SQLite store is created under a lock on its folder: two trainings started together into one new
+    file would otherwise both create its tables, and one fail (``table ... already exists``)."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(uri).search_experiments(max_results=1)
+    from core.output import locked
+
+    if uri.startswith("sqlite:///"):
+        with locked(Path(uri[len("sqlite:///") :]).parent):
+            MlflowClient(uri).search_experiments(max_results=1)
+    else:
+        MlflowClient(uri).search_experiments(max_results=1)
+
+
+def existing_store(flag: str | None) -> str:
+    """The tracking URI of a command that reads runs (``--tracking-uri``, else as ``resolve_tracking_uri``):
+    it must name a store that exists. MLflow would create a missing SQLite file, empty, and then report
+    every run as not found; a path that holds no store is one line instead."""
+    uri = resolve_tracking_uri(flag)
+    check_tracking_uri(uri)
+    path: Path | None = None
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :])
+        if not path.is_file() or path.stat().st_size == 0:
+            raise RecsysError(
+                f"--tracking-uri {uri}: no tracking store at {path} (nothing was tracked there); pass the store "
+                "the run was trained into"
+            )
+    elif "://" not in uri or uri.startswith("file:"):
+        path = Path(uri.removeprefix("file://").removeprefix("file:"))
+        if not path.is_dir():
+            raise RecsysError(f"--tracking-uri {uri}: no tracking store at {path}; pass the store the run was made in")
+    return uri
 
 
 def open_run(cfg: RunConfig) -> str:
@@ -85,9 +114,22 @@ def open_run(cfg: RunConfig) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise RecsysError(f"--experiment {name}: deleted in this tracking store (restore it or choose another name)")
-    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(name)
+    experiment_id = experiment.experiment_id if experiment is not None else create_experiment(client, name)
     tags = resolve_tags({MLFLOW_RUN_NAME: cfg.tracking.run_name} if cfg.tracking.run_name else {})
     return str(client.create_run(experiment_id, tags=tags).info.run_id)
+
+
+def create_experiment(client: Any, name: str) -> str:
+    """A new experiment's id; the existing one's when a run started at the same time created it first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

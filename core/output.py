@@ -159,6 +159,11 @@ def check_output(
     (``keep``: an input that replacing ``out`` must not delete, e.g. ``--source``)."""
     if str(out).strip() == "":
         raise RecsysError(f"{flag}: empty path")
+    if str(out).startswith("~"):  # a quoted ~ reaches us as is: a folder named "~" is never what was meant
+        raise RecsysError(
+            f"{flag} {out}: '~' is not expanded here (it was quoted); write the path out, "
+            f"e.g. {flag} {os.path.expanduser(str(out))}"
+        )
     target = Path(os.path.abspath(out))  # no symlink resolution: a link is replaced, not its target
     cwd = Path.cwd()
     if any(t == cwd or t in cwd.parents for t in (target, target.resolve())):
@@ -206,8 +211,9 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive advisory lock on a directory (every writer installing into it takes it)."""
+def locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on a directory (every writer installing into it takes it; so does the
+    first writer of a new SQLite tracking store, ``app.tracking.prepare_store``)."""
     import fcntl
 
     fd = os.open(directory, os.O_RDONLY)
@@ -224,7 +230,7 @@ def _install(tmp: Path, target: Path, out: str | Path, kind: OutputKind, overwri
         f"{flag} {out}: appeared while this command ran (another writer finished first); "
         "nothing replaced (pass --overwrite to replace it)"
     )
-    with _locked(target.parent):
+    with locked(target.parent):
         if not (target.exists() or target.is_symlink()):
             try:
                 if _renameat2(tmp, target, _RENAME_NOREPLACE):
