@@ -26,7 +26,7 @@ fast: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench/loader.py
+	$(PY) -m bench.loader
 
 clean:
 	rm -rf data/demo .pytest_cache .mypy_cache .ruff_cache

@@ -301,8 +301,10 @@ def argument_problem(message: str, args: Sequence[str]) -> str:
     return text
 
 
-def run(argv: Sequence[str], verbose: bool = False) -> int:
-    """Parse ``argv`` and run the command; raises RecsysError for user-facing problems."""
+def parse_command(argv: Sequence[str]) -> tuple[Any, list[str], list[str], list[str]]:
+    """Parse a command line as ``recsys`` does, without running it: (the namespace, the normalized
+    arguments, the ``--tag`` values of ``train``, the command after ``submit ... --``). RecsysError
+    for a bad command line."""
     import argparse
 
     parser = build_parser()
@@ -312,27 +314,32 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         if "--" in argv:
             cut = argv.index("--")
             argv, rest = argv[:cut], argv[cut + 1 :]
+    # bare boolean switches of the command at hand only (``recommend --history 1,2`` is not ``--arch.history``)
+    switches = {
+        "train": bool_flags(*RUN_SECTIONS),
+        "evaluate": bool_flags(ClusterConfig),
+        "data": bool_flags(PrepareConfig, CandidatesConfig),
+        "submit": {"--no_wait"},
+        "index": {"--overwrite"},
+        "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
+    }.get(argv[0] if argv else "", set())
+    args = normalize_flags(argv, switches)
+    tags: list[str] = []
+    if args[:1] == ["train"]:
+        flags, tags = split_tags(args[1:])
+        args = ["train", *expand_aliases(flags, TRAIN_ALIASES)]
+    elif args[:1] in (["evaluate"], ["recommend"]):
+        args = [args[0], *expand_aliases(args[1:], EVALUATE_ALIASES)]
     try:
-        # bare boolean switches of the command at hand only (``recommend --history 1,2`` is not ``--arch.history``)
-        switches = {
-            "train": bool_flags(*RUN_SECTIONS),
-            "evaluate": bool_flags(ClusterConfig),
-            "data": bool_flags(PrepareConfig, CandidatesConfig),
-            "submit": {"--no_wait"},
-            "index": {"--overwrite"},
-            "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
-        }.get(argv[0] if argv else "", set())
-        args = normalize_flags(argv, switches)
-        tags: list[str] = []
-        if args[:1] == ["train"]:
-            rest, tags = split_tags(args[1:])
-            args = ["train", *expand_aliases(rest, TRAIN_ALIASES)]
-        elif args[:1] in (["evaluate"], ["recommend"]):
-            args = [args[0], *expand_aliases(args[1:], EVALUATE_ALIASES)]
-        ns = parser.parse_args(args)
-        ns = parser.instantiate(ns)
+        ns = parser.instantiate(parser.parse_args(args))
     except argparse.ArgumentError as e:
         raise RecsysError(argument_problem(str(e), args)) from None
+    return ns, args, tags, rest
+
+
+def run(argv: Sequence[str], verbose: bool = False) -> int:
+    """Parse ``argv`` and run the command; raises RecsysError for user-facing problems."""
+    ns, args, tags, rest = parse_command(argv)
     if ns.command == "data":
         sub = ns.data
         if sub.action == "prepare":

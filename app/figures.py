@@ -36,7 +36,7 @@ def at_k_figure(recall: Sequence[float], ndcg: Sequence[float], title: str) -> A
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -60,7 +60,7 @@ def calibration_figure(scores: dict[str, list[float]], title: str) -> Any:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -82,7 +82,7 @@ def score_histogram_figure(scores: dict[str, list[float]], title: str) -> Any:
     ax.set_ylabel("share of the class")
     ax.set_xlim(0, 1)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -98,7 +98,7 @@ def bar_figure(values: dict[str, float], ylabel: str, title: str) -> Any:
         ax.annotate(f"{values[name]:.4f}", top, ha="center", va="bottom")
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 

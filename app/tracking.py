@@ -504,7 +504,7 @@ class Tracker:
             ]
             for lo in range(0, len(history), 1000):  # MLflow's batch limit
                 client.log_batch(run_id, metrics=history[lo : lo + 1000], synchronous=True)
-            title = f"{self.cfg.model} on {Path(self.cfg.data.path).name}: test split (K={k} is the run's cut-off)"
+            title = f"{self.cfg.model} on {Path(self.cfg.data.path).name}, test split (run's K: {k})"
             drawn.append((figures.at_k_figure(data["recall_at_k"], data["ndcg_at_k"], title), "recall_ndcg_at_k.png"))
         if "scores" in data and sum(data["scores"]["positives"]) + sum(data["scores"]["negatives"]) > 0:
             title = f"{self.cfg.model} on {Path(self.cfg.data.path).name}: test split"

@@ -1,7 +1,7 @@
 """The funnel recipe on MovieLens-100K against its baselines, in one run (issue 17).
 
-    .venv/bin/python bench/funnel.py                          # prepares data/movielens-100k if missing
-    .venv/bin/python bench/funnel.py --data DIR --work WORK   # DIR: any `recsys data prepare` of it, any --seed
+    .venv/bin/python -m bench.funnel                          # prepares data/movielens-100k if missing
+    .venv/bin/python -m bench.funnel --data DIR --work WORK   # DIR: any `recsys data prepare` of it, any --seed
 
 Protocol (the issue's): label = rating >= 4, per-user random 80/10/10 split (``DIR``'s own split and
 seed); anything may learn from train and val, test labels only score. For every user with a liked test
@@ -46,6 +46,16 @@ from app.candidates import CandidatesConfig, build_candidates
 from app.cli import load_run_config
 from app.recommend import assemble_bundle, load_bundle
 from app.train import run_training
+from bench.baselines import (
+    Dimension,
+    Tabular,
+    coordinate_search,
+    ease_scores,
+    interaction_matrix,
+    lightgbm_frame,
+    load_tabular,
+    typed,
+)
 from datamodules.config import PrepareConfig
 from datamodules.prepare import prepare
 from datamodules.schema import DatasetMetadata, read_metadata
@@ -85,6 +95,7 @@ def prepare_default(path: Path) -> Path:
     from datamodules.download import movielens_100k_source
 
     if not (path / "metadata.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         prepare(PrepareConfig(dataset="movielens-100k", source=movielens_100k_source(), out=str(path)))
     return path
 
@@ -242,7 +253,6 @@ def most_popular(known: pd.DataFrame, users: Sequence[str]) -> dict[str, list[st
 
 def ease_baseline(data: Path, refit: Path, relevant: Mapping[str, set[str]]) -> dict[str, Any]:
     """EASE^R: lambda chosen on ``data``'s val (fitted on its train), then refitted on train + val."""
-    from bench.baselines import Dimension, coordinate_search, ease_scores, interaction_matrix
 
     def run(fit: pd.DataFrame, exclude: pd.DataFrame, users: Sequence[str], lam: float) -> dict[str, list[str]]:
         user_ids = {u: i for i, u in enumerate(sorted(set(fit.user)))}
@@ -291,8 +301,6 @@ def lightgbm_frame_of(meta: DatasetMetadata, dense: Any, kjt: Any, labels: np.nd
     """LightGBM's table (bench.baselines.lightgbm_frame) of rows given as model inputs."""
     import scipy.sparse as sp
 
-    from bench.baselines import Tabular, lightgbm_frame
-
     single = [f for f in meta.sparse_features if not f.multi_hot]
     multi = []
     for f in meta.sparse_features:
@@ -309,7 +317,6 @@ def lightgbm_rerank(rec: Any, candidates_dir: Path, work: Path, users: Sequence[
     """LightGBM LambdaRank on the candidate rows: grid on the val lists' NDCG@10, then the test lists."""
     import lightgbm as lgb
 
-    from bench.baselines import Dimension, coordinate_search, lightgbm_frame, load_tabular, typed
     from modules.funnel import Candidates, model_inputs
 
     meta = read_metadata(candidates_dir)

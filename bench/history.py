@@ -1,7 +1,7 @@
 """The history-aware two-tower (issue 10) on the movielens-retrieval protocol of ``bench/quality.py``.
 
-    .venv/bin/python bench/history.py --mode val  --split-seed 0 [--variant NAME ...]   # choose on validation
-    .venv/bin/python bench/history.py --mode test --split-seed 0 --variant chosen       # the chosen recipe on test
+    .venv/bin/python -m bench.history --mode val  --split-seed 0 [--variant NAME ...]   # choose on validation
+    .venv/bin/python -m bench.history --mode test --split-seed 0 --variant chosen       # the chosen recipe on test
 
 Every rating is an interaction, per-user random split with 25% to test (``--split-seed`` seeds it).
 ``--mode val`` carves 10% of each user's interactions from train as validation (the test split is the

@@ -1,10 +1,10 @@
 """Vector index: exact search against HNSW, IVF and IVF-PQ (fast scan + exact re-ranking), in one run.
 
-    nice -n 10 .venv/bin/python bench/index.py         # 1M items x 64 dims: 45 minutes on 2 shared
+    nice -n 10 .venv/bin/python -m bench.index         # 1M items x 64 dims: 45 minutes on 2 shared
                                                        # cores (16 of them training the two-tower)
-    .venv/bin/python bench/index.py --quick            # 50k items: a smoke run of a few minutes
-    .venv/bin/python bench/index.py --items 200000 --dim 32 --cache /tmp/index-bench
-    .venv/bin/python bench/index.py --replot           # redraw docs/index_bench.png from its .json
+    .venv/bin/python -m bench.index --quick            # 50k items: a smoke run of a few minutes
+    .venv/bin/python -m bench.index --items 200000 --dim 32 --cache /tmp/index-bench
+    .venv/bin/python -m bench.index --replot           # redraw docs/index_bench.png from its .json
 
 Where the item vectors come from (trained, not random): a synthetic catalogue whose items have a
 category (40, Zipf-skewed), a brand (2000, Zipf), 1-4 tags (300, drawn from the category's own

@@ -1,7 +1,7 @@
 """Launch overhead of each backend: the same small job through ``recsys train`` on local, Ray and Spark.
 
-    .venv/bin/python bench/launch.py                    # 20k rows of synthetic-ctr, 2 workers, 2 epochs
-    .venv/bin/python bench/launch.py --repeats 3 --backends local ray spark spark-executors
+    .venv/bin/python -m bench.launch                    # 20k rows of synthetic-ctr, 2 workers, 2 epochs
+    .venv/bin/python -m bench.launch --repeats 3 --backends local ray spark spark-executors
 
 Each backend runs the same command line in a fresh process (so no backend inherits another's
 services), with only ``--backend`` and its own flags changed:

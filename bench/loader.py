@@ -1,7 +1,7 @@
 """Loader throughput: the streaming DataModule against slicing the same rows from in-memory tensors.
 
-    .venv/bin/python bench/loader.py                 # 1M rows of synthetic-ctr, batch 4096
-    .venv/bin/python bench/loader.py --rows 200000   # quicker
+    .venv/bin/python -m bench.loader                 # 1M rows of synthetic-ctr, batch 4096
+    .venv/bin/python -m bench.loader --rows 200000   # quicker
 
 Prints rows/s of each and the ratio to the in-memory baseline measured in the same run.
 """

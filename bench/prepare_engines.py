@@ -1,9 +1,9 @@
 """Prepare engines: ``--engine local`` against ``--engine spark`` on one interactions CSV.
 
-    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py                     # 5M rows, 125k users, 50k items
-    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --rows 500000 --users 12500 --items 5000
-    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --doc docs/SCALE.md  # also write the figures
-    PYTHONPATH=. .venv/bin/python bench/prepare_engines.py --synthetic 1000000,10000000  # + generated sets
+    PYTHONPATH=. .venv/bin/python -m bench.prepare_engines                     # 5M rows, 125k users, 50k items
+    PYTHONPATH=. .venv/bin/python -m bench.prepare_engines --rows 500000 --users 12500 --items 5000
+    PYTHONPATH=. .venv/bin/python -m bench.prepare_engines --doc docs/SCALE.md  # also write the figures
+    PYTHONPATH=. .venv/bin/python -m bench.prepare_engines --synthetic 1000000,10000000  # + generated sets
 
 Writes a seeded CSV (user, item, rating, timestamp), prepares it with each engine through the CLI
 (``recsys data prepare``, one subprocess each; wall time, CPU time and peak RSS of its processes sampled
@@ -222,7 +222,7 @@ def main() -> None:
         )
         stages = "\n".join(f"    {line}" for line in spark_stages)
         text = f"""
-`python bench/prepare_engines.py {flags}`
+`python -m bench.prepare_engines {flags}`
 ({time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores, shared): one interactions CSV ({src.stat().st_size / 1e6:.0f} MB;
 {args.rows:,} rows of user, item, rating, timestamp; {args.users:,} users, {args.items:,} items), prepared by
 each engine through the CLI, one after the other. CPU: every process of the run (Spark's JVM and Python

@@ -1,7 +1,7 @@
 """Model quality next to simple baselines, on the same splits, in one run.
 
-    .venv/bin/python bench/quality.py            # all sections (about 20 minutes on 2 cores)
-    .venv/bin/python bench/quality.py --only movielens-retrieval
+    .venv/bin/python -m bench.quality            # all sections (about 20 minutes on 2 cores)
+    .venv/bin/python -m bench.quality --only movielens-retrieval
 
 Sections:
   movielens-retrieval  every rating an interaction, per-user random 75/25 split, full-corpus ranking

@@ -1,6 +1,6 @@
 """Recommendation latency and throughput: in process and through `mlflow models serve` over HTTP.
 
-    .venv/bin/python bench/serve.py --work DIR      # DIR from bench/funnel.py (trains there when missing)
+    .venv/bin/python -m bench.serve --work DIR      # DIR from bench.funnel (trains there when missing)
 
 One user's recommendation = user tower, exact index top 200 (train items excluded), DLRM rerank of
 the 200, top 10 (the MovieLens presets). Reported: p50/p99 of a single-user request over a bounded
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from funnel import setup
 
 from app.recommend import assemble_bundle, load_bundle
 from app.serving import package
+from bench.funnel import setup
 from cluster.local import free_port
 from core.services import running_service
 
@@ -90,7 +90,10 @@ def served(uri: str, tracking: str, users: list[str], requests: int, k: int, can
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=str, default=None, help="bench/funnel.py's working directory")
+    parser.add_argument("--work", type=str, default=None, help="bench.funnel's working directory (its runs reused)")
+    parser.add_argument(
+        "--data", type=Path, default=None, help="the prepared MovieLens-100K (default: the one --work's runs used)"
+    )
     parser.add_argument("--requests", type=int, default=500, help="single-user requests timed per mode")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=200)
@@ -99,7 +102,9 @@ def main() -> None:
     load = f"{os.getloadavg()[0]:.2f}"  # latency tails are the machine's: say how busy it was
     work = Path(args.work or tempfile.mkdtemp(prefix="recsys-funnel-"))
     work.mkdir(parents=True, exist_ok=True)
-    _, tracking, runs = setup(work)
+    saved = work / "runs.json"  # the recipe bench.funnel trained there, on the dataset it recorded
+    data = args.data or (Path(json.loads(saved.read_text())["data"]) if saved.is_file() else None)
+    _, tracking, runs = setup(work, data)
     bundle = assemble_bundle(runs["retrieval"], runs["ranking"], work / "serve-bundle", tracking)
     rec = load_bundle(bundle).recommender
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """DLRM training throughput: our stack against plain PyTorch and against a hand-written TorchRec loop.
 
-    .venv/bin/python bench/train_throughput.py              # 400k rows of synthetic-ctr, batch 4096
-    .venv/bin/python bench/train_throughput.py --rows 100000 --steps 20
+    .venv/bin/python -m bench.train_throughput              # 400k rows of synthetic-ctr, batch 4096
+    .venv/bin/python -m bench.train_throughput --rows 100000 --steps 20
 
 Three ways to train the same DLRM on the same batches from the same StreamingDataModule:
   recsys train      Lightning + TorchRecStrategy (DistributedModelParallel, fused in-backward
