@@ -458,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().print_help()
         return 0
     try:
-        with stop_signals():  # SIGINT/SIGTERM/SIGHUP: unwind (children stopped, run KILLED), 128 + signal
+        # SIGINT/SIGTERM/SIGHUP: unwind (children stopped, run KILLED), 128 + signal; the script itself
+        # (no argv given) keeps that answer until the process exits
+        with stop_signals(whole_process=argv is None):
             try:
                 return run(args, verbose)
             except BaseException as e:  # whatever a stop signal turned into on its way out is that signal

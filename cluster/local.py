@@ -21,7 +21,7 @@ from cluster.config import ClusterConfig
 from cluster.launch import local_accelerator, one_line
 from cluster.runtime import WorkerFn, WorkerRuntime
 from core.errors import RecsysError
-from core.signals import interruption, stop_signals
+from core.signals import detach_worker, interruption, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ they are killed."""
 
 
 def _worker(fn: WorkerFn, payload: Any, runtime: WorkerRuntime, port: int, run_id: str, results: Any) -> None:
+    detach_worker()  # the terminal's signals reach the launcher, which stops the workers in order
     os.environ.update(torchrun_env(runtime.rank, runtime.world_size, port, run_id))
     with stop_signals():  # the launcher's terminate() (or the terminal's Ctrl-C) unwinds this worker
         try:
@@ -107,7 +108,8 @@ def _in_process(fn: WorkerFn, payload: Any, runtime: WorkerRuntime) -> dict[str,
 
 
 def launch(fn: WorkerFn, payload: Any, cluster: ClusterConfig, name: str) -> dict[str, Any]:
-    """Run ``fn`` here: in this process, or in ``cluster.num_workers`` spawned ones."""
+    """Run ``fn`` here: in this process, or in ``cluster.num_workers`` spawned ones (each in a process
+    group of its own, stopped by this one: ``core.signals.detach_worker``)."""
     n = cluster.num_workers
     accelerator = local_accelerator(cluster.accelerator)
     if n == 1:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -99,10 +100,22 @@ def reinstall() -> None:
             signal.signal(signum, _stop)
 
 
+def _late(signum: int, frame: FrameType | None) -> None:
+    """A stop signal after the command's work, while the interpreter shuts down: the same exit status and
+    line as during it (the default action would end the process without a word, status -signum)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os.write(2, f"recsys: interrupted ({signal.Signals(signum).name})\n".encode())
+    os._exit(128 + signum)
+
+
 @contextlib.contextmanager
-def stop_signals() -> Iterator[None]:
+def stop_signals(whole_process: bool = False) -> Iterator[None]:
     """Run the body under the policy; the previous handlers are restored afterwards (a command run in
-    a test process leaves pytest's own as they were)."""
+    a test process leaves pytest's own as they were); ``whole_process``: the body is the process's work
+    (the ``recsys`` script), and a stop signal after it, while the interpreter shuts down, still exits
+    128 + signum with the line. multiprocessing's resource tracker is started first, deaf to the stop
+    signals (``start_resource_tracker``)."""
     if threading.current_thread() is not threading.main_thread() or _state["active"]:
         yield
         return
@@ -112,9 +125,40 @@ def stop_signals() -> Iterator[None]:
     sys.unraisablehook = _unraisable(saved_hook)
     try:
         reinstall()
+        start_resource_tracker()
         yield
     finally:
         _state.update(active=False, raised=None)
         sys.unraisablehook = saved_hook
         for signum, handler in saved.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            if whole_process:  # the ``recsys`` process itself: a signal until it exits is still one line
+                signal.signal(signum, _late)
+            else:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def detach_worker() -> None:
+    """Call first in a worker process the launcher spawned: leave the terminal's process group, so that
+    a hang-up or Ctrl-C of the terminal (sent to the whole group) reaches the launcher alone, which then
+    stops its workers in order (SIGTERM, a grace period, SIGKILL) instead of every process unwinding at
+    once over shared resources; and die with the launcher (Linux ``PR_SET_PDEATHSIG``), so that a launcher
+    killed without warning leaves no worker behind."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the process that unlinks shared memory and semaphores
+    its users leave) with the stop signals blocked: it ignores SIGINT and SIGTERM by itself but not a
+    hang-up, and once gone its users' unregistering fails with a traceback each."""
+    from multiprocessing import resource_tracker
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -35,9 +35,12 @@ class Killed:
         return [line for line in self.stderr if line.startswith("recsys:")]
 
 
-def run_and_kill(argv: list[str], ready: Callable[[], bool], signum: int, cwd: Path, wait_s: float = 240) -> Killed:
-    """Run ``recsys ARGV``; once ``ready()`` holds, send ``signum`` to it alone (not its group, as
-    ``kill PID`` or a scheduler does) and wait for it to exit."""
+def run_and_kill(
+    argv: list[str], ready: Callable[[], bool], signum: int, cwd: Path, wait_s: float = 240, group: bool = False
+) -> Killed:
+    """Run ``recsys ARGV``; once ``ready()`` holds, send ``signum`` to it alone (as ``kill PID`` or a
+    scheduler does), or with ``group`` to its whole process group (as a terminal's hang-up or Ctrl-C
+    does), and wait for it to exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", *argv],
@@ -59,7 +62,10 @@ def run_and_kill(argv: list[str], ready: Callable[[], bool], signum: int, cwd: P
             time.sleep(0.2)
         descendants = psutil.Process(proc.pid).children(recursive=True)
         before = len(lines)
-        proc.send_signal(signum)
+        if group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         code = proc.wait(120)
         reader.join(10)
         return Killed(code, lines[before:], descendants)
@@ -136,6 +142,47 @@ def test_a_killed_local_training_exits_128_plus_signal_and_its_run_is_killed(
     assert_one_line(killed, signum)
     assert not gone(killed.descendants), "worker processes outlived the command"
     killed_run(uri)
+
+
+@pytest.mark.slow
+def test_a_terminal_hangup_of_a_two_process_training_is_one_line(ml_dataset: Path, tmp_path: Path) -> None:
+    """SIGHUP to the whole process group (a closed terminal): the workers are in groups of their own and
+    stopped by the launcher; multiprocessing's resource tracker outlives the hang-up (it printed a
+    ``KeyError`` traceback per shared-memory name a worker unregistered after it was restarted)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = train_argv(tmp_path, ml_dataset, "--num-workers=2")
+    killed = run_and_kill(argv, first_metric_logged(uri), signal.SIGHUP, tmp_path, group=True)
+    assert_one_line(killed, signal.SIGHUP)
+    assert not gone(killed.descendants), "worker processes outlived the command"
+    killed_run(uri)
+
+
+def test_a_signal_while_the_interpreter_exits_after_the_work_is_one_line(ml_dataset: Path, tmp_path: Path) -> None:
+    """The command's work is done and printed; a SIGTERM while Python shuts down (here held open by an
+    exit handler, as torch's and MLflow's teardown hold it) is still 143 and one line, not a silent -15."""
+    script = (
+        "import atexit, sys, time\n"
+        "atexit.register(time.sleep, 60)\n"
+        f"sys.argv = ['recsys', 'data', 'summary', {str(ml_dataset)!r}]\n"
+        "from app.cli import main\n"
+        "sys.exit(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the summary's first line: the work is done, shutdown has begun
+        assert first.startswith("dataset"), first
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines() == ["recsys: interrupted (SIGTERM)"], err
 
 
 @pytest.mark.cluster
