@@ -12,15 +12,23 @@ backend (``cluster.batch``) runs the partitions on its workers, each of which lo
 
     part-00000.parquet ...  one file per partition: user, rank, item, score, source (raw ids; the same
                             rows as the single-process ``recommend``), written under a temporary name and
-                            linked into place when complete, never replacing a finished one
-    _manifest.json          the settings (runs, k, candidates, index), the partitioning, every run of
-                            the command on this DIR, and whether the output is complete
+                            linked into place when complete, never replacing a finished one; its Parquet
+                            key-value metadata (``recsys.all_users``) records the settings it was written
+                            with, its partition, the partition count, its users and its rows
+    _manifest.json          the settings (runs, k, candidates, index), the partitioning, the bundle's
+                            SHA-256, every run of the command on this DIR, and whether the output is complete
     _bundle/                the bundle the workers load (kept until the output is complete, so that a
                             resumed run uses the same one)
 
-A rerun into the same DIR resumes: finished partitions are kept, the others (and the temporary files of
-a killed run) done again. A rerun with other settings is refused unless ``--overwrite``. Names that
-start with ``_`` or ``.`` are skipped by Parquet readers (pyarrow, Spark, DuckDB), so
+A rerun into the same DIR resumes: a part file is kept only when its footer reads, its row count is the
+one recorded in it and its settings record equals this run's settings; every other one (missing,
+truncated, of other settings) is done again, and the output is complete when every partition's file
+is. The bundle is reused only when it verifies (``bundle.json``'s SHA-256 recorded in the manifest, every
+file's checksum, the same runs); otherwise it is assembled again. A rerun with other settings is refused
+unless ``--overwrite`` (which always starts over, the bundle included); so is a DIR without a manifest
+whose part files do not all prove to be of this run's settings. Everything is checked, and the bundle
+assembled, before anything in DIR changes: a refused run leaves DIR as it was (and a DIR it created is
+removed). Names that start with ``_`` or ``.`` are skipped by Parquet readers (pyarrow, Spark, DuckDB), so
 ``pyarrow.parquet.read_table(DIR)`` reads the recommendations only.
 
 A user with fewer than k items left to recommend (not in their train history) gets fewer rows, as in
@@ -49,14 +57,17 @@ from typing import Any
 from cluster.batch import PartitionJob, PartitionTask, check_batch_cluster, map_partitions
 from cluster.config import ClusterConfig
 from core.errors import RecsysError, require
-from core.output import OutputKind, check_output
+from core.output import WRITE_ERRORS, OutputKind, check_output, os_reason
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "_manifest.json"
 BUNDLE_DIR = "_bundle"
 FORMAT = "recsys-all-users"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every part file records its settings (``STAMP_KEY``), the manifest the bundle's SHA-256."""
+STAMP_KEY = b"recsys.all_users"
+"""The key of a part file's settings record in its Parquet key-value metadata (JSON)."""
 PARTITION_USERS = 50_000
 """Users per partition by default (at least ``MIN_PARTITIONS`` partitions)."""
 MIN_PARTITIONS = 16
@@ -138,7 +149,7 @@ ALL_USERS_OUTPUT = OutputKind("an --all-users output directory", is_dir=True, pr
 def check_out_dir(out: str) -> Path:
     """Refuse, by the shared output rule (``core.output``), an ``--out`` that is not this command's to
     write: the current directory or a parent of it, a missing parent folder, a file or device, a folder
-    holding anything else. An existing --all-users directory is resumed (its manifest decides), so the
+    holding anything else. An existing --all-users directory is resumed (its files decide), so the
     rule's "only with --overwrite" does not apply here. Returns it as an absolute path."""
     return check_output(out, ALL_USERS_OUTPUT, overwrite=True)
 
@@ -149,31 +160,41 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RecsysError(f"{path}: unreadable ({e}); remove the directory or pass another --out") from None
+    except (OSError, ValueError) as e:
+        raise RecsysError(
+            f"{path}: unreadable ({first_line(e)}); pass --overwrite to start over, or another --out"
+        ) from None
     require(
-        isinstance(manifest, dict) and manifest.get("format") == FORMAT,
-        f"{path}: not an --all-users manifest; choose another --out",
+        isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("settings"), dict),
+        f"{path}: not an --all-users manifest; pass --overwrite to start over, or another --out",
     )
     return manifest
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Replace the manifest in one rename (a kill never leaves half of it)."""
+    """Replace the manifest in one rename (a kill never leaves half of it, a full disk no temporary)."""
     tmp = out / f"._manifest.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out / MANIFEST)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def differences(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+def differences(recorded: Any, wanted: dict[str, Any]) -> list[str]:
+    recorded = recorded if isinstance(recorded, dict) else {}
     return [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in wanted.items() if recorded.get(key) != value]
 
 
-def clear(out: Path) -> None:
-    """Remove what this command wrote into DIR (``--overwrite``)."""
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+def clear(out: Path, but: str = "") -> None:
+    """Remove what this command wrote into DIR (``--overwrite``), ``but`` one entry (the new bundle)."""
     for entry in out.iterdir():
-        if ours(entry.name):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if ours(entry.name) and entry.name != but:
+            remove(entry)
 
 
 def remove_temporaries(out: Path) -> None:
@@ -197,6 +218,122 @@ def locked(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def os_problem(shown: str, out: Path, error: OSError) -> str:
+    """An operating-system error of the command as one line: naming --out when it is DIR's (or a write
+    that no check could foresee: no space, a quota, a read-only filesystem), else the path it names."""
+    reason = " ".join(os_reason(error).split())
+    where = str(error.filename) if error.filename else ""
+    if error.errno in WRITE_ERRORS:
+        return f"--out {shown}: cannot write the output ({reason})"
+    if where and not (where == str(out) or where.startswith(f"{out}{os.sep}")):
+        return f"{where}: {reason}"
+    return f"--out {shown}: {reason}" + (f" ({where})" if where else "")
+
+
+# -- part files and the bundle -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part file found in DIR: the settings record it carries (``STAMP_KEY``), and why it cannot be
+    counted as finished by itself (None when it can)."""
+
+    name: str
+    stamp: dict[str, Any] | None
+    problem: str | None
+
+
+def read_part(path: Path, partition: int) -> Part:
+    """A part file checked by itself: its footer readable, its settings record there, and the row count
+    it recorded when it was written equal to the footer's (a truncated file is never counted)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        return Part(path.name, None, f"is unreadable ({first_line(e)})")
+    raw = (meta.metadata or {}).get(STAMP_KEY)
+    try:
+        stamp = json.loads(raw) if raw is not None else None
+    except ValueError:
+        stamp = None
+    if not isinstance(stamp, dict) or stamp.get("format") != FORMAT:
+        return Part(path.name, None, "carries no --all-users settings record (an older recsys or another program)")
+    if stamp.get("partition") != partition:
+        return Part(path.name, stamp, f"records partition {stamp.get('partition')!r}")
+    if stamp.get("rows") != meta.num_rows:
+        return Part(path.name, stamp, f"holds {meta.num_rows} rows where {stamp.get('rows')!r} were written")
+    return Part(path.name, stamp, None)
+
+
+def survey(out: Path) -> dict[int, Part]:
+    """Every part file in DIR, checked by itself."""
+    found = {}
+    for entry in sorted(out.iterdir()):
+        m = PART.match(entry.name)
+        if m:
+            found[int(m[1])] = read_part(entry, int(m[1]))
+    return found
+
+
+def stamp_differences(stamp: dict[str, Any], wanted: dict[str, Any], partitions: int | None) -> list[str]:
+    """How the settings a part file was written with differ from this run's (and from ``partitions``)."""
+    changed = differences(stamp.get("settings"), wanted)
+    if partitions is not None and stamp.get("partitions") != partitions:
+        changed.append(f"partitions {stamp.get('partitions')!r} -> {partitions}")
+    return changed
+
+
+def bundle_problem(bundle: Path, recorded: Any, cfg: AllUsersConfig) -> str | None:
+    """Why ``DIR/_bundle`` cannot be reused: missing, not the one the manifest records (``bundle.json``'s
+    SHA-256), of other runs, or a file that fails the bundle's own checksums (``load_bundle``'s check)."""
+    from app.recommend import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLE_VERSION
+    from core.checksums import sha256_file, verify_checksums
+
+    if not (bundle / BUNDLE_FILE).is_file():
+        return "missing" if not bundle.exists() else f"no {BUNDLE_FILE}"
+    if not isinstance(recorded, str) or sha256_file(bundle / BUNDLE_FILE) != recorded:
+        return f"its {BUNDLE_FILE} is not the one {MANIFEST} records"
+    try:
+        runs = json.loads((bundle / BUNDLE_FILE).read_text())
+    except ValueError as e:
+        return f"{BUNDLE_FILE} unreadable ({first_line(e)})"
+    if not isinstance(runs, dict) or (runs.get("format"), runs.get("version")) != (BUNDLE_FORMAT, BUNDLE_VERSION):
+        return f"not a {BUNDLE_FORMAT} version {BUNDLE_VERSION}"
+    if (runs.get("retrieval"), runs.get("ranking")) != (cfg.retrieval, cfg.ranking):
+        return "of other runs"
+    try:
+        verify_checksums(bundle, runs.get("files"), BUNDLE_FILE, exact=True, exclude=[BUNDLE_FILE])
+    except RecsysError as e:
+        return str(e)
+    return None
+
+
+def assemble(cfg: AllUsersConfig, out: Path) -> Path:
+    """The bundle, assembled into a temporary directory of DIR (removed on any failure); what refuses
+    a run (an unknown run, a ranking model as --retrieval, a bad --index) refuses it here, before DIR
+    changes."""
+    from safetensors import SafetensorError
+
+    from app.recommend import assemble_bundle
+
+    tmp = out / f".bundle.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        assemble_bundle(cfg.retrieval, cfg.ranking, tmp, cfg.tracking_uri, cfg.index)
+    except SafetensorError as e:  # the weights written through safetensors: its I/O errors (a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RecsysError(f"--out {cfg.out}: cannot write the bundle ({first_line(e)})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
 
 
 # -- partitions --------------------------------------------------------------------------------------
@@ -237,19 +374,25 @@ def bundle_users(bundle: Path) -> list[str]:
 
 def write_partition(table: Any, out: Path, partition: int) -> None:
     """Write under a temporary name, then link it into place: a finished file is never replaced (the
-    first writer wins), and no reader ever sees half of one."""
+    first writer wins), and no reader ever sees half of one. A full disk is one line naming the file."""
     import pyarrow.parquet as pq
 
     final = out / part_name(partition)
     tmp = out / f".{part_name(partition)}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp)
     try:
-        os.link(tmp, final)
-    except FileExistsError:
-        pass  # another worker (a retried task) finished it first: same rows
-    except OSError:  # a filesystem without hard links
-        if not final.exists():
-            os.replace(tmp, final)
+        try:
+            pq.write_table(table, tmp)
+        except OSError as e:
+            if e.errno not in WRITE_ERRORS:
+                raise
+            raise RecsysError(f"{final}: cannot write it ({os_reason(e)})") from None
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            pass  # another worker (a retried task) finished it first: same rows
+        except OSError:  # a filesystem without hard links
+            if not final.exists():
+                os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -272,10 +415,18 @@ def recommendations_table(users: Sequence[str], results: Sequence[Any]) -> Any:
     )
 
 
+def stamped(table: Any, stamp: dict[str, Any], partition: int, users: int) -> Any:
+    """The table with its settings record (``STAMP_KEY``) in its schema's key-value metadata, which
+    Parquet keeps in the file's footer."""
+    record = {**stamp, "partition": partition, "users": users, "rows": int(table.num_rows)}
+    return table.replace_schema_metadata({STAMP_KEY: json.dumps(record, sort_keys=True)})
+
+
 def partition_writer(
-    bundle: str, out: str, k: int, candidates: int, delay_s: float = 0.0
+    bundle: str, out: str, k: int, candidates: int, delay_s: float = 0.0, stamp: dict[str, Any] | None = None
 ) -> Callable[[int, list[str]], int]:
-    """The function a worker runs on each of its partitions, with the bundle loaded once."""
+    """The function a worker runs on each of its partitions, with the bundle loaded once; ``stamp``: the
+    settings record every part file carries."""
     from app.recommend import load_bundle
 
     recommender = load_bundle(bundle).recommender
@@ -285,7 +436,7 @@ def partition_writer(
         if delay_s:
             time.sleep(delay_s)
         table = recommendations_table(users, recommender.recommend_users(users, k, candidates))
-        write_partition(table, target, partition)
+        write_partition(stamped(table, stamp or {}, partition, len(users)), target, partition)
         return int(table.num_rows)
 
     return write
@@ -330,92 +481,229 @@ class Progress:
             self.bar.close()
 
 
+@dataclass
+class Plan:
+    """What a run finds in DIR: its manifest (None when there is none, or with --overwrite), the
+    partition count when known, the part files it keeps (partition -> settings record) and those it
+    removes before the work (unreadable, truncated, of other settings, beyond the partition count)."""
+
+    manifest: dict[str, Any] | None
+    partitions: int | None
+    keep: dict[int, dict[str, Any]]
+    drop: list[str]
+
+    def complete(self) -> bool:
+        return self.partitions is not None and set(self.keep) == set(range(self.partitions))
+
+
+def other_settings(cfg: AllUsersConfig, changed: list[str], where: str = "") -> RecsysError:
+    return RecsysError(
+        f"--out {cfg.out}: holds --all-users output of other settings ({'; '.join(changed)}{where}); "
+        "pass --overwrite to replace it, or another --out"
+    )
+
+
+def plan_output(cfg: AllUsersConfig, out: Path) -> Plan:
+    """Read DIR and decide what a run keeps, or refuse (one line) a DIR that is not provably this run's
+    output: a manifest of other settings, or no manifest and a part file that does not prove itself of
+    these settings. With --overwrite nothing is kept."""
+    if cfg.overwrite:
+        return Plan(None, cfg.partitions, {}, [])
+    wanted = cfg.settings()
+    manifest = read_manifest(out)
+    found = survey(out)
+    if manifest is not None:
+        changed = differences(manifest["settings"], wanted)
+        recorded = manifest.get("partitions")
+        if cfg.partitions is not None and recorded is not None and recorded != cfg.partitions:
+            changed.append(f"partitions {recorded} -> {cfg.partitions}")
+        if changed:
+            raise other_settings(cfg, changed)
+        partitions = recorded if isinstance(recorded, int) and recorded >= 1 else cfg.partitions
+    else:  # nothing but the part files themselves says whose they are: each must show it
+        counts: set[Any] = set()
+        for part in found.values():
+            if part.stamp is None or part.problem is not None:
+                raise RecsysError(
+                    f"--out {cfg.out}: {part.name} {part.problem} and there is no {MANIFEST}: it cannot be shown "
+                    "to be output of these settings; pass --overwrite to start over, or another --out"
+                )
+            changed = stamp_differences(part.stamp, wanted, cfg.partitions)
+            if changed:
+                raise other_settings(cfg, changed, f": {part.name}, and no {MANIFEST}")
+            counts.add(part.stamp.get("partitions"))
+        if len(counts) > 1:
+            raise RecsysError(
+                f"--out {cfg.out}: holds part files of {len(counts)} different partition counts and no {MANIFEST}; "
+                "pass --overwrite to start over, or another --out"
+            )
+        partitions = cfg.partitions if cfg.partitions is not None else (counts.pop() if counts else None)
+    keep: dict[int, dict[str, Any]] = {}
+    drop: list[str] = []
+    for partition, part in found.items():
+        if (
+            part.stamp is not None
+            and part.problem is None
+            and partitions is not None
+            and partition < partitions
+            and not stamp_differences(part.stamp, wanted, partitions)
+        ):
+            keep[partition] = part.stamp
+        else:
+            log.info("%s: %s %s: written again", cfg.out, part.name, part.problem or "is of other settings")
+            drop.append(part.name)
+    return Plan(manifest, partitions, keep, drop)
+
+
+def new_manifest(cfg: AllUsersConfig, earlier: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "settings": cfg.settings(),
+        "partitions": None,
+        "partitioning": PARTITIONING,
+        "columns": ["user", "rank", "item", "score", "source"],
+        "users": None,
+        "bundle_sha256": None,
+        "complete": False,
+        "runs": list((earlier or {}).get("runs") or []),
+    }
+
+
+@dataclass
+class Attempt:
+    """How far a run got: whether the engine started on the partitions (after that DIR is kept, to
+    resume; before, a DIR this run created is removed on failure)."""
+
+    started: bool = False
+
+
 def recommend_all_users(cfg: AllUsersConfig) -> str:
-    """``recsys recommend --all-users``: write (or finish) DIR; returns a one-line summary."""
+    """``recsys recommend --all-users``: write (or finish) DIR; returns a one-line summary. Every
+    operating-system error (a full disk, a pseudo filesystem such as /proc) is one line."""
     from modules.funnel import check_sizes
 
     check_sizes(cfg.k, cfg.candidates)
     require(cfg.partitions is None or cfg.partitions >= 1, f"--partitions: must be at least 1, got {cfg.partitions}")
     check_batch_cluster(cfg.cluster)
     out = check_out_dir(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with locked(out):
-        manifest = read_manifest(out)
-        wanted = cfg.settings()
-        if manifest is not None:
-            changed = differences(manifest["settings"], wanted)
-            recorded = manifest.get("partitions")
-            if cfg.partitions is not None and recorded is not None and recorded != cfg.partitions:
-                changed.append(f"partitions {recorded} -> {cfg.partitions}")
-            if changed and not cfg.overwrite:
-                raise RecsysError(
-                    f"--out {cfg.out}: holds --all-users output of other settings ({'; '.join(changed)}); "
-                    "pass --overwrite to replace it, or another --out"
-                )
-            if changed:
-                clear(out)
-                manifest = None
-        if manifest is not None and manifest.get("complete"):
-            return f"{cfg.out}: already complete ({manifest['users']} users in {manifest['partitions']} partitions)"
-        remove_temporaries(out)
-        if manifest is None:
-            manifest = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "settings": wanted,
-                "partitions": cfg.partitions,
-                "partitioning": PARTITIONING,
-                "columns": ["user", "rank", "item", "score", "source"],
-                "users": None,
-                "complete": False,
-                "runs": [],
-            }
-            write_manifest(out, manifest)
-        return run_partitions(cfg, out, manifest)
-
-
-def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> str:
-    """Assemble the bundle (once per DIR), then write every partition not yet written."""
-    import pyarrow.parquet as pq
-
-    from app.recommend import assemble_bundle
-
-    bundle = out / BUNDLE_DIR
-    if not bundle.is_dir():
-        tmp = out / f".bundle.tmp-{uuid.uuid4().hex[:8]}"
+    attempt = Attempt()
+    try:
         try:
-            assemble_bundle(cfg.retrieval, cfg.ranking, tmp, cfg.tracking_uri, cfg.index)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        os.replace(tmp, bundle)
-        manifest["bundle_id"] = uuid.uuid4().hex
-    users = bundle_users(bundle)
-    require(len(users) > 0, f"--retrieval {cfg.retrieval}: the run's user vocabulary is empty")
-    partitions = int(manifest.get("partitions") or cfg.partitions or default_partitions(len(users)))
-    manifest.update(partitions=partitions, users=len(users))
-    parts = split_users(users, partitions)
-    finished = {p for p in range(partitions) if (out / part_name(p)).exists()}
-    tasks = [PartitionTask(p, parts[p]) for p in range(partitions) if p not in finished]
+            out.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as e:
+            raise RecsysError(f"--out {cfg.out}: cannot create the folder ({os_reason(e)})") from None
+        with locked(out):
+            try:
+                return write_all_users(cfg, out, attempt)
+            except BaseException:
+                if created and not attempt.started:  # refused or failed before any work: nothing left
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+    except OSError as e:
+        raise RecsysError(os_problem(cfg.out, out, e)) from None
+
+
+def write_all_users(cfg: AllUsersConfig, out: Path, attempt: Attempt) -> str:
+    """Under DIR's lock: keep what is provably this run's, check everything and assemble the bundle
+    before DIR changes, then write every partition not kept."""
+    plan = plan_output(cfg, out)
+    if plan.complete():
+        return already_complete(cfg, out, plan)
+    remove_temporaries(out)
+    bundle = out / BUNDLE_DIR
+    problem = "--overwrite" if cfg.overwrite else None
+    if problem is None:
+        recorded = plan.manifest.get("bundle_sha256") if plan.manifest is not None else None
+        problem = bundle_problem(bundle, recorded, cfg)
+        if problem != "missing":
+            log.warning("%s: %s; assembling it again", bundle, problem)
+    fresh = assemble(cfg, out) if problem is not None else None
+    installed = False
+    try:
+        users = bundle_users(fresh or bundle)
+        require(len(users) > 0, f"--retrieval {cfg.retrieval}: the run's user vocabulary is empty")
+        partitions = int(plan.partitions or default_partitions(len(users)))
+        parts = split_users(users, partitions)
+        for partition, stamp in list(plan.keep.items()):  # the users its partition has now, or done again
+            if stamp.get("users") != len(parts[partition]):
+                plan.drop.append(part_name(partition))
+                del plan.keep[partition]
+        # -- everything checked: DIR changes from here on
+        if cfg.overwrite:
+            clear(out, but=fresh.name if fresh else "")
+        for name in plan.drop:
+            remove(out / name)
+        if fresh is not None:
+            if bundle.exists() or bundle.is_symlink():
+                remove(bundle)
+            os.replace(fresh, bundle)
+            installed = True
+        from app.recommend import BUNDLE_FILE
+        from core.checksums import sha256_file
+
+        manifest = new_manifest(cfg, plan.manifest)
+        manifest.update(partitions=partitions, users=len(users), bundle_sha256=sha256_file(bundle / BUNDLE_FILE))
+        write_manifest(out, manifest)
+    except BaseException:
+        if fresh is not None and fresh.exists():
+            shutil.rmtree(fresh, ignore_errors=True)
+        if installed and not (out / MANIFEST).is_file():
+            shutil.rmtree(bundle, ignore_errors=True)
+        raise
+    attempt.started = True
+    return run_partitions(cfg, out, manifest, parts, set(plan.keep))
+
+
+def already_complete(cfg: AllUsersConfig, out: Path, plan: Plan) -> str:
+    """Every partition's file is there and valid: finish the bookkeeping (a run killed after its last
+    file, strays of other settings), write nothing else."""
+    partitions = int(plan.partitions or 0)
+    users = sum(int(s.get("users") or 0) for s in plan.keep.values())
+    rows = sum(int(s.get("rows") or 0) for s in plan.keep.values())
+    manifest = plan.manifest
+    if manifest is None or not manifest.get("complete") or plan.drop or manifest.get("rows") != rows:
+        for name in plan.drop:
+            remove(out / name)
+        remove_temporaries(out)
+        manifest = new_manifest(cfg, manifest) if manifest is None else manifest
+        manifest.update(partitions=partitions, users=users, rows=rows, complete=True)
+        write_manifest(out, manifest)
+    if (out / BUNDLE_DIR).exists():
+        shutil.rmtree(out / BUNDLE_DIR, ignore_errors=True)
+    return f"{cfg.out}: already complete ({users} users in {partitions} partitions)"
+
+
+def run_partitions(
+    cfg: AllUsersConfig, out: Path, manifest: dict[str, Any], parts: list[list[str]], kept: set[int]
+) -> str:
+    """Write every partition not kept, then check every partition's file before calling DIR complete."""
+    bundle = out / BUNDLE_DIR
+    partitions, wanted = len(parts), cfg.settings()
+    tasks = [PartitionTask(p, parts[p]) for p in range(partitions) if p not in kept]
     run: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "backend": cfg.cluster.backend,
         "num_workers": cfg.cluster.num_workers,
-        "partitions_kept": len(finished),
+        "partitions_kept": len(kept),
         "partitions_written": 0,
     }
     manifest["runs"].append(run)
     write_manifest(out, manifest)
 
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    stamp = {"format": FORMAT, "version": FORMAT_VERSION, "settings": wanted, "partitions": partitions}
     job = PartitionJob(
-        key=f"{bundle}#{manifest.get('bundle_id', '')}",
-        factory=functools.partial(partition_writer, str(bundle), str(out), cfg.k, cfg.candidates, delay),
+        key=f"{bundle}#{manifest['bundle_sha256']}",
+        factory=functools.partial(partition_writer, str(bundle), str(out), cfg.k, cfg.candidates, delay, stamp),
         threads=cfg.cluster.cpus_per_worker,
     )
-    if finished:
-        log.info("%s: %d of %d partitions finished earlier, kept", cfg.out, len(finished), partitions)
-    progress = Progress(out, {t.partition: len(t.keys) for t in tasks}, len(users), cfg.progress)
+    if kept:
+        log.info("%s: %d of %d partitions finished earlier, kept", cfg.out, len(kept), partitions)
+    progress = Progress(out, {t.partition: len(t.keys) for t in tasks}, sum(map(len, parts)), cfg.progress)
     loads: dict[int, int] = {}  # worker process -> how many times it loaded the bundle
     seconds = cpu_seconds = 0.0
     peak_rss = 0
@@ -439,12 +727,20 @@ def run_partitions(cfg: AllUsersConfig, out: Path, manifest: dict[str, Any]) -> 
             partition_cpu_seconds=round(cpu_seconds, 3),
             worker_peak_rss=peak_rss,  # the largest of the workers' peak resident memory, bytes
         )
-        write_manifest(out, manifest)
-    missing = [p for p in range(partitions) if not (out / part_name(p)).exists()]
-    require(not missing, f"--backend {cfg.cluster.backend}: partitions {missing[:5]} were not written")
-    rows = sum(pq.read_metadata(out / part_name(p)).num_rows for p in range(partitions))
+        with contextlib.suppress(OSError):  # a full disk: the error on its way out says so
+            write_manifest(out, manifest)
+    rows, bad = 0, []
+    for p in range(partitions):  # complete when every file is there and valid, whatever the engine said
+        path = out / part_name(p)
+        part = read_part(path, p) if path.is_file() else Part(path.name, None, "missing")
+        if part.problem is not None or part.stamp is None or stamp_differences(part.stamp, wanted, partitions):
+            bad.append(p)
+        else:
+            rows += int(part.stamp["rows"])
+    require(not bad, f"--backend {cfg.cluster.backend}: partitions {bad[:5]} were not written")
     manifest.update(complete=True, rows=rows)
     write_manifest(out, manifest)
     shutil.rmtree(bundle, ignore_errors=True)
-    kept = f", {len(finished)} kept from an earlier run" if finished else ""
-    return f"{len(users)} users, {rows} recommendations in {partitions} partitions{kept} -> {cfg.out}"
+    users = sum(map(len, parts))
+    note = f", {len(kept)} kept from an earlier run" if kept else ""
+    return f"{users} users, {rows} recommendations in {partitions} partitions{note} -> {cfg.out}"

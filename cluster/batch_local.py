@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 from cluster.batch import PartitionJob, PartitionResult, PartitionTask, Worker, forget, threads_restored
 from cluster.config import ClusterConfig
+from core.errors import RecsysError
+from core.output import os_reason
 
 _WORKER: Worker | None = None
 
@@ -34,7 +36,13 @@ def map_partitions(job: PartitionJob, tasks: list[PartitionTask], cluster: Clust
                 forget(job.key)  # nor does it keep the job's function loaded
         return
     ctx = mp.get_context("spawn")  # no fork of a process that may hold torch/OpenMP threads
-    pool = ctx.Pool(min(cluster.num_workers, len(tasks)), initializer=_start, initargs=(job,))
+    workers = min(cluster.num_workers, len(tasks))
+    try:
+        pool = ctx.Pool(workers, initializer=_start, initargs=(job,))
+    except OSError as e:  # a process limit, no memory for another interpreter: one line, not a traceback
+        raise RecsysError(
+            f"--num-workers {cluster.num_workers}: cannot start {workers} processes ({os_reason(e)})"
+        ) from None
     try:
         yield from pool.imap_unordered(_run, tasks, chunksize=1)
     finally:

@@ -145,29 +145,6 @@ def test_rerun_with_other_settings_is_refused(
     assert not list((tmp_path / "bad").glob("part-*"))
 
 
-def test_a_worker_error_comes_back_once_as_one_line(
-    runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An unfinished DIR whose bundle's weights are broken: the workers (2 processes) fail loading it."""
-    import app.batch
-
-    def interrupted(*_: Any) -> Any:
-        raise KeyboardInterrupt  # stopped right after the bundle was assembled, before any partition
-
-    out = tmp_path / "recs"
-    with monkeypatch.context() as patch:
-        patch.setattr(app.batch, "map_partitions", interrupted)
-        assert main(all_users(runs, out, partitions=2)) == 130
-    assert (out / "_bundle" / "bundle.json").is_file() and not list(out.glob("part-*"))
-    (out / "_bundle" / "retrieval" / "weights.safetensors").write_bytes(b"not a state dict")
-    capsys.readouterr()
-    assert main([*all_users(runs, out, partitions=2), "--num-workers", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("recsys: error:") == 1 and "Traceback" not in err, err
-    assert "--backend local: partition" in err and "weights.safetensors" in err  # the bundle's checksums
-    assert not list(out.glob("part-*")) and not list(out.glob(".part-*"))
-
-
 def manifest_runs(out: Path) -> list[Any]:
     try:
         return list(json.loads((out / MANIFEST).read_text())["runs"])
