@@ -86,9 +86,42 @@ def check_config(cfg: CandidatesConfig) -> list[str]:
     unknown = [n for n in names if n not in FEATURES]
     require(not unknown, f"--features: unknown {', '.join(unknown)} (choose from {', '.join(FEATURES)})")
     require(len(names) > 0, "--features: at least one candidate feature")
+    twice = sorted({n for n in names if names.count(n) > 1}, key=names.index)
+    require(not twice, f"--features: {', '.join(twice)} given more than once (each feature is one column)")
     if cfg.item_item_lambda == 0:
+        if cfg.features is not None:  # asked for by name: never silently left out
+            dropped = [n for n in names if n in ITEM_ITEM_FEATURES]
+            require(
+                not dropped,
+                f"--features: {', '.join(dropped)} need(s) the item-item model, which --item-item-lambda 0 "
+                "leaves out; pass --item-item-lambda > 0 or drop them from --features",
+            )
         names = [n for n in names if n not in ITEM_ITEM_FEATURES]
     return names
+
+
+def refuse_own_inputs(cfg: CandidatesConfig) -> None:
+    """One line, before any work, if --out is, contains or lies inside one of this command's inputs:
+    --data, or the dataset a --retrieval / --serving-retrieval run trained on (its config's data.path)."""
+    from datamodules.output import refuse_inputs
+
+    refuse_inputs(cfg.out, [(f"--data {cfg.data}", cfg.data)])  # before asking the tracking store anything
+    runs = [("--retrieval", cfg.retrieval)]
+    if cfg.serving_retrieval and cfg.serving_retrieval != cfg.retrieval:
+        runs.append(("--serving-retrieval", cfg.serving_retrieval))
+    for flag, run_id in runs:
+        path = run_dataset(run_id, cfg.tracking_uri, flag)
+        refuse_inputs(cfg.out, [(f"the dataset of {flag} {run_id} ({path})", path)])
+
+
+def run_dataset(run_id: str, tracking_uri: str | None, flag: str) -> str:
+    """The dataset path a training run read (its config's ``data.path``, what ``fetch_stage`` reads)."""
+    from app.recommend import download, read_stage_config, run_client
+
+    client = run_client(run_id, tracking_uri, flag)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = download(client, run_id, "config.yaml", Path(tmp), flag)
+        return str(read_stage_config(config, f"{flag} {run_id}: config.yaml")["data"]["path"])
 
 
 def stage_fingerprint_of(stage: Any) -> str:
@@ -111,6 +144,7 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
     from datamodules.schema import read_metadata
 
     names = check_config(cfg)
+    refuse_own_inputs(cfg)
     data = Path(cfg.data)
     meta = read_metadata(data)
     require(meta.task == "retrieval", f"--data {cfg.data}: has no users and items (task {meta.task})")
@@ -220,6 +254,7 @@ def write_candidates(
     labels = np.fromiter((float((u, i) in positives) for u, i in zip(row_user, row_item, strict=True)), np.float32)
     in_val = user_split(users, cfg.val_users, cfg.seed, cfg.val_fold)
     row_val = np.repeat(in_val, n)[keep]
+    refuse_lists_without_positives(cfg, labels, row_val, int(in_val.sum()), len(users) - int(in_val.sum()), n)
     # one MDS block per user's list, in retrieval order; the lists in a seeded random order (the loader
     # shuffles blocks, so a batch holds whole lists: what listwise training and per-list NDCG need)
     row_query = np.repeat(np.arange(m), n)[keep]
@@ -288,9 +323,12 @@ def write_candidates(
     for name in ("users", "items", "histories"):
         if name in tables:
             tables[name].to_parquet(out / f"{name}.parquet")
-    shutil.copytree(data / VOCAB_DIR, out / VOCAB_DIR)
+    # file by file: shutil.copytree would wrap a write error (no space) in shutil.Error, without its errno
+    (out / VOCAB_DIR).mkdir()
+    for vocab in sorted(f for f in (data / VOCAB_DIR).iterdir() if f.is_file()):
+        shutil.copyfile(vocab, out / VOCAB_DIR / vocab.name)
     if (data / "item_titles.parquet").is_file():
-        shutil.copy(data / "item_titles.parquet", out / "item_titles.parquet")
+        shutil.copyfile(data / "item_titles.parquet", out / "item_titles.parquet")
     out_meta = dataclasses.replace(out_meta, splits=splits)
     write_metadata(out_meta, out)
     log.info(
@@ -302,6 +340,24 @@ def write_candidates(
         int(in_val.sum()),
     )
     return out_meta
+
+
+def refuse_lists_without_positives(
+    cfg: CandidatesConfig, labels: np.ndarray, row_val: np.ndarray, val_users: int, train_users: int, n: int
+) -> None:
+    """One line, before anything is written, when the train or the val users' lists hold no liked item:
+    a ranker would learn nothing from them, or train a whole epoch and fail on its val metric."""
+    remedies = {
+        "train": ("learn from", "raise --candidates"),
+        "val": ("validate on", "raise --candidates or choose other val users (--val-users, --val-fold, --seed)"),
+    }
+    for split, rows, users in (("train", ~row_val, train_users), ("val", row_val, val_users)):
+        if rows.any() and not labels[rows].any():
+            purpose, remedy = remedies[split]
+            raise RecsysError(
+                f"--candidates {cfg.candidates}: the {users} {split} users' lists of {n} candidates hold no item "
+                f"they liked in --data's val split (nothing to {purpose}); {remedy}"
+            )
 
 
 def list_sizes(queries: np.ndarray) -> np.ndarray:

@@ -88,6 +88,7 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         raise RecsysError(
             f"--trainer.monitor: {trainer.monitor!r} is not a metric of {kind.name} (one of {', '.join(known)})"
         )
+    check_val_labels(cfg, meta)
     no_val = str(trainer.monitor).startswith("val/") and meta.splits["val"].rows == 0
     if no_val:
         trainer = dataclasses.replace(trainer, monitor="train/loss_epoch")
@@ -131,6 +132,33 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     if not validates(trainer):
         log.info("validation is off (--trainer.limit_val_batches 0): no early stopping; the last epoch is tested")
     return dataclasses.replace(cfg, trainer=trainer, tracking=tracking, cluster=cluster)
+
+
+def check_val_labels(cfg: RunConfig, meta: DatasetMetadata) -> None:
+    """Refuse, before the first epoch, a monitored val metric that the val split's labels cannot give
+    (from ``metadata.json``'s label rate): every metric but the log loss needs a liked row, and AUROC
+    an unliked one too. Without this the run trains a whole epoch and then fails on the monitor."""
+    monitor, val = str(cfg.trainer.monitor), meta.splits.get("val")
+    if not validates(cfg.trainer) or not monitor.startswith("val/") or val is None or val.rows == 0:
+        return  # nothing validated (an empty val split: train/loss_epoch is monitored instead)
+    metric = monitor.removeprefix("val/")
+    if metric != "logloss" and val.label_rate <= 0:
+        labels = "no positive label (label rate 0)"
+    elif metric == "auroc" and val.label_rate >= 1:
+        labels = "only positive labels (label rate 1)"
+    else:
+        return
+    rebuild = (
+        "rebuild it with `recsys data candidates` so that the val users' lists hold a liked item (more --candidates, "
+        "other --val-users/--val-fold/--seed), or "
+        if meta.candidates
+        else ""
+    )
+    raise RecsysError(
+        f"--data {cfg.data.path}: its val split ({val.rows:,} rows) holds {labels}, so the monitored {monitor} "
+        f"cannot be computed (the run would fail after its first epoch); {rebuild}monitor another metric "
+        "(--trainer.monitor val/logloss) or switch validation off (--trainer.limit_val_batches 0)"
+    )
 
 
 def check_evaluation(cfg: RunConfig, meta: DatasetMetadata) -> None:

@@ -64,8 +64,9 @@ def is_parquet(path: Path) -> bool:
     return path.suffix.lower() in (".parquet", ".pq")
 
 
-def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The file's rows, ``chunk_rows`` at a time, every column as text."""
+def raw_chunks(path: Path, chunk_rows: int, need_timestamp: bool = False) -> Iterator[pd.DataFrame]:
+    """The file's rows, ``chunk_rows`` at a time, every column as text (the header checked first:
+    ``need_timestamp``, a timestamp column is required)."""
     import pyarrow as pa
 
     where = str(path)
@@ -74,7 +75,7 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
 
         try:
             parquet = pq.ParquetFile(path)
-            whole_file = parquet_id_types(parquet, where)
+            whole_file = parquet_id_types(parquet, where, need_timestamp)
             for batch in parquet.iter_batches(batch_size=chunk_rows):
                 yield arrow_as_text(pa.Table.from_batches([batch]), where, check_types=not whole_file)
         except (pa.ArrowException, OSError) as e:
@@ -88,6 +89,7 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise RecsysError(f"{where}: file is empty")
     try:
         names = csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 20)).schema.names
+        interaction_columns(names, where, need_rating=False, need_timestamp=need_timestamp)
         reader = csv.open_csv(
             path,
             read_options=csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
@@ -110,13 +112,13 @@ def raw_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         raise RecsysError(f"{where}: cannot parse ({str(e).splitlines()[0]})") from None
 
 
-def parquet_id_types(parquet: Any, where: str) -> bool:
+def parquet_id_types(parquet: Any, where: str, need_timestamp: bool = False) -> bool:
     """The whole-file reader's id-type check from the file's footer, before any row is read: an id
     column of floating-point type without a null (per its row groups' statistics) is refused; one with
     a null is left to the canonical checks, which name the missing id. False where a row group lacks
     the statistics: then each chunk is checked as the whole file would be."""
     names = [str(n) for n in parquet.schema_arrow.names]
-    user, item, *_ = interaction_columns(names, where, need_rating=False)
+    user, item, *_ = interaction_columns(names, where, need_rating=False, need_timestamp=need_timestamp)
     meta = parquet.metadata
     leaves = [meta.schema.column(k).path for k in range(meta.num_columns)]  # nested columns have several
     types = {}
@@ -134,16 +136,19 @@ def parquet_id_types(parquet: Any, where: str) -> bool:
     return True
 
 
-def interaction_chunks(path: Path, rows: int | None, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def interaction_chunks(
+    path: Path, rows: int | None, chunk_rows: int, need_timestamp: bool = False
+) -> Iterator[pd.DataFrame]:
     """Canonical interaction rows of the file (``sources.canonical_interactions``, errors naming the
     line), at most ``rows`` of them, ``chunk_rows`` at a time."""
     seen = 0
     lines = not is_parquet(path)  # Parquet has no lines: its errors name the value alone, as the whole-file reader's
-    for raw in raw_chunks(path, chunk_rows):
+    for raw in raw_chunks(path, chunk_rows, need_timestamp):
         if rows is not None:
             raw = raw.iloc[: rows - seen]
         if len(raw):
-            yield canonical_interactions(raw, str(path), offset=2 + seen if lines else None)
+            offset = 2 + seen if lines else None
+            yield canonical_interactions(raw, str(path), need_timestamp=need_timestamp, offset=offset)
         seen += len(raw)
         if rows is not None and seen >= rows:
             break
@@ -174,7 +179,7 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
     expected = estimated_rows(path) if cfg.rows is None else min(cfg.rows, estimated_rows(path))
     by_user = Buckets(spill / "users", bucket_count(expected, cfg.chunk_rows))
     from_rating = True
-    for frame in interaction_chunks(path, cfg.rows, cfg.chunk_rows):
+    for frame in interaction_chunks(path, cfg.rows, cfg.chunk_rows, need_timestamp=cfg.needs_timestamp):
         from_rating = "label" not in frame.columns
         frame = label_frame(frame, cfg.label_threshold)
         frame["key"] = row_keys(frame, cfg.seed)
@@ -207,15 +212,12 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
     by_key.remove()
     log.info("wrote the splits (%.1fs)", time.time() - started)
 
-    histories = ParquetParts()
-    try:
+    with ParquetParts() as histories:
         for b in range(by_user.count):
             part = with_split(by_user.read(b), cfg)
             table = user_histories(part[part["split"] == 0], plan)
             if len(table):
                 histories.write(tmp / "histories.parquet", table)
-    finally:
-        histories.close()
     by_user.remove()
     spill.rmdir()
     user_rows = pd.DataFrame({"user": list(plan.vocabs["user_id"]), "item": ""})

@@ -70,6 +70,12 @@ class PrepareConfig:
     """Replace an existing output directory."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    @property
+    def needs_timestamp(self) -> bool:
+        """Whether a source must have a timestamp column: ``--split temporal`` orders each user's
+        interactions by it (without one every row would get time 0, and the split be random)."""
+        return self.split == "temporal"
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -8,6 +8,7 @@ vocabularies and metadata through ``finish_dataset``; the output directory is ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -239,8 +240,11 @@ class SplitWriter:
     def __enter__(self) -> SplitWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.writer.finish()
+    def __exit__(self, exc_type: type[BaseException] | None = None, *exc: object) -> None:
+        if exc_type is None:
+            self.writer.finish()  # the last shard and the index
+        else:  # the error on its way out is the one to report, not a second one from writing the index
+            self.writer.cancel_future_jobs()
 
 
 def concat_encoded(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,7 +297,8 @@ class BlockPacker:
 
 class ParquetParts:
     """Parquet files written a part at a time: one writer per file, opened at its first part (the schema
-    of later parts is cast to the first's); ``close`` finishes them all."""
+    of later parts is cast to the first's); ``close`` finishes them all. As a context manager it closes
+    them however the block ends (quietly when an error is on its way out: that error is the one to report)."""
 
     def __init__(self) -> None:
         self.writers: dict[Path, Any] = {}
@@ -309,9 +314,26 @@ class ParquetParts:
         self.writers[path].write_table(table.cast(self.writers[path].schema))
 
     def close(self) -> None:
+        """Finish every file, even when one fails (the first failure is raised once all are closed)."""
+        failure: Exception | None = None
         for w in self.writers.values():
-            w.close()
+            try:
+                w.close()
+            except Exception as e:
+                failure = failure or e
         self.writers.clear()
+        if failure is not None:
+            raise failure
+
+    def __enter__(self) -> ParquetParts:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None = None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.close()
 
 
 class SplitOutputs:
@@ -344,7 +366,12 @@ class SplitOutputs:
     def __enter__(self) -> SplitOutputs:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None = None, *exc: object) -> None:
+        if exc_type is not None:  # the error on its way out is the one to report: close what can be closed
+            for w in self.writers.values():
+                w.__exit__(exc_type)
+            self.pairs.__exit__(exc_type)
+            return
         try:
             for w in self.writers.values():
                 w.__exit__()

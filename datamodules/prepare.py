@@ -28,7 +28,7 @@ from datamodules.encoding import (
     write_split,
     write_tables,
 )
-from datamodules.output import atomic_output, check_output
+from datamodules.output import atomic_output, check_output, refuse_inputs
 from datamodules.schema import DatasetMetadata, SplitInfo
 from datamodules.sources import READERS, RawTable
 
@@ -43,6 +43,7 @@ def prepare(cfg: PrepareConfig) -> DatasetMetadata:
     validate(cfg)
     out = Path(cfg.out)
     check_output(out, cfg.overwrite, cfg.source)  # before reading anything; atomic_output checks again
+    refuse_inputs(out, [(f"--source {cfg.source}", cfg.source)])
     if cfg.engine == "spark":
         from datamodules.spark_prepare import prepare_with_spark
 
@@ -102,7 +103,7 @@ def read_source(cfg: PrepareConfig) -> RawTable:
         from datamodules.synthetic_retrieval import generate_retrieval
 
         return generate_retrieval(cfg)
-    return READERS[cfg.dataset](cfg.source, cfg.rows)
+    return READERS[cfg.dataset](cfg.source, cfg.rows, need_timestamp=cfg.needs_timestamp)
 
 
 def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:

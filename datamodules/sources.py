@@ -13,10 +13,10 @@ import io
 import re
 import urllib.request
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -191,15 +191,21 @@ def pick_column(
 
 
 def interaction_columns(
-    columns: Sequence[str], where: str, need_rating: bool = True
+    columns: Sequence[str], where: str, need_rating: bool = True, need_timestamp: bool = False
 ) -> tuple[str, str, str | None, str | None, str | None]:
     """(user, item, label, rating, timestamp) column names of an interaction table, for every engine;
-    user and item are required, and a rating unless there is a label."""
+    user and item are required, a rating unless there is a label, and a timestamp for ``--split
+    temporal`` (``need_timestamp``: without one every row would get time 0, and the split be random)."""
     user = str(pick_column(columns, where, "user id", USER_ALIASES))
     item = str(pick_column(columns, where, "item id", ITEM_ALIASES))
     label = pick_column(columns, where, "label", LABEL_ALIASES, required=False)
     rating = pick_column(columns, where, "rating", RATING_ALIASES, required=need_rating and label is None)
     ts = pick_column(columns, where, "timestamp", TS_ALIASES, required=False)
+    if need_timestamp and ts is None:
+        raise RecsysError(
+            f"{where}: --split temporal needs a timestamp column (one of {', '.join(TS_ALIASES)}; found "
+            f"{', '.join(map(str, columns))}); use --split random or add the column"
+        )
     return user, item, label, rating, ts
 
 
@@ -258,15 +264,17 @@ def ids(series: pd.Series, where: str, column: str, offset: int | None) -> pd.Se
 
 
 def canonical_interactions(
-    df: pd.DataFrame, where: str, *, need_rating: bool = True, offset: int | None = 2
+    df: pd.DataFrame, where: str, *, need_rating: bool = True, need_timestamp: bool = False, offset: int | None = 2
 ) -> pd.DataFrame:
     """Map a parsed interaction file onto the canonical columns, validating every value: the one set of
     rules of both preparation engines (the Spark engine runs this function over its partitions).
 
     Ids must be present; ratings and timestamps finite numbers; labels 0 or 1 (graded feedback is a
-    rating, labelled by ``--label-threshold``). ``offset``: the line of the first row (None: no line).
+    rating, labelled by ``--label-threshold``). ``offset``: the line of the first row (None: no line);
+    ``need_timestamp``: the source must have a timestamp column (``--split temporal``), else every row's
+    ``timestamp`` is 0.
     """
-    user, item, label, rating, ts = interaction_columns(list(df.columns), where, need_rating)
+    user, item, label, rating, ts = interaction_columns(list(df.columns), where, need_rating, need_timestamp)
     out = pd.DataFrame({"user": ids(df[user], where, user, offset), "item": ids(df[item], where, item, offset)})
     if rating is not None:
         out["rating"] = numeric(df[rating], where, str(rating), offset)
@@ -302,14 +310,15 @@ def locate_sets2019(source: str | None) -> tuple[Path, SourceFiles, str]:
     return path, files, name
 
 
-def read_sets2019(source: str | None, rows: int | None) -> RawTable:
+def read_sets2019(source: str | None, rows: int | None, need_timestamp: bool = False) -> RawTable:
     """GroupLens "Learning from Sets of Items" (2019): ``item_ratings.csv`` from a zip, csv or URL."""
     path, files, name = locate_sets2019(source)
     where = files.display(name)
     df = read_delimited(files.read(name), where)
     if rows is not None:
         df = df.iloc[:rows]
-    return RawTable(canonical_interactions(df, where), [], {"path": str(path), "sha256": sha256_of(path)})
+    table = canonical_interactions(df, where, need_timestamp=need_timestamp)
+    return RawTable(table, [], {"path": str(path), "sha256": sha256_of(path)})
 
 
 def interactions_path(source: str | None) -> Path:
@@ -319,7 +328,7 @@ def interactions_path(source: str | None) -> Path:
     return regular_file(Path(source))
 
 
-def read_interactions(source: str | None, rows: int | None) -> RawTable:
+def read_interactions(source: str | None, rows: int | None, need_timestamp: bool = False) -> RawTable:
     """The user's own interactions: CSV or Parquet with user/item ids, rating or label, timestamp."""
     path = interactions_path(source)
     where = str(path)
@@ -330,7 +339,7 @@ def read_interactions(source: str | None, rows: int | None) -> RawTable:
         df, offset = read_delimited(path.read_bytes(), where), 2
     if rows is not None:
         df = df.iloc[:rows]
-    table = canonical_interactions(df, where, offset=offset)
+    table = canonical_interactions(df, where, need_timestamp=need_timestamp, offset=offset)
     return RawTable(table, [], {"path": str(path), "sha256": sha256_of(path)})
 
 
@@ -404,7 +413,7 @@ def default_movielens_dir() -> Path:
     return DEFAULT_CACHE / "datasets" / "movielens-100k"
 
 
-def read_movielens_100k(source: str | None, rows: int | None) -> RawTable:
+def read_movielens_100k(source: str | None, rows: int | None, need_timestamp: bool = False) -> RawTable:
     """MovieLens-100K from the GroupLens layout (u.data/u.user/u.item) or RecBole atomic files."""
     path = Path(source) if source else default_movielens_dir()
     if source is None and not path.exists():
@@ -415,7 +424,7 @@ def read_movielens_100k(source: str | None, rows: int | None) -> RawTable:
     if (data := files.find("u.data")) is not None:
         inter, users, items = _ml100k_grouplens(files, data)
     elif (data := files.find("ml-100k.inter")) is not None:
-        inter, users, items = _ml100k_recbole(files, data)
+        inter, users, items = _ml100k_recbole(files, data, need_timestamp)
     else:
         raise RecsysError(f"{path}: neither u.data (GroupLens ml-100k) nor ml-100k.inter (RecBole) inside")
     if rows is not None:
@@ -472,10 +481,13 @@ def _ml100k_grouplens(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.D
     return inter, users, items
 
 
-def _ml100k_recbole(files: SourceFiles, data: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _ml100k_recbole(
+    files: SourceFiles, data: str, need_timestamp: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     prefix = data[: -len("ml-100k.inter")]
     where = files.display(data)
-    inter = canonical_interactions(read_delimited(files.read(data), where, sep="\t"), where)
+    raw = read_delimited(files.read(data), where, sep="\t")
+    inter = canonical_interactions(raw, where, need_timestamp=need_timestamp)
     uname, iname = prefix + "ml-100k.user", prefix + "ml-100k.item"
     for n in (uname, iname):
         if n not in files.names():
@@ -510,7 +522,13 @@ def _local_or_download(source: str, filename: str) -> Path:
     return Path(source)
 
 
-READERS: dict[str, Callable[[str | None, int | None], RawTable]] = {
+class Reader(Protocol):
+    """A reader of a dataset's source: (--source, --rows cap, whether a timestamp column is required)."""
+
+    def __call__(self, source: str | None, rows: int | None, need_timestamp: bool = False) -> RawTable: ...
+
+
+READERS: dict[str, Reader] = {
     "sets2019": read_sets2019,
     "movielens-100k": read_movielens_100k,
     "interactions": read_interactions,

@@ -9,10 +9,13 @@ engine's own (``assign_split``, ``encode_frame``, ``BlockPacker``), so both engi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import RecsysError
+from core.output import WRITE_ERRORS
 from core.spark import spark_session
 from datamodules.config import PrepareConfig
 from datamodules.encoding import (
@@ -123,7 +127,8 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         plan = make_plan(raw.features)
         fit_plan_spark(plan, train)
         stages.done("vocabularies", ", ".join(f"{k} {len(v):,}" for k, v in plan.vocabs.items()))
-        written = write_splits_spark(df, plan, cfg, tmp, groups)
+        with writing_output(spark):
+            written = write_splits_spark(df, plan, cfg, tmp, groups)
         splits = {}
         for name, code in SPLIT_CODES.items():
             rows, rate = counts.get(code, (0, 0.0))
@@ -137,7 +142,8 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
             item_rows = pd.DataFrame({"user": "", "item": list(plan.vocabs["item_id"])})
         write_tables(user_rows, item_rows, plan, tmp)
         write_item_titles(raw, tmp)
-        write_histories_spark(train, plan, tmp / "histories")
+        with writing_output(spark):
+            write_histories_spark(train, plan, tmp / "histories")
         stages.done("users, items and histories")
         corpus = {
             "users": ["users.parquet"],
@@ -160,6 +166,36 @@ def prepare_with_spark(cfg: PrepareConfig, tmp: Path) -> Any:
         spark.stop()
 
 
+@contextlib.contextmanager
+def writing_output(spark: Any) -> Iterator[None]:
+    """Around a Spark job that writes the output: an executor's write error that no check beforehand
+    can prevent (no space, a quota, a filesystem gone read-only: ``core.output.WRITE_ERRORS``) reaches
+    the driver as Spark's own exception, holding a Python worker's traceback or a JVM stack trace; it
+    is raised again as that ``OSError``, which ``atomic_output`` reports in one line. The JVM's own
+    log stays quiet meanwhile (it would print each failed task's stack trace on stderr; any other
+    failure still reaches the driver with its stack trace)."""
+    spark.sparkContext.setLogLevel("OFF")
+    try:
+        yield
+    except Exception as e:  # the session is stopped next, its log left off (killed tasks log as they end)
+        cause = None if isinstance(e, OSError | RecsysError) else write_error_in(str(e))
+        if cause is None:
+            raise
+        raise cause from None
+    spark.sparkContext.setLogLevel("ERROR")
+
+
+def write_error_in(text: str) -> OSError | None:
+    """The write error (``core.output.WRITE_ERRORS``) a failed Spark job's message reports, by the
+    system's own words: a Python worker's ``[Errno 28]``, the JVM's ``IOException: No space left on
+    device``; None when it reports none."""
+    for code in sorted(WRITE_ERRORS):
+        words = os.strerror(code)
+        if f"rrno {code}]" in text or f"IOException: {words}" in text:
+            return OSError(code, words)
+    return None
+
+
 GROUP_BYTES = 64 << 20
 """Source bytes per group of users handed to one pandas call (the split, the histories)."""
 
@@ -175,7 +211,7 @@ def read_with_spark(cfg: PrepareConfig, spark: Any, tmp: Path) -> tuple[Any, Raw
     """The canonical table as a Spark DataFrame (side features joined) and its description."""
     if cfg.dataset == "movielens-100k":
         # 100k rows: parsed by the local reader (three small pipe/tab files), then distributed.
-        raw = read_movielens_100k(cfg.source, cfg.rows)
+        raw = read_movielens_100k(cfg.source, cfg.rows, need_timestamp=cfg.needs_timestamp)
         frame = raw.frame.copy()
         frame["item_year"] = frame["item_year"].astype("float64")
         return spark.createDataFrame(frame), raw
@@ -192,7 +228,8 @@ def read_with_spark(cfg: PrepareConfig, spark: Any, tmp: Path) -> tuple[Any, Raw
     df = read_table_spark(spark, csv, where)
     if cfg.rows is not None:
         df = df.limit(cfg.rows)
-    return canonical_spark(df, where), RawTable(pd.DataFrame(), [], {"path": str(path), "sha256": sha256_of(path)})
+    raw = RawTable(pd.DataFrame(), [], {"path": str(path), "sha256": sha256_of(path)})
+    return canonical_spark(df, where, cfg.needs_timestamp), raw
 
 
 def read_table_spark(spark: Any, path: Path, where: str) -> Any:
@@ -213,12 +250,12 @@ def read_table_spark(spark: Any, path: Path, where: str) -> Any:
     return df
 
 
-def canonical_spark(df: Any, where: str) -> Any:
+def canonical_spark(df: Any, where: str, need_timestamp: bool = False) -> Any:
     """Rename and type the columns like ``sources.canonical_interactions``, after checking every value
     by that very function (one set of rules for both engines)."""
     from pyspark.sql import functions as F
 
-    user, item, label, rating, ts = interaction_columns(df.columns, where)
+    user, item, label, rating, ts = interaction_columns(df.columns, where, need_timestamp=need_timestamp)
     types = {f.name: f.dataType.simpleString() for f in df.schema.fields}
     problem = first_problem(df, where, [c for c in (user, item, label, rating, ts) if c is not None])
     if problem is not None:

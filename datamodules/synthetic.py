@@ -12,6 +12,7 @@ memory that depends on the chunk size and cardinalities, never on the row count.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -177,7 +178,9 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
     n_single = len(cards) - model.multi
     writers = {name: SplitWriter(tmp / name, model.multi) for name in SPLITS}
     best = WeightedAuc()
-    try:
+    with contextlib.ExitStack() as stack:
+        for w in writers.values():
+            stack.enter_context(w)  # each finished when the block succeeds, abandoned when it fails
         for i, lo, m in tqdm(chunks, desc="write", unit="chunk", disable=len(chunks) < 4):
             g = model.generate(cfg.seed, i, m)
             code = split_codes(cfg, lo, rows, g["u"])
@@ -206,9 +209,6 @@ def prepare_synthetic_ctr(cfg: PrepareConfig, tmp: Path) -> DatasetMetadata:
                             [(v[o[b] : o[e]], ln[b:e]) for (v, ln), o in zip(multi, offs, strict=True)],
                         )
                     )
-    finally:
-        for w in writers.values():
-            w.__exit__()
     vocabs = {f"C{f + 1}": [str(v) for v in np.flatnonzero(s)] for f, s in enumerate(seen)}
     sparse = [sparse_feature(name, vocab, "context", f >= n_single) for f, (name, vocab) in enumerate(vocabs.items())]
     splits = {name: w.info() for name, w in writers.items()}
