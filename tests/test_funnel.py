@@ -397,6 +397,33 @@ def test_candidate_labels_never_come_from_pairs_the_retriever_trained_on(runs: R
     assert [d["name"] for d in meta["dense_features"] if d["tower"] == "candidate"] == spec["features"]
 
 
+def test_the_rankers_run_links_the_runs_and_dataset_its_candidates_came_from(runs: Runs, funnel: FunnelRuns) -> None:
+    """MLflow (issue 25): the ranker trained on candidates data is tagged with the retrieval runs they came
+    from, and lists the dataset they were drawn from (its train split: the digest the retrieval run
+    trained on, so one search by digest finds both runs)."""
+    from mlflow.tracking import MlflowClient
+
+    from datamodules.integrity import read_split_index, split_digest
+
+    client = MlflowClient(runs.tracking)
+    ranker = client.get_run(funnel.ranking)
+    tags = ranker.data.tags
+    assert tags["recsys.dataset_kind"] == "candidates"
+    assert tags["recsys.candidates.retrieval_run"] == tags["recsys.candidates.serving_run"] == runs.retrieval
+    assert tags["recsys.candidates.data"] == str(runs.data.resolve())
+    assert ranker.inputs is not None
+    contexts = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in ranker.inputs.dataset_inputs
+    }
+    assert set(contexts) == {"training", "validation", "candidates-source"}  # candidates data has no test split
+    digest = split_digest(read_split_index(str(runs.data), "train"))
+    assert contexts["candidates-source"].digest == digest
+    both = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string=f"dataset.digest = '{digest}'"
+    )
+    assert {funnel.ranking, runs.retrieval} <= {r.info.run_id for r in both}
+
+
 def test_served_rows_are_the_rows_the_ranker_trained_on(runs: Runs, funnel: FunnelRuns, tmp_path: Path) -> None:
     """The funnel computes a candidate's inputs as the ranking data stored them (offline = served)."""
     from datamodules.config import DataConfig
