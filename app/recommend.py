@@ -20,15 +20,20 @@ recommender needs, in one directory that the MLflow pyfunc packages as it is::
 
 The index of a run is refused unless it was built from the same weights and vocabularies, and a
 ranking run unless its dataset came from the same source as the retrieval run's (``check_same_source``).
-Outputs (``index --out``, ``recommend --out``) follow ``core.output``'s rule.
+A run's dataset is read again when its stage is assembled (train pairs, histories, user and item
+tables): it is refused unless it is still the dataset the run trained on (``check_dataset_unchanged``).
+Outputs (``index --out``, ``recommend --out``) follow ``core.output``'s rule; every other file these
+commands write (stages, bundles, indexes in temporary directories) fails with one line too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +41,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from app.tracking import STATE_DICT_ARTIFACT, resolve_tracking_uri
-from core.errors import RecsysError, require
-from core.output import PARQUET_FILE, atomic_output, check_output
+from app.tracking import STATE_DICT_ARTIFACT, existing_store
+from core.errors import RecsysError, printable, require
+from core.output import PARQUET_FILE, WRITE_ERRORS, atomic_output, check_output, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +63,27 @@ BUNDLE_VERSION = 2
 """2: train pairs and histories as memory-mapped CSR arrays (1: Parquet tables read whole)."""
 INDEX_ARTIFACT = "index"
 DEFAULT_SPEC = "flat"
+DATASET_FILES_ARTIFACT = "dataset/files.json"
+"""``{"files": {path relative to the dataset: SHA-256}}`` of the dataset files a stage reads later (train
+pairs, histories, user and item tables), logged by a training run on a local dataset: when a run has
+one, each file is checked against it before it is read (``check_dataset_unchanged``)."""
 
 
 # -- a run as a stage directory ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def os_errors(who: str, where: str | Path) -> Iterator[None]:
+    """An OSError in the body as one RecsysError line starting with ``who``: a write that failed (no
+    space, a quota, a read-only or failing disk) names ``where`` the body writes; any other (a file gone,
+    no permission) the system's reason and the file."""
+    try:
+        yield
+    except OSError as e:
+        file = f": {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in WRITE_ERRORS:
+            raise RecsysError(f"{who}: cannot write in {where} ({os_reason(e)})") from None
+        raise RecsysError(f"{who}: {os_reason(e)}{file}") from None
 
 
 def download(client: Any, run_id: str, path: str, dest: Path, flag: str) -> Path:
@@ -69,8 +92,31 @@ def download(client: Any, run_id: str, path: str, dest: Path, flag: str) -> Path
 
     try:
         return Path(client.download_artifacts(run_id, path, str(dest)))
-    except (MlflowException, OSError) as e:
-        raise RecsysError(f"{flag} {run_id}: no {path} in the run ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        if e.errno in WRITE_ERRORS:
+            raise RecsysError(f"{flag} {run_id}: cannot download {path} into {dest} ({os_reason(e)})") from None
+        raise RecsysError(f"{flag} {run_id}: no {path} in the run ({os_reason(e)})") from None
+    except MlflowException as e:
+        # MLflow reports a download it could not write (a full disk) as a missing artifact: look
+        full = unwritable(dest)
+        if full is not None:
+            raise RecsysError(f"{flag} {run_id}: cannot download {path} into {dest} ({os_reason(full)})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RecsysError(f"{flag} {run_id}: no {path} in the run ({first})") from None
+
+
+def unwritable(directory: Path) -> OSError | None:
+    """Why nothing can be written in ``directory`` (no space, read-only, ...), or None when a small file can."""
+    import os
+
+    try:
+        with tempfile.TemporaryFile(dir=directory) as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e
+    return None
 
 
 def has_artifact(client: Any, run_id: str, path: str) -> bool:
@@ -86,11 +132,11 @@ def run_client(run_id: str, tracking_uri: str | None, flag: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(existing_store(tracking_uri))
     try:
         client.get_run(run_id)
     except MlflowException as e:
-        raise RecsysError(f"{flag} {run_id}: {str(e).splitlines()[0]}") from None
+        raise RecsysError(printable(f"{flag} {run_id}: {str(e).splitlines()[0]}")) from None
     return client
 
 
@@ -115,8 +161,85 @@ def read_stage_config(path: Path, shown_as: str) -> dict[str, Any]:
     return cfg
 
 
+def check_dataset_unchanged(
+    client: Any, run_id: str, data_path: str, logged_meta: Path, work: Path, flag: str
+) -> dict[str, Any]:
+    """Refuse, with one line naming the dataset, a run whose dataset is no longer the one it trained on:
+    a stage reads the train pairs, histories and user/item tables from the dataset's path, and a dataset
+    prepared again there (other data, another split, even with the same vocabularies) would answer with
+    other users' items. Compared: the dataset's ``metadata.json`` with the copy the run logged
+    (``dataset/metadata.json``: source, split, row counts, features) and its train split's digest
+    (``datamodules.integrity.split_digest``: the shards' names, sizes and hashes) with the digest the run
+    logged for its training dataset input (runs that logged none: the metadata alone), and when the run
+    logged ``DATASET_FILES_ARTIFACT``, each file it lists with its SHA-256. Returns what was checked,
+    recorded in the stage's ``run.json``."""
+    import hashlib
+
+    from core.checksums import sha256_file
+    from datamodules.integrity import read_split_index, split_digest
+    from datamodules.schema import METADATA_FILE
+    from datamodules.storage import fetch_file
+
+    try:
+        current = fetch_file(data_path, METADATA_FILE, work / "dataset-now").read_bytes()
+    except OSError as e:
+        raise RecsysError(
+            f"{flag} {run_id}: cannot read its dataset {data_path}/{METADATA_FILE} ({os_reason(e)}); "
+            "the run's stage reads its train pairs and tables from there"
+        ) from None
+    logged = logged_meta.read_bytes()
+    if current != logged:
+        try:
+            now, then = json.loads(current), json.loads(logged)
+            differ = sorted(k for k in {*now, *then} if now.get(k) != then.get(k)) if isinstance(now, dict) else []
+        except ValueError:
+            differ = []
+        shown = f": {', '.join(differ[:4])}" if differ else ""
+        raise RecsysError(
+            f"{flag} {run_id}: dataset {data_path} was prepared again since the run trained (its {METADATA_FILE} "
+            f"differs{shown}); train again on it, or prepare the run's data again as it was"
+        )
+    digest = split_digest(read_split_index(data_path, "train", work / "split-index"))
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = getattr(client.get_run(run_id).inputs, "dataset_inputs", None) or []
+    trained = {
+        d.dataset.digest
+        for d in inputs
+        if any(t.key == MLFLOW_DATASET_CONTEXT and t.value == "training" for t in (d.tags or []))
+    }
+    if trained and digest not in trained:
+        raise RecsysError(
+            f"{flag} {run_id}: the train split of dataset {data_path} changed since the run trained (digest "
+            f"{digest}, the run logged {sorted(trained)[0]}); train again on it"
+        )
+    checked: dict[str, Any] = {"metadata_sha256": hashlib.sha256(current).hexdigest(), "train_digest": digest}
+    if "://" in data_path or not has_artifact(client, run_id, DATASET_FILES_ARTIFACT):
+        return checked
+    try:
+        listed = json.loads(download(client, run_id, DATASET_FILES_ARTIFACT, work, flag).read_text())["files"]
+        require(isinstance(listed, dict) and all(isinstance(v, str) for v in listed.values()), "not a mapping")
+    except (ValueError, KeyError, TypeError, RecsysError) as e:
+        raise RecsysError(f"{flag} {run_id}: {DATASET_FILES_ARTIFACT} of the run is unreadable ({e})") from None
+    for name, sha in sorted(listed.items()):
+        path = Path(data_path) / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise RecsysError(f"{flag} {run_id}: {DATASET_FILES_ARTIFACT} lists a path outside the dataset ({name!r})")
+        if not path.is_file() or sha256_file(path) != sha:
+            state = "is gone" if not path.is_file() else "changed"
+            raise RecsysError(
+                f"{flag} {run_id}: {path} {state} since the run trained on it; train again on the dataset"
+            )
+    return {**checked, "files": listed}
+
+
 def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, with_pairs: bool) -> Path:
     """Write the stage directory of a training run into ``dest`` (see the module docstring)."""
+    with os_errors(f"{flag} {run_id}", dest):
+        return _fetch_stage(run_id, tracking_uri, dest, flag, with_pairs)
+
+
+def _fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, with_pairs: bool) -> Path:
     from datamodules.corpus import read_parquet
     from datamodules.schema import corpus_files, read_metadata
     from datamodules.storage import fetch_file
@@ -141,6 +264,7 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
             raise RecsysError(f"{flag} {run_id}: {str(e).replace(str(weights), STATE_DICT_ARTIFACT)}") from None
         shutil.copy(download(client, run_id, "dataset/metadata.json", work, flag), dest / STAGE_META)
         data_path = str(cfg["data"]["path"])
+        checked = check_dataset_unchanged(client, run_id, data_path, dest / STAGE_META, work, flag)
         meta = read_metadata(dest, shown_as=f"run {run_id}: dataset")
         if meta.task != "retrieval":
             raise RecsysError(
@@ -183,7 +307,8 @@ def fetch_stage(run_id: str, tracking_uri: str | None, dest: Path, flag: str, wi
                 shutil.copy(titles, dest / TITLES)
         except RecsysError:
             pass  # a dataset without titles: ids only
-    (dest / "run.json").write_text(json.dumps({"run_id": run_id, "model": cfg["model"], "dataset": data_path}))
+    run = {"run_id": run_id, "model": cfg["model"], "dataset": data_path, "dataset_checked": checked}
+    (dest / "run.json").write_text(json.dumps(run))
     return dest
 
 
@@ -348,21 +473,39 @@ def index_run(
     if out:
         check_output(out, INDEX_OUTPUT, overwrite)
     client = run_client(run_id, tracking_uri, "--run-id")
-    with tempfile.TemporaryDirectory() as tmp:
-        stage_dir = fetch_stage(run_id, tracking_uri, Path(tmp) / "stage", "--run-id", with_pairs=False)
+    with os_errors(f"--run-id {run_id}", tempfile.gettempdir()), temporary() as tmp:
+        stage_dir = fetch_stage(run_id, tracking_uri, tmp / "stage", "--run-id", with_pairs=False)
         check_retrieves(stage_dir, "--run-id")
-        built = Path(tmp) / INDEX_ARTIFACT
+        built = tmp / INDEX_ARTIFACT
         index = build_item_index(stage_dir, spec, built)
         if out:
             with atomic_output(out, INDEX_OUTPUT, overwrite) as target:
                 for f in built.iterdir():
                     shutil.copy(f, target / f.name)
-                client.log_artifacts(run_id, str(built), INDEX_ARTIFACT)
+                log_index(client, run_id, built)
         else:
-            client.log_artifacts(run_id, str(built), INDEX_ARTIFACT)
+            log_index(client, run_id, built)
     where = f" -> {out}" if out else ""
     summary = f"indexed {index.count} items ({index.spec}, {index.similarity}, dim {index.dim}){where}"
     return f"{summary}; logged to run {run_id} as {INDEX_ARTIFACT}/"
+
+
+@contextlib.contextmanager
+def temporary() -> Iterator[Path]:
+    """A private temporary directory, for what a command assembles before it is used or installed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
+def log_index(client: Any, run_id: str, built: Path) -> None:
+    """Log an index directory to the run as ``index/`` (one line if the artifact store refuses it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_artifacts(run_id, str(built), INDEX_ARTIFACT)
+    except (OSError, MlflowException) as e:
+        reason = os_reason(e) if isinstance(e, OSError) else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RecsysError(f"--run-id {run_id}: cannot log the index to the run ({reason})") from None
 
 
 # -- bundles and recommend --------------------------------------------------------------------------
@@ -374,8 +517,17 @@ def assemble_bundle(
     """Everything a recommender needs, from the runs, in ``dest`` (layout in the module docstring).
 
     The index is ``index_dir`` when given, else the one logged to the retrieval run by ``recsys index``,
-    else an exact index built now; either way it must carry the retrieval stage's fingerprint.
+    else an exact index built now; either way it must carry the retrieval stage's fingerprint, and its
+    FAISS file must be the structure its manifest names. A file that cannot be written (no space in
+    ``dest``'s filesystem) is one line.
     """
+    with os_errors(f"--retrieval {retrieval}", dest):
+        return _assemble_bundle(retrieval, ranking, dest, tracking_uri, index_dir)
+
+
+def _assemble_bundle(
+    retrieval: str, ranking: str | None, dest: Path, tracking_uri: str | None, index_dir: str | None
+) -> Path:
     from modules.index import load_index
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -394,8 +546,8 @@ def assemble_bundle(
     else:
         client = run_client(retrieval, tracking_uri, "--retrieval")
         if has_artifact(client, retrieval, f"{INDEX_ARTIFACT}/manifest.json"):
-            with tempfile.TemporaryDirectory() as tmp:
-                logged = download(client, retrieval, INDEX_ARTIFACT, Path(tmp), "--retrieval")
+            with temporary() as tmp:
+                logged = download(client, retrieval, INDEX_ARTIFACT, tmp, "--retrieval")
                 load_index(logged, fingerprint)
                 shutil.copytree(logged, target, dirs_exist_ok=True)
         else:
@@ -524,30 +676,60 @@ def recommend(
     overwrite: bool = False,
 ) -> str:
     """``recsys recommend``: what the command prints (a table, or where the Parquet file went: ``out``
-    follows ``core.output``'s rule, a new file or, with ``overwrite``, a Parquet file replaced)."""
+    follows ``core.output``'s rule, a new file or, with ``overwrite``, a Parquet file replaced). A query
+    left with no recommendation (every item the index holds excluded as seen) is said so, never an
+    empty table; ids are printed with their control characters escaped."""
     from modules.funnel import check_sizes, describe
 
     given = [name for name, v in (("--user", users), ("--users", users_file), ("--history", history)) if v is not None]
     require(len(given) == 1, "recommend: pass exactly one of --user, --users FILE or --history ITEM,ITEM,...")
     check_sizes(k, candidates)
+    items = [] if history is None else [i.strip() for i in history.split(",") if i.strip()]
+    require(
+        history is None or len(items) > 0,
+        f"--history {repr(history)[:40]}: names no item (raw item ids, comma-separated, e.g. --history 50,181,100)",
+    )
     if out:
         check_output(out, PARQUET_FILE, overwrite)  # before any download or model
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_bundle(assemble_bundle(retrieval, ranking, Path(tmp) / "bundle", tracking_uri, index_dir))
+    with os_errors("recommend", tempfile.gettempdir()), temporary() as tmp:
+        loaded = load_bundle(assemble_bundle(retrieval, ranking, tmp / "bundle", tracking_uri, index_dir))
     rec = loaded.recommender
     if history is not None:
         queries = ["history"]
-        results = rec.recommend_histories([history.split(",")], k, candidates)
+        results = rec.recommend_histories([items], k, candidates)
+        left = [("--history", rec.nothing_left(history=items))] if not results[0].items else []
     else:
         queries = users if users is not None else read_users_file(str(users_file))
         require(len(queries) > 0, f"{given[0]}: no user ids given")
         results = rec.recommend_users(queries, k, candidates, progress=out is not None and len(queries) > 1)
+        left = [(f"user {q}", rec.nothing_left(user=q)) for q, r in zip(queries, results, strict=True) if not r.items]
     rows = [{"user": q, **row} for q, r in zip(queries, results, strict=True) for row in describe(r, loaded.titles)]
     table = pd.DataFrame(
         rows, columns=["user", "rank", "item", "score", "source", *(["title"] if loaded.titles else [])]
     )
+    if not out and table.empty:
+        return printable("\n".join(f"no recommendations for {who}: {why}" for who, why in left))
+    for who, why in left[:5]:
+        log.warning("no recommendations for %s: %s", printable(who), why)
+    if len(left) > 5:
+        log.warning("... and %d more queries without recommendations", len(left) - 5)
     if out:
-        with atomic_output(out, PARQUET_FILE, overwrite) as tmp:
-            table.to_parquet(tmp, index=False)
+        with atomic_output(out, PARQUET_FILE, overwrite) as tmp_file:
+            write_parquet(table, tmp_file, f"--out {out}")
         return f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}, {len(table)} recommendations -> {out}"
-    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+    return printable(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def write_parquet(table: pd.DataFrame, path: Path, shown: str) -> None:
+    """``table`` as a Parquet file; pyarrow's own (non-OS) errors as one line (an OSError, e.g. no space,
+    is ``atomic_output``'s to report)."""
+    import pyarrow as pa
+
+    try:
+        table.to_parquet(path, index=False)
+    except pa.ArrowException as e:
+        if isinstance(e, OSError):
+            raise
+        raise RecsysError(
+            f"{shown}: cannot write the Parquet file ({(str(e).strip().splitlines() or [''])[0]})"
+        ) from None

@@ -16,7 +16,9 @@ Requests are checked row by row before any work (``parse_requests``): exactly on
 rows, ``candidates`` from 1 to ``MAX_CANDIDATES``. A bad one is answered 400 with a one-line reason
 (``{"error_code": ..., "message": ...}``, no stack trace); a request still running at
 ``DEADLINE_SHARE`` of the server's ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` stops between two blocks of
-rows and is answered 504, so it does not keep a core busy after the client has gone.
+rows and is answered 504, so it does not keep a core busy after the client has gone. A body the scoring
+server cannot read (empty, not JSON) is answered 400 with one short line too (``guard_request_parsing``),
+not with MLflow's message that quotes the whole body. ``--register`` names are checked before any work.
 
 Nothing pickled is loaded: the model is logged as code (``app/pyfunc_model.py``, MLflow's "models from
 code"), both models travel as safetensors weights and are rebuilt in ``load_context`` from their config
@@ -43,9 +45,10 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from app.recommend import assemble_bundle, load_bundle
-from app.tracking import resolve_tracking_uri
-from core.errors import RecsysError
+from app.recommend import assemble_bundle, load_bundle, os_errors, temporary
+from app.tracking import existing_store
+from core.errors import RecsysError, printable
+from core.output import os_reason
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +285,87 @@ class ServingError(MlflowException):
             self._reason = value
 
 
+BODY_FORMATS = ("dataframe_records", "dataframe_split", "instances", "inputs")
+"""The top-level fields of a JSON request MLflow's scoring server reads (exactly one of them)."""
+BODY_EXAMPLE = '{"dataframe_records": [{"user": "196", "k": 10}]}'
+
+
+def body_problem(data: Any) -> str | None:
+    """What is wrong with a JSON request body the scoring server could not read, in a few words (never the
+    body itself), or None when this code sees nothing wrong with it."""
+    text = data
+    if isinstance(data, bytes | bytearray):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"the request body is not UTF-8 text (byte {e.start})"
+    if not isinstance(text, str):
+        return None
+    if text.strip() == "":
+        return "the request body is empty"
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"the request body is not JSON ({e.msg}: line {e.lineno} column {e.colno})"
+    if not isinstance(body, dict):
+        return f"the request body is a JSON {type(body).__name__}, not an object"
+    found = [k for k in body if k in BODY_FORMATS]
+    if len(found) != 1:
+        keys = _shown(list(body)[:5])
+        return f"the request body needs exactly one of {', '.join(BODY_FORMATS)} (its fields: {keys})"
+    return None
+
+
+def params_problem(params: Any) -> None:
+    """Refuse (400, one line) the ``params`` MLflow's own check would refuse inside ``predict``, where the
+    scoring server rewrites the refusal to ``Failed to predict data '<the whole input table>'...``: not an
+    object, or a ``candidates`` that is not a JSON integer (MLflow converts nothing to its ``long``)."""
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
+
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise ServingError(f'params must be an object such as {{"candidates": 200}}, got {_shown(params)}', BAD_REQUEST)
+    value = params.get("candidates")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        message = f"candidates must be a whole number from 1 to {MAX_CANDIDATES}, got {_shown(value)}"
+        raise ServingError(message, INVALID_PARAMETER_VALUE)
+
+
+def guard_request_parsing() -> bool:
+    """Answer a request body the scoring server cannot read (empty, not JSON, not UTF-8, without a
+    ``dataframe_records``-like field) with a 400 of one short line, instead of MLflow's message, which
+    spans lines and quotes the whole body (a 3 MB body came back whole). Returns whether the guard is on.
+
+    MLflow reads the body before the model sees anything (``scoring_server.invocations`` ->
+    ``_parse_json_data`` -> ``_decode_json_input``), and neither ``mlflow models serve`` nor the pyfunc
+    flavor has a hook for that step; ``scoring_server.app`` builds its FastAPI app from the loaded model
+    with no room for a middleware. So, in the server process only (where ``scoring_server`` is imported
+    before the model loads), ``_parse_json_data`` is wrapped: it still does all the work, and only its
+    refusals are rewritten. With an MLflow that lacks the function the server answers as before;
+    ``tests/test_issue24_inference.py`` checks the guard against the MLflow this project pins."""
+    server = sys.modules.get("mlflow.pyfunc.scoring_server")
+    parse = getattr(server, "_parse_json_data", None)
+    if server is None or parse is None:
+        return False
+    if getattr(parse, "recsys_guard", False):
+        return True
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    def guarded(data: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            parsed = parse(data, *args, **kwargs)
+        except MlflowException as e:
+            problem = body_problem(data) or " ".join(str(e.message).split())[:200]
+            raise ServingError(f"{problem}; send JSON such as {BODY_EXAMPLE}", BAD_REQUEST) from None
+        params_problem(getattr(parsed, "params", None))
+        return parsed
+
+    guarded.recsys_guard = True  # type: ignore[attr-defined]
+    server._parse_json_data = guarded  # type: ignore[attr-defined]
+    return True
+
+
 class RecommenderModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     """Raw user ids or item histories -> ranked raw item ids and scores (state in ``load_context``).
 
@@ -295,6 +379,7 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-def
         # other and with the server's (bench/serve.py: 10 ms vs 218 ms per user on 2 busy cores);
         # scale out with server workers instead.
         torch.set_num_threads(1)
+        guard_request_parsing()
         self.loaded = load_bundle(context.artifacts["bundle"])
         # The server answers 504 at its timeout but cannot stop the thread running predict: stop it
         # ourselves, a little earlier, so the client gets our reason and the CPU is free again.
@@ -331,6 +416,35 @@ def signature() -> Any:
     return ModelSignature(None, outputs, ParamSchema([ParamSpec("candidates", "long", DEFAULT_CANDIDATES)]))
 
 
+REGISTERED_NAME_MAX = 256
+"""Characters of a registered model's name (the registry's database column)."""
+
+
+def check_model_name(name: str) -> str:
+    """``--register``'s name, refused with one line before any work unless the Model Registry takes it:
+    MLflow's rules (not blank; no ``/``, ``:``, ``\\`` or ``%``; nothing a path would turn into another
+    name, such as ``..`` or ``./x``), at most ``REGISTERED_NAME_MAX`` characters, no control characters."""
+    shown = f"--register {printable(repr(name))}"
+    if name.strip() == "":
+        raise RecsysError(f"{shown}: empty; name the registered model, e.g. --register movielens-recommender")
+    bad = sorted({c for c in name if c in "/:\\%"})
+    if bad:
+        raise RecsysError(f"{shown}: a registered model name cannot contain {' or '.join(map(repr, bad))}")
+    if not name.isprintable():
+        raise RecsysError(f"{shown}: a registered model name cannot contain control characters")
+    if name in (".", "..") or name != name.strip():
+        raise RecsysError(f"{shown}: not a usable registered model name (a dot name, or spaces around it)")
+    if len(name) > REGISTERED_NAME_MAX:
+        raise RecsysError(f"{shown[:60]}...: {len(name)} characters, at most {REGISTERED_NAME_MAX}")
+    from mlflow.utils.validation import _validate_model_name  # the registry's own rule, whatever else it adds
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as e:
+        raise RecsysError(f"{shown}: {(str(e).strip().splitlines() or ['refused'])[0]}") from None
+    return name
+
+
 def package(
     retrieval: str,
     ranking: str | None = None,
@@ -342,10 +456,12 @@ def package(
     experiment (and register it as ``register``); returns what to serve."""
     import mlflow
 
-    uri = resolve_tracking_uri(tracking_uri)
+    if register is not None:
+        check_model_name(register)  # the registry refuses it only after the model was logged
+    uri = existing_store(tracking_uri)
     root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = assemble_bundle(retrieval, ranking, Path(tmp) / "bundle", uri, index_dir)
+    with os_errors("package", tempfile.gettempdir()), temporary() as tmp:
+        bundle = assemble_bundle(retrieval, ranking, tmp / "bundle", uri, index_dir)
         loaded = load_bundle(bundle)
         first_user = loaded.recommender.retrieval.user_vocab[0]
         first_item = loaded.recommender.retrieval.item_vocab[0]
@@ -354,16 +470,22 @@ def package(
         experiment = mlflow.get_run(retrieval).info.experiment_id
         with mlflow.start_run(experiment_id=experiment, run_name=f"recommender-{retrieval[:8]}") as run:
             mlflow.log_params({"retrieval_run": retrieval, "ranking_run": ranking or ""})
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME,
-                python_model=str(MODEL_CODE),  # models from code: the source is stored, nothing pickled
-                artifacts={"bundle": str(bundle)},
-                code_paths=[str(root / p) for p in CODE_PACKAGES],
-                pip_requirements=pip_requirements(),
-                signature=signature(),
-                input_example=example,
-                registered_model_name=register,
-            )
+            try:
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_NAME,
+                    python_model=str(MODEL_CODE),  # models from code: the source is stored, nothing pickled
+                    artifacts={"bundle": str(bundle)},
+                    code_paths=[str(root / p) for p in CODE_PACKAGES],
+                    pip_requirements=pip_requirements(),
+                    signature=signature(),
+                    input_example=example,
+                    registered_model_name=register,
+                )
+            except OSError as e:
+                raise RecsysError(f"package: cannot log the model to run {run.info.run_id} ({os_reason(e)})") from None
+            except MlflowException as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RecsysError(f"package: cannot log the model to run {run.info.run_id} ({first})") from None
     if register:
         version = info.registered_model_version
         if version is None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from core.errors import RecsysError, require
+from core.errors import RecsysError, printable, require
 from datamodules.histories import UserHistories, with_feature
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
 from modules.candidates import CANDIDATE_TOWER, ITEM_ITEM_FEATURES, CandidateFeatures
@@ -426,6 +426,20 @@ class Recommender:
             out.append(Recommendation(found.ids[row, cols].tolist(), scores[row, cols].astype(float).tolist(), MODEL))
         return out
 
+    def nothing_left(self, user: str | None = None, history: Sequence[str] | None = None) -> str:
+        """Why a user or a history got no recommendation: the items excluded (the user's train items,
+        the history's items) leave nothing the index returns."""
+        if history is not None:
+            excluded, whose = len({str(i).strip() for i in history} & self._index_position.keys()), "the history's"
+        else:
+            excluded, whose = len(self.seen.get(int(self.retrieval.user_index([str(user)])[0]))), "the user's seen"
+        if excluded >= self.index.count:
+            return (
+                f"{whose} {excluded} items are every item the index holds ({self.index.count}): "
+                "none is left once they are excluded"
+            )
+        return f"the index returned no item outside {whose} {excluded} items (of {self.index.count} indexed)"
+
     def most_popular(self, k: int, exclude: set[str] | None = None) -> Recommendation:
         """The fallback: the ``k`` most popular train items (``exclude`` left out)."""
         keep = [i for i, raw in enumerate(self.popular_ids.tolist()) if not exclude or raw not in exclude][:k]
@@ -444,8 +458,8 @@ class Recommender:
         out: list[Recommendation | None] = [None] * len(users)
         idx = self.retrieval.user_index(users)
         unknown = [users[i] for i in np.flatnonzero(idx == 0)]
-        if unknown:
-            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        if unknown:  # ids come from a request or a file: their control characters escaped
+            shown = printable(", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
             log.warning("%d unknown user(s) (%s): recommending the most popular items", len(unknown), shown)
         known = np.flatnonzero(idx > 0)
         bar = progress_bar(len(known), progress, desc="recommend", unit="user")
@@ -483,7 +497,8 @@ class Recommender:
             known = [i for i in raw if i in self._index_position]
             skipped = [i for i in raw if i not in self._index_position]
             if skipped:
-                log.warning("history %d: skipping %d unknown item id(s): %s", r, len(skipped), ", ".join(skipped[:5]))
+                shown = printable(", ".join(skipped[:5]))
+                log.warning("history %d: skipping %d unknown item id(s): %s", r, len(skipped), shown)
             if not known:
                 out[r] = self.most_popular(k, set(raw))
                 continue

@@ -48,7 +48,7 @@ import numpy as np
 
 from core.checksums import checksums, verify_checksums
 from core.errors import RecsysError, require
-from core.output import OutputKind
+from core.output import OutputKind, os_reason
 
 Similarity = Literal["dot", "cosine"]
 SIMILARITIES: tuple[str, ...] = ("dot", "cosine")
@@ -474,13 +474,28 @@ def fingerprint_files(paths: Iterable[str | Path]) -> str:
 
 
 def save_index(index: VectorIndex, directory: str | Path, fingerprint: str) -> Path:
-    """Write the FAISS index, the vectors (Parquet: ``item``, ``vector`` list<float>) and the manifest (last)."""
+    """Write the FAISS index, the vectors (Parquet: ``item``, ``vector`` list<float>) and the manifest (last).
+
+    A write that fails (no space, a read-only or failing disk) is one RecsysError line naming the
+    directory: FAISS raises RuntimeError and pyarrow its own errors, which no caller would recognise."""
+    import pyarrow as pa
+
+    require(isinstance(fingerprint, str) and fingerprint != "", "fingerprint: must be a non-empty string")
+    out = Path(directory)
+    try:
+        return _write_index(index, out, fingerprint)
+    except OSError as e:
+        raise RecsysError(f"{out}: cannot write the vector index ({os_reason(e)})") from None
+    except (RuntimeError, pa.ArrowException) as e:  # FAISS's message spans lines; its last one says why
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise RecsysError(f"{out}: cannot write the vector index ({reason})") from None
+
+
+def _write_index(index: VectorIndex, out: Path, fingerprint: str) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     faiss = import_faiss()
-    require(isinstance(fingerprint, str) and fingerprint != "", "fingerprint: must be a non-empty string")
-    out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written directory has no manifest
     faiss.write_index(index.faiss_index, str(out / INDEX_FILE))
@@ -577,9 +592,28 @@ def load_index(directory: str | Path, expected_fingerprint: str) -> VectorIndex:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise RecsysError(f"{root / INDEX_FILE}: unreadable FAISS index ({reason})") from None
     require(
-        index.ntotal == count and index.d == indexed_dim and index.metric_type == faiss.METRIC_INNER_PRODUCT,
+        index.ntotal == count and index.d == indexed_dim,
         f"{root}: the FAISS index ({index.ntotal} x {index.d}) does not match its manifest ({count} x {indexed_dim})",
     )
+    # The file's own structure, not only its hash: a manifest whose hash was rewritten over another
+    # structure's file would search an HNSW graph as if it were exact, or fail deep in FAISS.
+    expected = spec.factory(sphere=indexed_dim > dim)
+    found, metrics = faiss_structure(index)
+    if found != expected:
+        raise RecsysError(
+            f"{root / INDEX_FILE}: holds a FAISS {found} index, its manifest says {spec.structure()} "
+            f"(FAISS {expected}): the files do not belong together; rebuild it with recsys index"
+        )
+    if spec.kind == "hnsw" and int(faiss.downcast_index(index).hnsw.efConstruction) != spec.param("ef_construction"):
+        raise RecsysError(
+            f"{root / INDEX_FILE}: an HNSW graph built with ef_construction="
+            f"{faiss.downcast_index(index).hnsw.efConstruction}, its manifest says {spec}: the files do not "
+            "belong together; rebuild it with recsys index"
+        )
+    if any(m != faiss.METRIC_INNER_PRODUCT for m in metrics):
+        raise RecsysError(
+            f"{root / INDEX_FILE}: the FAISS index does not use inner product; rebuild it with recsys index"
+        )
     import pyarrow as pa
 
     try:
@@ -595,5 +629,40 @@ def load_index(directory: str | Path, expected_fingerprint: str) -> VectorIndex:
     ids = ids.astype(np.int64) if id_type == "int64" else ids.astype(str)
     vectors = np.ascontiguousarray(values.reshape(count, dim), dtype=np.float32)
     loaded = VectorIndex(index, ids, vectors, spec, similarity, radius)
-    apply_search_params(index, spec)
+    try:
+        apply_search_params(index, spec)
+    except RuntimeError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise RecsysError(f"{root}: the manifest's search parameters do not apply to the index ({reason})") from None
     return loaded
+
+
+def faiss_structure(index: Any) -> tuple[str, list[int]]:
+    """What a FAISS index is, as the ``faiss.index_factory`` string ``IndexSpec.factory`` gives (``Flat``,
+    ``HNSW32``, ``IVF64,PQ8x4fs,RFlat``; another kind of index: its class name), and the metric of each
+    part of it."""
+    faiss = import_faiss()
+    idx = faiss.downcast_index(index)
+    metrics = [int(idx.metric_type)]
+    refine = ""
+    if isinstance(idx, faiss.IndexRefine):
+        exact = faiss.downcast_index(idx.refine_index)
+        if not isinstance(exact, faiss.IndexFlat):
+            return f"{type(idx).__name__} over {type(exact).__name__}", metrics
+        refine, idx = ",RFlat", faiss.downcast_index(idx.base_index)
+        metrics += [int(exact.metric_type), int(idx.metric_type)]
+    if not refine and isinstance(idx, faiss.IndexFlat):
+        return "Flat", metrics
+    if not refine and isinstance(idx, faiss.IndexHNSWFlat):
+        return f"HNSW{idx.hnsw.nb_neighbors(1)}", metrics
+    if isinstance(idx, faiss.IndexIVFFlat):
+        coding = "Flat"
+    elif isinstance(idx, faiss.IndexIVFScalarQuantizer) and idx.sq.qtype == faiss.ScalarQuantizer.QT_8bit:
+        coding = "SQ8"
+    elif isinstance(idx, faiss.IndexIVFPQFastScan):
+        coding = f"PQ{idx.M}x{idx.nbits}fs"
+    elif isinstance(idx, faiss.IndexIVFPQ) and type(idx) is faiss.IndexIVFPQ:
+        coding = f"PQ{idx.pq.M}x{idx.pq.nbits}"
+    else:
+        return type(idx).__name__ + (" (refined)" if refine else ""), metrics
+    return f"IVF{idx.nlist},{coding}{refine}", metrics
