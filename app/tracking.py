@@ -451,6 +451,20 @@ def download_checkpoint(artifact: str, uri: str, dest: Path) -> str:
     return str(local)
 
 
+def read_later(data: Path) -> dict[str, str]:
+    """SHA-256 of the files of a local dataset that inference reads from its path after the training
+    (the train pairs, the histories, the user and item tables; ``app.recommend.check_dataset_unchanged``
+    compares them): relative path -> hash, for those that exist."""
+    from core.checksums import checksums
+    from datamodules.schema import default_corpus, read_metadata
+
+    meta = read_metadata(data)
+    corpus = meta.corpus or (default_corpus() if meta.task == "retrieval" else {})
+    names = [*corpus.get("users", []), *corpus.get("items", []), *corpus.get("histories", [])]
+    names += (corpus.get("pairs") or {}).get("train", [])
+    return checksums(data, [n for n in names if (data / n).is_file()])
+
+
 class Tracker:
     """The MLflow run of a training (rank 0): a Lightning logger plus what is published at the end."""
 
@@ -549,6 +563,9 @@ class Tracker:
                 client.log_artifact(run_id, str(weights), str(Path(STATE_DICT_ARTIFACT).parent))
         if "://" not in cfg.data.path:
             client.log_artifact(run_id, str(Path(cfg.data.path) / "metadata.json"), "dataset")
+            files = read_later(Path(cfg.data.path))
+            if files:  # what a stage of this run reads from the dataset later: refused there if changed
+                client.log_dict(run_id, {"files": files}, "dataset/files.json")
             if (Path(cfg.data.path) / "vocab").is_dir():
                 client.log_artifacts(run_id, str(Path(cfg.data.path) / "vocab"), "dataset/vocab")
         if best_path:

@@ -109,7 +109,11 @@ def test_train_logs_a_complete_run(
     assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} == {
         "dataset/metadata.json",
         "dataset/vocab",
+        "dataset/files.json",  # the SHA-256 of the files a stage of the run reads from the dataset later
     }
+    logged = client.download_artifacts(run.info.run_id, "dataset/files.json", str(tmp_path))
+    files = json.loads(Path(logged).read_text())
+    assert set(files["files"]) == {"users.parquet", "items.parquet", "histories.parquet", "pairs/train.parquet"}
     best = client.list_artifacts(run.info.run_id, "checkpoints/best")
     assert any(a.path.endswith("trainer.pt") for a in best) and any(a.path.endswith(".distcp") for a in best)
 
