@@ -14,6 +14,8 @@ import os
 import sys
 import warnings
 
+from core.errors import printable
+
 PROJECT_LOGGERS = ("app", "cluster", "core", "datamodules", "modules", "bench")
 # Loggers that attach handlers of their own or turn propagation off: routed through the root handler.
 LIBRARY_LOGGERS = (
@@ -35,7 +37,7 @@ class LineFormatter(logging.Formatter):
         self.prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = printable(record.getMessage())  # ids from a user's data: no raw control characters
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
         ours = record.name.split(".", 1)[0] in PROJECT_LOGGERS and record.levelno == logging.INFO
