@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,32 @@ def test_two_trainings_started_together_into_one_new_sqlite_store_both_finish(
     experiment = client.get_experiment_by_name("recsys")
     assert experiment is not None
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def test_runs_opened_together_in_a_new_sqlite_store_all_open(tmp_path: Path) -> None:
+    """The race behind two trainings started together, made to happen: four processes create the same new
+    store and open a run in it at the same instant (``table ... already exists``, ``experiment ... already
+    exists`` before the store was created under a lock and a lost experiment creation reused the winner's)."""
+    store = tmp_path / "new.db"
+    start = time.time() + 8.0  # every process imported and waiting before the instant
+    script = (
+        "import sys, time\n"
+        "from app.config import RunConfig, TrackingConfig\n"
+        "from app.tracking import open_run, prepare_store\n"
+        "from datamodules.config import DataConfig\n"
+        f"uri = 'sqlite:///{store}'\n"
+        "cfg = RunConfig(model='dlrm', data=DataConfig(path='d'), tracking=TrackingConfig(tracking_uri=uri))\n"
+        f"time.sleep(max(0.0, {start} - time.time()))\n"
+        "prepare_store(uri)\n"
+        "print(open_run(cfg))\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert len({out.strip() for out, _ in results}) == 4  # four runs
