@@ -21,6 +21,8 @@ import psutil
 import pytest
 from conftest import CONFIGS, shrunk_flags
 
+from core.output import locked
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -98,11 +100,14 @@ def first_metric_logged(uri: str) -> Callable[[], bool]:
     from mlflow.tracking import MlflowClient
 
     def ready() -> bool:
-        client = MlflowClient(uri)
-        try:
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-        except Exception:  # the store is being created by the command
-            return False
+        # under the lock the command creates a new SQLite store with (app.tracking.prepare_store): two
+        # clients creating one store at once race in its migration
+        with locked(Path(uri.removeprefix("sqlite:///")).parent):
+            client = MlflowClient(uri)
+            try:
+                runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            except Exception:  # the store is being created by the command
+                return False
         return any("train/loss_step" in r.data.metrics for r in runs)
 
     return ready
