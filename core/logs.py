@@ -48,6 +48,21 @@ class LineFormatter(logging.Formatter):
         )
 
 
+class CutByTheSignal(logging.Filter):
+    """While a stop signal unwinds the command, an error about a connection that signal cut is its
+    consequence, not news: a terminal's hang-up or Ctrl-C reaches Spark's JVM too (its process group),
+    and py4j then logs each command it could not send with a traceback. Dropped then; shown otherwise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from core.signals import stopping
+
+        if record.levelno < logging.ERROR or not stopping():
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        names = {cls.__name__ for cls in type(error).__mro__} if error is not None else set()
+        return not (names & {"Py4JNetworkError", "ConnectionError"} or record.name.startswith("py4j"))
+
+
 def setup_logging(verbose: bool = False, rank: int = 0, world_size: int = 1) -> None:
     """Configure this process's logging (idempotent: a second call replaces the first)."""
     # MLflow gives its loggers a handler of their own when imported (later than this, usually).
@@ -58,6 +73,7 @@ def setup_logging(verbose: bool = False, rank: int = 0, world_size: int = 1) -> 
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter(prefix))
+    handler.addFilter(CutByTheSignal())
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.ERROR)
     for name in PROJECT_LOGGERS:  # with --verbose also the project's debug lines (a failed worker's trace)

@@ -77,6 +77,11 @@ def _unraisable(hook: Any) -> Any:
     return handle
 
 
+def stopping() -> bool:
+    """Whether a stop signal is being handled now (the command is unwinding)."""
+    return _state["raised"] is not None
+
+
 def interruption(error: BaseException) -> Interrupted | None:
     """The stop signal behind ``error``: itself when it is ``Interrupted``, else the one being handled
     (a library may turn the exception into one of its own on the way out); None when no stop signal is
