@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from app.candidates import CandidatesConfig
+from app.candidate_data import CandidatesConfig
 from app.config import RunConfig, TrackingConfig, TrainerConfig
 from cluster.config import ClusterConfig
 from core.errors import RecsysError, printable, require
@@ -348,7 +348,7 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
             prep = to_config(PrepareConfig, sub.prepare)
             show(summarize(prepare(prep), prep.out))
         elif sub.action == "candidates":
-            from app.candidates import build_candidates, summarize_candidates
+            from app.candidate_data import build_candidates, summarize_candidates
 
             made = to_config(CandidatesConfig, sub.candidates)
             show(summarize_candidates(build_candidates(made), made.out))

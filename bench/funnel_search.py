@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from app.candidates import CandidatesConfig, build_candidates
+from app.candidate_data import CandidatesConfig, build_candidates
 from bench.funnel import RANKING_PRESET, liked_sets, raw_pairs, train_preset
 
 FOLDS = 5

@@ -42,7 +42,7 @@ class DenseFeature:
     name: str
     tower: str
     """'user', 'item', 'context', or 'candidate': computed per (user, candidate) by the recommender funnel
-    (``modules.candidates``) in a ranking dataset built from a retrieval stage's candidates."""
+    (``modules.candidate_features``) in a ranking dataset built from a retrieval stage's candidates."""
     mean: float
     std: float
 
@@ -81,7 +81,7 @@ class DatasetMetadata:
     candidates: dict[str, Any] = field(default_factory=dict)
     """Ranking datasets built from a retrieval stage's candidates (``recsys data candidates``): which
     retrieval run and dataset produced them, which run and dataset the funnel serves them with, how
-    many candidates per user and how the labels were made (see ``app.candidates``); empty otherwise."""
+    many candidates per user and how the labels were made (see ``app.candidate_data``); empty otherwise."""
     format_version: int = FORMAT_VERSION
 
     @property

@@ -4,7 +4,7 @@
                       the user's train items excluded
     ranking stage     a ranking model scores the N candidates over the user's and items' features (and,
                       for a ranker trained on the retrieval stage's own candidates, the candidate
-                      features of ``modules.candidates`` and the user's history)
+                      features of ``modules.candidate_features`` and the user's history)
     result            the top-K by the ranking probability (a ranker trained on candidates), else by
                       retrieval logit + log ranking probability; raw item ids with scores
 
@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from core.errors import RecsysError, printable, require
 from datamodules.histories import UserHistories, with_feature
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
-from modules.candidates import CANDIDATE_TOWER, ITEM_ITEM_FEATURES, CandidateFeatures
+from modules.candidate_features import CANDIDATE_TOWER, ITEM_ITEM_FEATURES, CandidateFeatures
 from modules.config import ModelConfig
 from modules.index import VectorIndex, search
 from modules.registry import ModelKind
@@ -115,7 +115,7 @@ def model_inputs(
     those of ``sides`` rows (table, indices); features of a tower not given get empty bags / zeros.
     Dense features of the ``candidate`` tower come from ``candidate`` (raw values by name, one per row),
     standardised with the dataset's statistics: the ranking data is encoded through here too
-    (``app.candidates``), so that served rows are the rows the ranker trained on."""
+    (``app.candidate_data``), so that served rows are the rows the ranker trained on."""
     by_tower = {table.tower: (table, idx) for table, idx in sides}
     dense = torch.zeros(n, len(meta.dense_features))
     for j, d in enumerate(meta.dense_features):
@@ -349,7 +349,7 @@ class Recommender:
 
         ``histories``: for anonymous queries, the raw ids of the items each brought (their history
         and likes); else each user's are the retrieval stage's train items. A ranker trained on
-        candidates also reads the candidate features (``modules.candidates``), one that reads
+        candidates also reads the candidate features (``modules.candidate_features``), one that reads
         histories the user's history (in its own item vocabulary; items it does not know left out).
         """
         assert self.ranking is not None

@@ -344,7 +344,7 @@ class FunnelRuns:
 
 def candidate_ranker(runs: Runs, out: Path) -> FunnelRuns:
     """``recsys data candidates`` on the tiny set, then the shipped funnel ranking preset, shrunk."""
-    from app.candidates import CandidatesConfig, build_candidates
+    from app.candidate_data import CandidatesConfig, build_candidates
 
     cfg = CandidatesConfig(
         retrieval=runs.retrieval,
@@ -488,7 +488,7 @@ def test_candidate_ranker_orders_by_its_probability_and_history_requests_work(
 def test_candidate_ranker_refuses_another_retrieval_run_or_dataset(
     runs: Runs, funnel: FunnelRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from app.candidates import CandidatesConfig, build_candidates
+    from app.candidate_data import CandidatesConfig, build_candidates
     from core.errors import RecsysError
     from modules.funnel import check_candidates
 

@@ -319,7 +319,7 @@ def test_candidate_features_are_each_asked_once_and_computed(
 def test_candidates_refuse_val_lists_without_a_liked_item(
     funnel: Funnel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from app.candidates import user_split
+    from app.candidate_data import user_split
 
     # which users' top-3 lists hold a liked item: every list in train (--val-users 0)
     every = tmp_path / "every"

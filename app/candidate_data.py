@@ -7,7 +7,7 @@ with a liked item in ``DIR``'s val split, the run retrieves its top ``--candidat
 train items excluded, as the funnel excludes them), and each candidate is labelled 1 if the user liked
 it in val, 0 otherwise: the labels come from interactions the retriever did not train on, never from
 the pairs it learned from (and never from test). Each row carries the candidate features of
-``modules.candidates`` (retrieval score, gap and rank, popularity, history similarities, the
+``modules.candidate_features`` (retrieval score, gap and rank, popularity, history similarities, the
 item-item score), computed from what the funnel knew then (``DIR``'s train split), plus the user's and
 the item's features; ``histories.parquet`` (the train histories) comes along for rankers that read the
 user's history. The users are split into the ranking data's train and val splits (``--val-users``);
@@ -63,7 +63,7 @@ class CandidatesConfig:
     item_item_lambda: float = 400.0
     """EASE^R's lambda for the item-item candidate features (0: leave those features out)."""
     features: list[str] | None = None
-    """The candidate features to keep (default: all of modules.candidates.FEATURES)."""
+    """The candidate features to keep (default: all of modules.candidate_features.FEATURES)."""
     seed: int = 0
     """Seeds the user split and the order of the lists."""
     tracking_uri: str | None = None
@@ -73,7 +73,7 @@ class CandidatesConfig:
 
 def check_config(cfg: CandidatesConfig) -> list[str]:
     """Refuse bad flags before any work; returns the candidate features to write."""
-    from modules.candidates import FEATURES, ITEM_ITEM_FEATURES
+    from modules.candidate_features import FEATURES, ITEM_ITEM_FEATURES
 
     require(cfg.candidates >= 1, f"--candidates: must be at least 1, got {cfg.candidates}")
     require(0 <= cfg.val_users < 1, f"--val-users: must be in [0, 1), got {cfg.val_users}")
@@ -229,7 +229,7 @@ def write_candidates(
 
     from datamodules.encoding import VOCAB_DIR
     from datamodules.schema import SPLITS, DenseFeature, SplitInfo, default_corpus, write_metadata
-    from modules.candidates import CANDIDATE_TOWER, CandidateFeatures
+    from modules.candidate_features import CANDIDATE_TOWER, CandidateFeatures
     from modules.funnel import FeatureTable, model_inputs, raw_pairs
 
     stage = rec.retrieval
