@@ -4,10 +4,10 @@ an engine, into partitioned Parquet.
     recsys recommend --retrieval RUN [--ranking RUN] --all-users --out DIR [--k 10] [--candidates 200]
                      [--backend local|ray|spark] [--num-workers N] [--partitions P] [--overwrite]
 
-The driver assembles one bundle (``app.recommend.assemble_bundle``) into ``DIR/_bundle`` and splits the
+The driver assembles one bundle (``app.bundle.assemble_bundle``) into ``DIR/_bundle`` and splits the
 users into P partitions (``crc32(utf-8 user id) mod P``, users in vocabulary order within one); the
 backend (``cluster.batch``) runs the partitions on its workers, each of which loads the bundle once
-(``app.recommend.load_bundle``: the one ``modules.funnel.Recommender``) and calls
+(``app.bundle.load_bundle``: the one ``modules.funnel.Recommender``) and calls
 ``Recommender.recommend_users`` on its partitions. What DIR holds::
 
     part-00000.parquet ...  one file per partition: user, rank, item, score, source (raw ids; the same
@@ -58,6 +58,7 @@ from cluster.batch import PartitionJob, PartitionTask, check_batch_cluster, map_
 from cluster.config import ClusterConfig
 from core.errors import RecsysError, require
 from core.output import WRITE_ERRORS, OutputKind, check_output, os_reason
+from modules.vector_store import StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ class AllUsersConfig:
     tracking_uri: str | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     progress: bool = True
+    store: StoreConfig | None = None
+    """Retrieve from this vector database (the slower path: every worker's queries go to it)."""
+    filter: str | None = None
+    """Only items this expression over the items' attributes accepts (``modules.vector_store``)."""
 
     def settings(self) -> dict[str, Any]:
         """What the output depends on (a rerun with other settings is refused)."""
@@ -103,10 +108,12 @@ class AllUsersConfig:
             "k": self.k,
             "candidates": self.candidates,
             "index": str(Path(self.index).resolve()) if self.index else None,
+            **({"store": self.store.shown(), "alias": self.store.alias} if self.store else {}),
+            **({"filter": self.filter} if self.filter else {}),
         }
 
 
-def all_users_config(ns: Any, cluster: ClusterConfig) -> AllUsersConfig:
+def all_users_config(ns: Any, cluster: ClusterConfig, store: StoreConfig | None = None) -> AllUsersConfig:
     """The config of ``recsys recommend --all-users`` from its parsed flags (``--out`` is a directory)."""
     given = [name for name, v in (("--user", ns.user), ("--users", ns.users), ("--history", ns.history)) if v]
     require(not given, f"recommend --all-users: takes no {given[0] if given else ''} (it recommends to every user)")
@@ -122,6 +129,8 @@ def all_users_config(ns: Any, cluster: ClusterConfig) -> AllUsersConfig:
         index=ns.index,
         tracking_uri=ns.tracking_uri,
         cluster=cluster,
+        store=store,
+        filter=getattr(ns, "filter", None),
     )
 
 
@@ -294,7 +303,7 @@ def stamp_differences(stamp: dict[str, Any], wanted: dict[str, Any], partitions:
 def bundle_problem(bundle: Path, recorded: Any, cfg: AllUsersConfig) -> str | None:
     """Why ``DIR/_bundle`` cannot be reused: missing, not the one the manifest records (``bundle.json``'s
     SHA-256), of other runs, or a file that fails the bundle's own checksums (``load_bundle``'s check)."""
-    from app.recommend import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLE_VERSION
+    from app.bundle import BUNDLE_FILE, BUNDLE_FORMAT, BUNDLE_VERSION
     from core.checksums import sha256_file, verify_checksums
 
     if not (bundle / BUNDLE_FILE).is_file():
@@ -322,11 +331,11 @@ def assemble(cfg: AllUsersConfig, out: Path) -> Path:
     changes."""
     from safetensors import SafetensorError
 
-    from app.recommend import assemble_bundle
+    from app.bundle import assemble_bundle
 
     tmp = out / f".bundle.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        assemble_bundle(cfg.retrieval, cfg.ranking, tmp, cfg.tracking_uri, cfg.index)
+        assemble_bundle(cfg.retrieval, cfg.ranking, tmp, cfg.tracking_uri, cfg.index, cfg.store)
     except SafetensorError as e:  # the weights written through safetensors: its I/O errors (a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
         raise RecsysError(f"--out {cfg.out}: cannot write the bundle ({first_line(e)})") from None
@@ -358,7 +367,7 @@ def split_users(users: Sequence[str], partitions: int) -> list[list[str]]:
 
 def bundle_users(bundle: Path) -> list[str]:
     """Raw ids of every user of the bundle's retrieval vocabulary."""
-    from app.recommend import STAGE_VOCAB
+    from app.stages import STAGE_VOCAB
     from datamodules.schema import read_metadata
 
     stage = bundle / "retrieval"
@@ -423,11 +432,17 @@ def stamped(table: Any, stamp: dict[str, Any], partition: int, users: int) -> An
 
 
 def partition_writer(
-    bundle: str, out: str, k: int, candidates: int, delay_s: float = 0.0, stamp: dict[str, Any] | None = None
+    bundle: str,
+    out: str,
+    k: int,
+    candidates: int,
+    delay_s: float = 0.0,
+    stamp: dict[str, Any] | None = None,
+    filter: str | None = None,
 ) -> Callable[[int, list[str]], int]:
     """The function a worker runs on each of its partitions, with the bundle loaded once; ``stamp``: the
     settings record every part file carries."""
-    from app.recommend import load_bundle
+    from app.bundle import load_bundle
 
     recommender = load_bundle(bundle).recommender
     target = Path(out)
@@ -435,7 +450,7 @@ def partition_writer(
     def write(partition: int, users: list[str]) -> int:
         if delay_s:
             time.sleep(delay_s)
-        table = recommendations_table(users, recommender.recommend_users(users, k, candidates))
+        table = recommendations_table(users, recommender.recommend_users(users, k, candidates, filter=filter))
         write_partition(stamped(table, stamp or {}, partition, len(users)), target, partition)
         return int(table.num_rows)
 
@@ -642,7 +657,7 @@ def write_all_users(cfg: AllUsersConfig, out: Path, attempt: Attempt) -> str:
                 remove(bundle)
             os.replace(fresh, bundle)
             installed = True
-        from app.recommend import BUNDLE_FILE
+        from app.bundle import BUNDLE_FILE
         from core.checksums import sha256_file
 
         manifest = new_manifest(cfg, plan.manifest)
@@ -698,7 +713,9 @@ def run_partitions(
     stamp = {"format": FORMAT, "version": FORMAT_VERSION, "settings": wanted, "partitions": partitions}
     job = PartitionJob(
         key=f"{bundle}#{manifest['bundle_sha256']}",
-        factory=functools.partial(partition_writer, str(bundle), str(out), cfg.k, cfg.candidates, delay, stamp),
+        factory=functools.partial(
+            partition_writer, str(bundle), str(out), cfg.k, cfg.candidates, delay, stamp, cfg.filter
+        ),
         threads=cfg.cluster.cpus_per_worker,
     )
     if kept:

@@ -207,7 +207,10 @@ def build_parser() -> Any:
     index.add_argument("--out", type=str, default=None, help="also write the index into this new directory")
     index.add_argument("--overwrite", type=bool, default=False, help="--out may replace an index directory")
     index.add_argument("--tracking_uri", type=str, default=None)
-    commands.add_subcommand("index", index, help="build a run's item index (vectors + FAISS) and log it")
+    add_store_arguments(index, publish=True)
+    index.add_argument("--add_items", type=str, default=None, help="--store: CSV of new items (item + side features)")
+    index.add_argument("--remove_items", type=str, default=None, help="--store: item ids to delete, comma-separated")
+    commands.add_subcommand("index", index, help="build a run's item index (FAISS) and log it, or publish it (--store)")
 
     recommend = ArgumentParser(
         description="Recommend items: retrieval run -> index candidates -> rerank with a ranking run -> top K.",
@@ -226,6 +229,10 @@ def build_parser() -> Any:
     )
     recommend.add_argument("--index", type=str, default=None, help="a saved index directory (default: the run's)")
     recommend.add_argument("--tracking_uri", type=str, default=None)
+    add_store_arguments(recommend)
+    recommend.add_argument(
+        "--filter", type=str, default=None, help="only items this Milvus expression accepts, e.g. 'item_year >= 1995'"
+    )
     recommend.add_argument(
         "--all_users", type=bool, default=False, help="every user of the vocabulary -> partitioned Parquet in --out DIR"
     )
@@ -242,6 +249,7 @@ def build_parser() -> Any:
     package.add_argument("--index", type=str, default=None, help="a saved index directory (default: the run's)")
     package.add_argument("--register", type=str, default=None, help="register it under this model name")
     package.add_argument("--tracking_uri", type=str, default=None)
+    add_store_arguments(package)
     commands.add_subcommand("package", package, help="package a recommender for mlflow models serve")
 
     submit = ArgumentParser(
@@ -253,6 +261,36 @@ def build_parser() -> Any:
     submit.add_argument("--no_wait", type=bool, default=False, help="submit and return without following the logs")
     commands.add_subcommand("submit", submit, help="run a command as a Ray job (streams its logs)")
     return root
+
+
+def add_store_arguments(parser: Any, publish: bool = False) -> None:
+    """``--store URI [--alias NAME]`` (and ``--keep N`` where a command publishes)."""
+    from modules.vector_store import DEFAULT_ALIAS, DEFAULT_KEEP
+
+    what = "publish the item vectors to" if publish else "retrieve from"
+    parser.add_argument(
+        "--store",
+        type=str,
+        default=None,
+        help=f"{what} a vector database: PATH.db (Milvus Lite) or http(s)://HOST:PORT",
+    )
+    parser.add_argument("--alias", type=str, default=DEFAULT_ALIAS, help="--store: the collection alias")
+    if publish:
+        parser.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="--store: collections kept (roll-back)")
+
+
+def store_config(ns: Any) -> Any:
+    """The ``StoreConfig`` of ``--store``/``--alias``/``--keep`` (None without ``--store``), its token from
+    ``RECSYS_MILVUS_TOKEN``; checked here, before any work."""
+    from app.bundle import TOKEN_ENV
+    from modules.vector_store import DEFAULT_ALIAS, DEFAULT_KEEP, StoreConfig
+
+    keep = getattr(ns, "keep", DEFAULT_KEEP)
+    if ns.store is None:
+        require(ns.alias == DEFAULT_ALIAS and keep == DEFAULT_KEEP, "--alias and --keep go with --store URI")
+        return None
+    require(ns.store.strip() != "", "--store: empty (PATH.db for Milvus Lite, or http(s)://HOST:PORT)")
+    return StoreConfig(ns.store, ns.alias, keep, token=os.environ.get(TOKEN_ENV, "")).check()
 
 
 def to_config(cls: type[T], ns: Any) -> T:
@@ -376,18 +414,31 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
     elif ns.command == "index":
         from app.recommend import index_run
 
-        require(bool(ns.index.run_id), "index: --run-id is required")
-        show(index_run(ns.index.run_id, ns.index.index, ns.index.out, ns.index.tracking_uri, ns.index.overwrite))
+        i = ns.index
+        require(bool(i.run_id), "index: --run-id is required")
+        store = store_config(i)
+        if store is None:
+            given = [f for f, v in (("--add-items", i.add_items), ("--remove-items", i.remove_items)) if v is not None]
+            require(not given, f"{given[0] if given else ''}: changes a published collection; pass --store URI")
+            show(index_run(i.run_id, i.index, i.out, i.tracking_uri, i.overwrite))
+        else:
+            from app.publish import publish_run
+
+            require(
+                i.out is None, "index --store: publishes to the store; --out writes a FAISS index (one or the other)"
+            )
+            show(publish_run(i.run_id, i.index, store, i.tracking_uri, i.add_items, i.remove_items))
     elif ns.command == "recommend":
         from app.recommend import recommend
 
         r = ns.recommend
         require(bool(r.retrieval), "recommend: --retrieval RUN is required")
         cluster = r.cluster if isinstance(r.cluster, ClusterConfig) else to_config(ClusterConfig, r.cluster)
+        store = store_config(r)
         if r.all_users:
             from app.batch import all_users_config, recommend_all_users
 
-            show(recommend_all_users(all_users_config(r, cluster)))
+            show(recommend_all_users(all_users_config(r, cluster, store)))
             return 0
         require(cluster == ClusterConfig(), "recommend: --backend, --num-workers and --cluster.* go with --all-users")
         show(
@@ -403,6 +454,8 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
                 r.index,
                 r.tracking_uri,
                 r.overwrite,
+                store,
+                r.filter,
             )
         )
     elif ns.command == "package":
@@ -410,7 +463,7 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
 
         r = ns.package
         require(bool(r.retrieval), "package: --retrieval RUN is required")
-        show(package(r.retrieval, r.ranking, r.index, r.register, r.tracking_uri))
+        show(package(r.retrieval, r.ranking, r.index, r.register, r.tracking_uri, store_config(r)))
     elif ns.command == "submit":
         from cluster.ray_jobs import submit
 

@@ -23,7 +23,7 @@ not with MLflow's message that quotes the whole body. ``--register`` names are c
 Nothing pickled is loaded: the model is logged as code (``app/pyfunc_model.py``, MLflow's "models from
 code"), both models travel as safetensors weights and are rebuilt in ``load_context`` from their config
 and dataset metadata through the model-kind registry, next to the index, the vocabularies and the
-feature tables (the bundle of ``app.recommend``, every file checked against its SHA-256) and this
+feature tables (the bundle of ``app.bundle``, every file checked against its SHA-256) and this
 project's code (``code_paths``).
 """
 
@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from app.recommend import assemble_bundle, load_bundle, os_errors, temporary
+from app.bundle import assemble_bundle, load_bundle
+from app.stages import os_errors, temporary
 from app.tracking import existing_store
 from core.errors import RecsysError, printable
 from core.output import os_reason
@@ -84,6 +85,8 @@ RUNTIME_PACKAGES = (
     "mlflow",
     "safetensors",
     "psutil",
+    "pymilvus",
+    "milvus-lite",
 )
 
 
@@ -451,9 +454,12 @@ def package(
     index_dir: str | None = None,
     register: str | None = None,
     tracking_uri: str | None = None,
+    store: Any = None,
 ) -> str:
     """``recsys package``: log the recommender as a pyfunc in a new run of the retrieval run's
-    experiment (and register it as ``register``); returns what to serve."""
+    experiment (and register it as ``register``); returns what to serve. ``store``
+    (``modules.vector_store.StoreConfig``): the served model retrieves from that vector database (the
+    URI and alias travel in the bundle, the token never: the server reads ``RECSYS_MILVUS_TOKEN``)."""
     import mlflow
 
     if register is not None:
@@ -461,7 +467,7 @@ def package(
     uri = existing_store(tracking_uri)
     root = Path(__file__).resolve().parent.parent
     with os_errors("package", tempfile.gettempdir()), temporary() as tmp:
-        bundle = assemble_bundle(retrieval, ranking, tmp / "bundle", uri, index_dir)
+        bundle = assemble_bundle(retrieval, ranking, tmp / "bundle", uri, index_dir, store)
         loaded = load_bundle(bundle)
         first_user = loaded.recommender.retrieval.user_vocab[0]
         first_item = loaded.recommender.retrieval.item_vocab[0]
@@ -470,6 +476,8 @@ def package(
         experiment = mlflow.get_run(retrieval).info.experiment_id
         with mlflow.start_run(experiment_id=experiment, run_name=f"recommender-{retrieval[:8]}") as run:
             mlflow.log_params({"retrieval_run": retrieval, "ranking_run": ranking or ""})
+            if store is not None:  # where it retrieves from, without secrets (the bundle's record)
+                mlflow.log_params({"store": loaded.runs["store"]["uri"], "store_alias": store.alias})
             try:
                 info = mlflow.pyfunc.log_model(
                     name=MODEL_NAME,

@@ -453,7 +453,7 @@ def download_checkpoint(artifact: str, uri: str, dest: Path) -> str:
 
 def read_later(data: Path) -> dict[str, str]:
     """SHA-256 of the files of a local dataset that inference reads from its path after the training
-    (the train pairs, the histories, the user and item tables; ``app.recommend.check_dataset_unchanged``
+    (the train pairs, the histories, the user and item tables; ``app.stages.check_dataset_unchanged``
     compares them): relative path -> hash, for those that exist."""
     from core.checksums import checksums
     from datamodules.schema import default_corpus, read_metadata

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from app.recommend import assemble_bundle, load_bundle
+from app.bundle import assemble_bundle, load_bundle
 from app.serving import package
 from bench.funnel import setup
 from cluster.local import free_port

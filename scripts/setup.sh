@@ -33,7 +33,7 @@ pip_install -c constraints.txt "$FBGEMM"
 pip_install --no-deps -c constraints.txt torchrec
 # 4. the project and the rest of the stack, held to the lock.
 pip_install -c constraints.txt -e ".[dev]"
-"$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, streaming, lightning, ray, mlflow, pyspark, faiss" \
+"$VENV/bin/python" -c "import torch, torchrec, fbgemm_gpu, streaming, lightning, ray, mlflow, pyspark, faiss, pymilvus, milvus_lite" \
   || { echo "[setup] import check failed" >&2; exit 1; }
 echo "$stamp" > "$VENV/.stamp"
 echo "[setup] ready: $VENV" >&2

@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import shrink
 
+from app.bundle import assemble_bundle, load_bundle
 from app.cli import main
-from app.recommend import assemble_bundle, fetch_stage, load_bundle, load_stage
+from app.stages import fetch_stage, load_stage
 from app.train import run_training
 from modules.funnel import MODEL, POPULAR
 from modules.index import load_index, read_manifest, search
@@ -72,7 +73,7 @@ def test_exact_index_equals_brute_force_with_the_model(
     assert "indexed" in out and read_manifest(out_dir)["spec"] == "flat"
     stage_dir = fetch_stage(runs.retrieval, runs.tracking, tmp_path / "stage", "--run-id", with_pairs=False)
     stage = load_stage(stage_dir)
-    from app.recommend import stage_fingerprint
+    from app.stages import stage_fingerprint
 
     index = load_index(out_dir, stage_fingerprint(stage_dir))
     vectors = pd.read_parquet(out_dir / "vectors.parquet")
@@ -310,7 +311,8 @@ def test_refusals_are_one_line(runs: Runs, tmp_path: Path, capsys: pytest.Captur
 
 def test_index_is_bound_to_the_vocabularies_too(runs: Runs, tmp_path: Path) -> None:
     stage_dir = fetch_stage(runs.retrieval, runs.tracking, tmp_path / "stage", "--run-id", with_pairs=False)
-    from app.recommend import build_item_index, stage_fingerprint
+    from app.bundle import build_item_index
+    from app.stages import stage_fingerprint
 
     build_item_index(stage_dir, "flat", tmp_path / "index", progress=False)
     vocab = stage_dir / "vocab" / "item_id.json"
@@ -692,7 +694,7 @@ def test_a_differently_prepared_copy_of_the_source_is_the_same_source(ml_dataset
     rule of the same source file is the same data."""
     from conftest import tiny_prepare
 
-    from app.recommend import source_identity
+    from app.bundle import source_identity
     from datamodules.prepare import prepare
     from datamodules.schema import read_metadata
 

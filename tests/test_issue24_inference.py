@@ -182,7 +182,7 @@ def test_a_train_pairs_file_replaced_alone_is_refused_when_the_run_logged_its_ha
     from core.checksums import checksums
 
     read_later = ["pairs/train.parquet", "histories.parquet", "users.parquet", "items.parquet"]
-    listing = tmp_path / "logged" / "files.json"  # app.recommend.DATASET_FILES_ARTIFACT: dataset/files.json
+    listing = tmp_path / "logged" / "files.json"  # app.stages.DATASET_FILES_ARTIFACT: dataset/files.json
     listing.parent.mkdir()
     listing.write_text(json.dumps({"files": checksums(env.data, read_later)}))
     MlflowClient(env.tracking).log_artifact(env.run, str(listing), "dataset")

@@ -25,8 +25,8 @@ import pytest
 import yaml
 from test_funnel import CANDIDATES, Runs, candidate_ranker, train_runs
 
+from app.bundle import assemble_bundle, load_bundle
 from app.cli import main
-from app.recommend import assemble_bundle, load_bundle
 from app.serving import predict_frame
 from cluster.local import free_port
 from core.services import running_service
