@@ -36,7 +36,8 @@ from datamodules.histories import UserHistories, with_feature
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
 from modules.candidate_features import CANDIDATE_TOWER, ITEM_ITEM_FEATURES, CandidateFeatures
 from modules.config import ModelConfig
-from modules.index import VectorIndex, search
+from modules.index import VectorIndex
+from modules.vector_store import FaissSource, RetrievalSource
 from modules.registry import ModelKind
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,13 @@ class FeatureTable:
     ``users.parquet`` / ``items.parquet``. Row 0, the out-of-vocabulary index, holds OOV indices,
     empty multi-hot bags and zero (= train mean) dense values: what an unknown user or item is."""
 
-    def __init__(self, table: pd.DataFrame, meta: DatasetMetadata, tower: str) -> None:
+    def __init__(self, table: pd.DataFrame, meta: DatasetMetadata, tower: str, size: int | None = None) -> None:
         id_name = meta.user_id_feature if tower == "user" else meta.item_id_feature
         require(id_name is not None, f"dataset {meta.dataset!r} has no {tower} id feature")
         assert id_name is not None
         self.tower = tower
-        self.size = meta.feature(id_name).cardinality
+        self.size = size if size is not None else meta.feature(id_name).cardinality
+        """Rows (default: the id vocabulary's; a table of new items, ``modules.item_attributes``, its own)."""
         rows = table[id_name].to_numpy(np.int64)
         require(
             len(rows) == 0 or (int(rows.min()) >= 0 and int(rows.max()) < self.size),
@@ -212,11 +214,14 @@ class Stage:
         return np.fromiter((self._item_index.get(str(i), 0) for i in raw), np.int64, len(raw))
 
     @torch.no_grad()
-    def embed(self, tower: str, idx: np.ndarray, batch: int = 4096, progress: bool = False) -> np.ndarray:
-        """Tower embeddings (float32) of users or items by vocabulary index (a retrieval stage)."""
+    def embed(
+        self, tower: str, idx: np.ndarray, batch: int = 4096, progress: bool = False, table: FeatureTable | None = None
+    ) -> np.ndarray:
+        """Tower embeddings (float32) of users or items by vocabulary index (a retrieval stage); ``table``:
+        rows of another feature table than the stage's (new items)."""
         require(self.kind.retrieves, f"--model {self.kind.name} has no user and item towers to retrieve with")
         assert self.kind.embed is not None
-        table = self.users if tower == "user" else self.items
+        table = table if table is not None else (self.users if tower == "user" else self.items)
         out = []
         for lo in progress_over(range(0, len(idx), batch), progress, desc=f"{tower} vectors", unit="batch"):
             rows = torch.as_tensor(idx[lo : lo + batch])
@@ -294,7 +299,11 @@ class Candidates:
 
 
 class Recommender:
-    """The funnel: retrieval stage + vector index + optional ranking stage, with the popularity fallback.
+    """The funnel: retrieval stage + retrieval source + optional ranking stage, with the popularity fallback.
+
+    ``source``: where candidates come from (``modules.vector_store``): the FAISS ``index`` in process by
+    default, or a vector database's collection published from the same weights; ``index`` keeps the
+    item vectors either way (a history's query is the mean of its items').
 
     ``pairs``: the retrieval stage's train pairs, from which ``seen[u]`` (raw ids of the items user
     index ``u`` had in train: never recommended to them), the popularity fallback (raw item ids, most
@@ -310,9 +319,11 @@ class Recommender:
         pairs: TrainPairs,
         ranking: Stage | None = None,
         retrieval_run: str | None = None,
+        source: RetrievalSource | None = None,
     ) -> None:
         require(retrieval.kind.retrieves, f"--retrieval: a {retrieval.kind.name} model cannot retrieve (no towers)")
         self.retrieval, self.index, self.ranking = retrieval, index, ranking
+        self.source: RetrievalSource = source if source is not None else FaissSource(index)
         self.seen = SeenItems(pairs, retrieval.item_raw)
         self.popular_ids, self.popular_scores = popularity(pairs, retrieval)
         self._index_position = index.positions()
@@ -336,10 +347,13 @@ class Recommender:
 
     # -- the stages ----------------------------------------------------------------------------------
 
-    def candidates(self, queries: np.ndarray, exclude: Sequence[set[str]], n: int) -> Candidates:
-        """Top-``n`` items of the index for each query vector, ``exclude[i]`` left out."""
-        n = min(n, self.index.count)
-        scores, ids = search(self.index, queries, n, exclude=list(exclude))
+    def candidates(
+        self, queries: np.ndarray, exclude: Sequence[set[str]], n: int, filter: str | None = None
+    ) -> Candidates:
+        """Top-``n`` items of the source for each query vector, ``exclude[i]`` left out; ``filter``: a
+        Milvus boolean expression over the items' attributes (``modules.vector_store``)."""
+        n = min(n, self.source.count)
+        scores, ids = self.source.search(queries, n, list(exclude), filter)
         return Candidates(ids.astype(str), scores)
 
     def rank(
@@ -433,12 +447,13 @@ class Recommender:
             excluded, whose = len({str(i).strip() for i in history} & self._index_position.keys()), "the history's"
         else:
             excluded, whose = len(self.seen.get(int(self.retrieval.user_index([str(user)])[0]))), "the user's seen"
-        if excluded >= self.index.count:
+        count = self.source.count
+        if excluded >= count:
             return (
-                f"{whose} {excluded} items are every item the index holds ({self.index.count}): "
+                f"{whose} {excluded} items are every item the index holds ({count}): "
                 "none is left once they are excluded"
             )
-        return f"the index returned no item outside {whose} {excluded} items (of {self.index.count} indexed)"
+        return f"the index returned no item outside {whose} {excluded} items (of {count} indexed, before any --filter)"
 
     def most_popular(self, k: int, exclude: set[str] | None = None) -> Recommendation:
         """The fallback: the ``k`` most popular train items (``exclude`` left out)."""
@@ -450,9 +465,16 @@ class Recommender:
     # -- requests ------------------------------------------------------------------------------------
 
     def recommend_users(
-        self, users: Sequence[str], k: int = 10, candidates: int = 200, batch: int = 1024, progress: bool = False
+        self,
+        users: Sequence[str],
+        k: int = 10,
+        candidates: int = 200,
+        batch: int = 1024,
+        progress: bool = False,
+        filter: str | None = None,
     ) -> list[Recommendation]:
-        """Recommendations for raw user ids; users the retrieval model does not know get the most popular items."""
+        """Recommendations for raw user ids; users the retrieval model does not know get the most popular
+        items. ``filter``: only items it accepts are retrieved (``candidates``)."""
         check_sizes(k, candidates)
         users = [str(u) for u in users]
         out: list[Recommendation | None] = [None] * len(users)
@@ -467,7 +489,7 @@ class Recommender:
             rows = known[lo : lo + batch]
             queries = self.retrieval.embed("user", idx[rows])
             exclude = [self.seen.get(int(u), set()) for u in idx[rows]]
-            answers = self.run(queries, exclude, [users[r] for r in rows], k, candidates)
+            answers = self.run(queries, exclude, [users[r] for r in rows], k, candidates, filter=filter)
             for r, answer in zip(rows, answers, strict=True):
                 out[r] = answer
             if bar is not None:
@@ -479,7 +501,7 @@ class Recommender:
         return [r for r in out if r is not None]
 
     def recommend_histories(
-        self, histories: Sequence[Sequence[str]], k: int = 10, candidates: int = 200
+        self, histories: Sequence[Sequence[str]], k: int = 10, candidates: int = 200, filter: str | None = None
     ) -> list[Recommendation]:
         """Recommendations for anonymous users given by the raw ids of items they liked.
 
@@ -508,7 +530,7 @@ class Recommender:
             exclude.append(set(known))
         if rows:
             given = [[i for i in histories[r] if str(i).strip() in self._index_position] for r in rows]
-            answers = self.run(np.stack(queries), exclude, [""] * len(rows), k, candidates, given)
+            answers = self.run(np.stack(queries), exclude, [""] * len(rows), k, candidates, given, filter)
             for r, answer in zip(rows, answers, strict=True):
                 out[r] = answer
         return [r for r in out if r is not None]
@@ -521,11 +543,12 @@ class Recommender:
         k: int,
         candidates: int,
         histories: Sequence[Sequence[str]] | None = None,
+        filter: str | None = None,
     ) -> list[Recommendation]:
-        """Retrieve ``candidates`` per query, rerank them when there is a ranking stage, keep the top ``k``:
-        by the ranking probability for a ranker trained on candidates (the retrieval score is one of
-        its features), else by ``joint``."""
-        found = self.candidates(queries, exclude, max(candidates, k))
+        """Retrieve ``candidates`` per query (those ``filter`` accepts), rerank them when there is a ranking
+        stage, keep the top ``k``: by the ranking probability for a ranker trained on candidates (the
+        retrieval score is one of its features), else by ``joint``."""
+        found = self.candidates(queries, exclude, max(candidates, k), filter)
         if self.ranking is None:
             return self.finish(found, found.scores, k)
         if self.trained_candidates not in (None, found.ids.shape[1]) and not self._warned:
