@@ -39,6 +39,9 @@ from core.errors import RecsysError, require
 
 log = logging.getLogger(__name__)
 
+CANDIDATE_BLOCK = 1024
+"""Users whose candidates and features are computed at once."""
+
 
 @dataclass(frozen=True)
 class CandidatesConfig:
@@ -60,8 +63,11 @@ class CandidatesConfig:
     val_fold: int = 0
     """Which share of the users is val: fold F takes the users whose seeded hash lies in
     [F x --val-users, (F + 1) x --val-users), so folds 0..1/val_users-1 partition the users."""
+    item_item_rank: int = 256
+    """Rank of the item-item model (EASE^R on a low-rank Gram, modules.candidate_features) behind the
+    item-item candidate features; 0 leaves those features out."""
     item_item_lambda: float = 400.0
-    """EASE^R's lambda for the item-item candidate features (0: leave those features out)."""
+    """The item-item model's EASE^R lambda."""
     features: list[str] | None = None
     """The candidate features to keep (default: all of modules.candidate_features.FEATURES)."""
     seed: int = 0
@@ -73,7 +79,7 @@ class CandidatesConfig:
 
 def check_config(cfg: CandidatesConfig) -> list[str]:
     """Refuse bad flags before any work; returns the candidate features to write."""
-    from modules.candidate_features import FEATURES, ITEM_ITEM_FEATURES
+    from modules.candidate_features import FEATURES, ITEM_ITEM_FEATURES, item_item_spec
 
     require(cfg.candidates >= 1, f"--candidates: must be at least 1, got {cfg.candidates}")
     require(0 <= cfg.val_users < 1, f"--val-users: must be in [0, 1), got {cfg.val_users}")
@@ -81,20 +87,20 @@ def check_config(cfg: CandidatesConfig) -> list[str]:
         cfg.val_fold >= 0 and (cfg.val_fold + 1) * cfg.val_users <= 1 + 1e-9,
         f"--val-fold: {cfg.val_fold} x --val-users {cfg.val_users} is past the last user",
     )
-    require(cfg.item_item_lambda >= 0, f"--item-item-lambda: must be >= 0, got {cfg.item_item_lambda}")
+    item_item = item_item_spec(cfg.item_item_rank, cfg.item_item_lambda)
     names = list(cfg.features) if cfg.features is not None else list(FEATURES)
     unknown = [n for n in names if n not in FEATURES]
     require(not unknown, f"--features: unknown {', '.join(unknown)} (choose from {', '.join(FEATURES)})")
     require(len(names) > 0, "--features: at least one candidate feature")
     twice = sorted({n for n in names if names.count(n) > 1}, key=names.index)
     require(not twice, f"--features: {', '.join(twice)} given more than once (each feature is one column)")
-    if cfg.item_item_lambda == 0:
+    if item_item is None:
         if cfg.features is not None:  # asked for by name: never silently left out
             dropped = [n for n in names if n in ITEM_ITEM_FEATURES]
             require(
                 not dropped,
-                f"--features: {', '.join(dropped)} need(s) the item-item model, which --item-item-lambda 0 "
-                "leaves out; pass --item-item-lambda > 0 or drop them from --features",
+                f"--features: {', '.join(dropped)} need(s) the item-item model, which --item-item-rank 0 "
+                "leaves out; pass --item-item-rank > 0 or drop them from --features",
             )
         names = [n for n in names if n not in ITEM_ITEM_FEATURES]
     return names
@@ -229,29 +235,57 @@ def write_candidates(
 
     from datamodules.encoding import VOCAB_DIR
     from datamodules.schema import SPLITS, DenseFeature, SplitInfo, default_corpus, write_metadata
-    from modules.candidate_features import CANDIDATE_TOWER, CandidateFeatures
-    from modules.funnel import FeatureTable, model_inputs, raw_pairs
+    from modules.candidate_features import (
+        CANDIDATE_TOWER,
+        ITEM_ITEM_FEATURES,
+        CandidateFeatures,
+        Known,
+        fit_item_item,
+        item_item_spec,
+    )
+    from modules.funnel import FeatureTable, model_inputs, progress_bar
 
     stage = rec.retrieval
-    lam = cfg.item_item_lambda if any(n.startswith("item_item") for n in names) else 0.0
-    features = CandidateFeatures(rec.index.ids, rec.index.vectors, raw_pairs(tables["train"], stage), lam)
-    val = raw_pairs(tables["val"], stage)
-    liked = val[val.label > 0.5]
-    users = sorted(set(liked.user) & set(stage.user_vocab), key=lambda u: (len(u), u))
+    spec = item_item_spec(cfg.item_item_rank, cfg.item_item_lambda) if set(ITEM_ITEM_FEATURES) & set(names) else None
+    train = tables["train"]
+    n_items = len(stage.item_raw)
+    known = Known.from_pairs(train.user_id, train.item_id, train.label, len(stage.user_vocab) + 1)
+    item_item = fit_item_item(known, n_items, spec) if spec is not None else None
+    features = CandidateFeatures(known, n_items, stage.item_index(rec.index.ids.tolist()), rec.index.vectors, item_item)
+    val = tables["val"]
+    liked = val[val.label.to_numpy() > 0.5]
+    present = np.unique(liked.user_id.to_numpy(np.int64))
+    present = present[present > 0]
+    users = sorted((stage.user_vocab[u - 1] for u in present.tolist()), key=lambda u: (len(u), u))
     require(len(users) > 0, f"--data {data}: no user with a liked val item that the retrieval run knows")
-    positives = set(zip(liked.user, liked.item, strict=True))
+    positives = np.unique(liked.user_id.to_numpy(np.int64) * n_items + liked.item_id.to_numpy(np.int64))
     idx = stage.user_index(users)
-    found = rec.candidates(
-        stage.embed("user", idx), [rec.seen.get(int(u), set()) for u in idx], min(cfg.candidates, rec.index.count)
-    )
-    m, n = found.ids.shape
-    known = [features.known(u) for u in users]
-    values = features.compute(found.ids, found.scores, [k[0] for k in known], [k[1] for k in known], users)
-    keep = (found.ids != "").reshape(-1)
+    width = min(cfg.candidates, rec.index.count)
+    m, n = len(users), width
+    ids = np.empty((m, n), dtype=object)
+    values = {name: np.zeros((m, n), np.float32) for name in names}
+    labels2 = np.zeros((m, n), np.float32)
+    bar = progress_bar(m, True, desc="candidates", unit="user")
+    for lo in range(0, m, CANDIDATE_BLOCK):
+        block = slice(lo, min(lo + CANDIDATE_BLOCK, m))
+        found = rec.candidates(stage.embed("user", idx[block]), [rec.seen.get(int(u), set()) for u in idx[block]], n)
+        cand = stage.item_index(found.ids.reshape(-1).tolist()).reshape(found.ids.shape)
+        computed = features.compute(cand, found.scores, features.rows_of(idx[block]))
+        for name in names:
+            values[name][block] = computed[name]
+        ids[block] = found.ids
+        keys = idx[block][:, None] * n_items + cand
+        at = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
+        labels2[block] = (positives[at] == keys) & (cand > 0)
+        if bar is not None:
+            bar.update(block.stop - block.start)
+    if bar is not None:
+        bar.close()
+    keep = (ids != "").reshape(-1)
     row_user = np.repeat(np.asarray(users, dtype=object), n)[keep]
-    row_item = found.ids.reshape(-1)[keep]
+    row_item = ids.reshape(-1)[keep]
     raw = {name: values[name].reshape(-1)[keep] for name in names}
-    labels = np.fromiter((float((u, i) in positives) for u, i in zip(row_user, row_item, strict=True)), np.float32)
+    labels = labels2.reshape(-1)[keep]
     in_val = user_split(users, cfg.val_users, cfg.seed, cfg.val_fold)
     row_val = np.repeat(in_val, n)[keep]
     refuse_lists_without_positives(cfg, labels, row_val, int(in_val.sum()), len(users) - int(in_val.sum()), n)
@@ -293,7 +327,7 @@ def write_candidates(
             "candidates": int(n),
             "labels": "liked in the val split of --data (interactions the retrieval run did not train on)",
             "exclude": "the user's train items",
-            "item_item_lambda": lam,
+            "item_item": spec.record() if spec is not None else None,
             "features": names,
             "users": {"train": int((~in_val).sum()), "val": int(in_val.sum())},
         },

@@ -2,11 +2,11 @@
 own candidates (``recsys data candidates``) reads beside the user's and item's features.
 
 One implementation computes them for the ranking data and at serving time, from the same inputs: the
-retrieval stage's answer (raw ids and similarities, best first) and what the funnel *knows* about
-users, i.e. the interactions of the retrieval stage's train split (the items a user touched and the
-ones they liked). When the ranking data is built, that is the split the retriever trained on and the
-labels come from interactions it did not see; when the funnel serves, it is the retrieval run's own
-train split. Scores are made comparable across retrievers by gaps and ranks beside the raw values.
+retrieval stage's answer (item indices and similarities, best first) and what the funnel *knows*
+about users, i.e. the interactions of the retrieval stage's train split (the items a user touched and
+the ones they liked). When the ranking data is built, that is the split the retriever trained on and
+the labels come from interactions it did not see; when the funnel serves, it is the retrieval run's
+own train split. Scores are made comparable across retrievers by gaps and ranks beside the raw values.
 
 Features (raw values; a dataset stores them standardised with its train statistics, see
 ``DenseFeature``):
@@ -19,28 +19,45 @@ Features (raw values; a dataset stores them standardised with its train statisti
   user_activity             log(1 + the number of items the user is known to have touched)
   history_similarity_mean   mean similarity of the candidate to the user's known items (retrieval vectors)
   history_similarity_max    the largest of those similarities
-  item_item_score           EASE^R (Steck 2019) score of the candidate from the user's known likes
+  item_item_score           EASE^R score of the candidate from the user's known likes (the low-rank
+                            closed form below)
   item_item_gap             that score minus the best one among the query's candidates (<= 0)
   item_item_rank            log(1 + position) of the candidate among the query's by that score
   popularity_rank           log(1 + position) of the candidate among the query's by popularity
-  touched_item_item_score   EASE^R score from every item the user touched (liked or not), fitted on
-                            every known interaction: what the user will rate, beside what they will like
+  touched_item_item_score   the same score from every item the user touched (liked or not), with a
+                            model fitted on every known interaction: what the user will rate, beside
+                            what they will like
   user_like_rate            the user's share of liked among their known interactions, shrunk to the mean
 
 The ranks and gaps place a candidate within its list (what a listwise reranker compares); they assume
 the ranker is served the number of candidates it learned from.
 
-EASE^R is a second, closed-form scorer of the candidates: an items x items matrix fitted from the known
-likes (a regularised least-squares item-item model), so it is bounded to catalogues of tens of
-thousands of items (``MAX_ITEM_ITEM``); set its lambda to 0 to leave it out beyond that.
+Everything is arrays: what is known about users is a CSR of the train pairs by user index (the
+bundle's ``TrainPairs``, memory-mapped), and the features are computed for a block of queries at once.
+
+The item-item model (``LowRankEase``) is EASE^R (Steck 2019) with its Gram matrix truncated to its top
+``rank`` eigenpairs, found by scikit-learn's randomized SVD of the interaction matrix: the closed form
+then needs only items x rank factors, so its memory grows with the catalogue times the rank and its
+build with the interactions, never with items^2, and one code path serves MovieLens and a million
+items. On MovieLens-100K's validation it scores as the dense EASE^R it replaced (NDCG@10 0.2596 at rank
+256 against 0.2598), where ``implicit``'s sparse item neighbourhoods (BM25, cosine, TF-IDF) reached at
+most 0.2337 (docs/FUNNEL.md, "The item-item signal"; ``bench/item_item.py``). It is fitted once
+(``recsys data candidates`` for the ranking data, the bundle's assembly for serving), stored as
+checksummed ``.npy`` arrays and memory-mapped at load, never refitted. The dense EASE^R stays a
+baseline in bench/.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from core.errors import RecsysError, require
 
@@ -63,30 +80,252 @@ FEATURES = (
     "user_like_rate",
 )
 ITEM_ITEM_FEATURES = ("item_item_score", "item_item_gap", "item_item_rank", "touched_item_item_score")
-MAX_ITEM_ITEM = 50_000
-"""Most items the EASE^R feature accepts: its items x items matrix (float64 while fitted) grows as the
-square of the catalogue (50k items: 20 GB)."""
 LIKE_RATE_PRIOR = 5.0
 """Pseudo-interactions at the global like rate added to each item's own (shrinks rare items' rates)."""
+DEFAULT_RANK = 256
+DEFAULT_LAMBDA = 400.0
+"""The item-item model's rank and lambda, chosen on validation (docs/FUNNEL.md, "The item-item signal")."""
+PRODUCT_BUDGET = 4_000_000
+"""Most entries one sub-block's gathered candidate factors or padded similarity tensor holds."""
 
 
-def ease_weights(liked: np.ndarray, n_items: int, lam: float) -> np.ndarray:
-    """EASE^R item-item weights B (float32, zero diagonal) from (user row, item column) pairs of likes:
-    B = I - P diag(1/diag(P)), P = (X^T X + lam I)^-1 (Steck 2019's closed form)."""
-    require(
-        n_items <= MAX_ITEM_ITEM,
-        f"item-item feature: {n_items} items is more than {MAX_ITEM_ITEM}; set its lambda to 0",
-    )
+# -- the item-item model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemItemSpec:
+    """The item-item model: EASE^R's closed form on the rank-``rank`` truncation of the Gram matrix,
+    regularised by ``lam``."""
+
+    rank: int
+    lam: float
+
+    def text(self) -> str:
+        return f"low-rank EASE^R, rank {self.rank}, lambda {self.lam:g}"
+
+    def record(self) -> dict[str, Any]:
+        return {"model": "low-rank-ease", "rank": self.rank, "lambda": self.lam}
+
+
+def item_item_spec(rank: int, lam: float) -> ItemItemSpec | None:
+    """The spec of ``--item-item-rank`` / ``--item-item-lambda`` (rank 0: no item-item model)."""
+    require(rank >= 0, f"--item-item-rank: must be >= 0 (0 leaves the item-item features out), got {rank}")
+    if rank == 0:
+        return None
+    require(math.isfinite(lam) and lam > 0, f"--item-item-lambda: must be > 0, got {lam}")
+    return ItemItemSpec(int(rank), float(lam))
+
+
+def spec_from_record(record: Any, shown: str) -> ItemItemSpec:
+    """The spec a dataset or bundle recorded (``ItemItemSpec.record``), one line if it is not one."""
+    try:
+        require(record["model"] == "low-rank-ease", f"{shown}: unknown item-item model {record['model']!r}")
+        spec = item_item_spec(int(record["rank"]), float(record["lambda"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecsysError(f"{shown}: not an item-item model record ({e})") from None
+    require(spec is not None, f"{shown}: records no item-item model")
+    assert spec is not None
+    return spec
+
+
+@dataclass
+class LowRankEase:
+    """EASE^R (Steck 2019: B = I - P diag(1/diag P), P = (G + lam I)^-1, G = X^T X) with the Gram
+    replaced by its top-``r`` eigenpairs G ~ V diag(e) V^T. Then P = V diag(coef) V^T + I / lam with
+    coef = 1/(e + lam) - 1/lam, so a user's score of item c from their items x is
+    x_c - ((x V) diag(coef) V_c + x_c / lam) / diag_c: ``vectors`` V (items x r), ``coef`` and the
+    diagonal of P (``diag``) are all it needs. Memory grows with items x r, never items^2; with r at the
+    Gram's rank it is EASE^R exactly."""
+
+    vectors: np.ndarray
+    coef: np.ndarray
+    diag: np.ndarray
+    lam: float
+
+    @property
+    def size(self) -> int:
+        return len(self.diag)
+
+
+def user_item_matrix(indptr: np.ndarray, items: np.ndarray, keep: np.ndarray | None, n_items: int) -> Any:
+    """Users x items binary CSR of a CSR of pairs (``keep``: which pairs count; duplicates once)."""
     import scipy.sparse as sp
 
-    users, items = liked[:, 0], liked[:, 1]
-    x = sp.csr_matrix((np.ones(len(users), np.float64), (users, items)), shape=(int(users.max(initial=0)) + 1, n_items))
-    gram = (x.T @ x).toarray()
-    gram[np.diag_indices_from(gram)] += lam
-    p = np.linalg.inv(gram)
-    b = -p / np.diag(p)[None, :]
-    b[np.diag_indices_from(b)] = 0.0
-    return b.astype(np.float32)
+    items = np.asarray(items, np.int64)
+    indptr = np.asarray(indptr, np.int64)
+    if keep is not None:
+        keep = np.asarray(keep, bool)
+        row_of = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        counts = np.bincount(row_of[keep], minlength=len(indptr) - 1)
+        indptr = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        items = items[keep]
+    x = sp.csr_matrix(
+        (np.ones(len(items), np.float32), items, indptr), shape=(len(indptr) - 1, n_items), dtype=np.float32
+    )
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def fit_low_rank_ease(user_items: Any, spec: ItemItemSpec, seed: int = 0) -> LowRankEase:
+    """``LowRankEase`` of a users x items CSR: the top eigenpairs of X^T X are X's top right singular
+    vectors and squared singular values, found by scikit-learn's randomized SVD (Halko et al. 2011), which
+    only multiplies X by tall thin matrices (memory: (users + items) x rank)."""
+    from sklearn.utils.extmath import randomized_svd
+
+    x = user_items.tocsr().astype(np.float32)
+    rank = max(1, min(spec.rank, min(x.shape) - 1))
+    _, singular, vt = randomized_svd(x, n_components=rank, n_iter=4, random_state=seed)
+    vectors = vt.T.astype(np.float64)
+    coef = 1.0 / (singular.astype(np.float64) ** 2 + spec.lam) - 1.0 / spec.lam
+    diag = (vectors**2) @ coef + 1.0 / spec.lam
+    return LowRankEase(vectors.astype(np.float32), coef.astype(np.float32), diag.astype(np.float32), spec.lam)
+
+
+@dataclass
+class ItemItem:
+    """The item-item models behind ``ITEM_ITEM_FEATURES``: one fitted on the known likes (``liked``), one
+    on every known interaction (``touched``)."""
+
+    spec: ItemItemSpec
+    liked: LowRankEase
+    touched: LowRankEase
+
+
+def fit_item_item(known: Known, n_items: int, spec: ItemItemSpec) -> ItemItem:
+    """Both models from the known interactions (a CSR by user index, items in ``[0, n_items)``)."""
+    liked = fit_low_rank_ease(user_item_matrix(known.indptr, known.items, known.positive, n_items), spec)
+    touched = fit_low_rank_ease(user_item_matrix(known.indptr, known.items, None, n_items), spec)
+    return ItemItem(spec, liked, touched)
+
+
+ARRAYS = ("vectors", "coef", "diag")
+MANIFEST = "item_item.json"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_item_item(model: ItemItem, directory: Path, dataset: str) -> None:
+    """Write ``model`` as ``.npy`` arrays with a manifest of their SHA-256s, its spec and ``dataset`` (the
+    fingerprint of the retrieval stage's dataset whose item indices it uses)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    for part in ("liked", "touched"):
+        for name in ARRAYS:
+            path = directory / f"{part}.{name}.npy"
+            np.save(path, getattr(getattr(model, part), name))
+            files[path.name] = sha256_of(path)
+    manifest = {"spec": model.spec.record(), "items": model.liked.size, "dataset": dataset, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_item_item(directory: Path, dataset: str, n_items: int, shown: str) -> ItemItem:
+    """The item-item models written by ``save_item_item``, memory-mapped, after checking (one line each)
+    that every file is there with its recorded SHA-256, that they belong to ``dataset`` and hold
+    ``n_items`` items, and that the arrays are well formed (a crafted array never reaches a product)."""
+    path = directory / MANIFEST
+    require(path.is_file(), f"{shown}: no {MANIFEST} (the item-item model is missing; assemble the bundle again)")
+    try:
+        manifest = json.loads(path.read_text())
+        record, files = manifest["spec"], dict(manifest["files"])
+        recorded_dataset, items = str(manifest["dataset"]), int(manifest["items"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecsysError(f"{shown}/{MANIFEST}: not a readable item-item manifest ({e})") from None
+    spec = spec_from_record(record, f"{shown}/{MANIFEST}")
+    require(
+        recorded_dataset == dataset,
+        f"{shown}: its item-item model was fitted on another dataset ({recorded_dataset}, not {dataset})",
+    )
+    require(items == n_items, f"{shown}: its item-item model holds {items} items, the retrieval stage {n_items}")
+    parts = {}
+    for part in ("liked", "touched"):
+        arrays = {}
+        for name in ARRAYS:
+            file = directory / f"{part}.{name}.npy"
+            require(file.is_file(), f"{shown}/{file.name}: missing")
+            recorded = files.get(file.name)
+            require(recorded == sha256_of(file), f"{shown}/{file.name}: its SHA-256 is not the recorded one")
+            try:
+                arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise RecsysError(f"{shown}/{file.name}: not a readable .npy array ({e})") from None
+        parts[part] = check_model(LowRankEase(lam=spec.lam, **arrays), n_items, spec, f"{shown}/{part}")
+    return ItemItem(spec, parts["liked"], parts["touched"])
+
+
+def check_model(model: LowRankEase, n_items: int, spec: ItemItemSpec, shown: str) -> LowRankEase:
+    """``model`` if its arrays fit together and ``spec``, else one line naming what is wrong."""
+    v, coef, diag = model.vectors, model.coef, model.diag
+    require(v.ndim == 2 and v.dtype == np.float32, f"{shown}.vectors: a 2-d float32 array expected")
+    require(coef.ndim == 1 and coef.dtype == np.float32, f"{shown}.coef: a 1-d float32 array expected")
+    require(diag.ndim == 1 and diag.dtype == np.float32, f"{shown}.diag: a 1-d float32 array expected")
+    require(v.shape[0] == n_items, f"{shown}.vectors: {v.shape[0]} rows for {n_items} items")
+    require(len(diag) == n_items, f"{shown}.diag: {len(diag)} entries for {n_items} items")
+    require(v.shape[1] == len(coef) <= spec.rank, f"{shown}: rank {v.shape[1]} vectors, {len(coef)} coefficients")
+    require(bool(np.isfinite(coef).all()) and bool((coef <= 0).all()), f"{shown}.coef: not EASE^R coefficients")
+    require(bool(np.isfinite(diag).all()) and bool((diag > 0).all()), f"{shown}.diag: a value that is not positive")
+    require(bool(np.isfinite(v).all()), f"{shown}.vectors: a value that is not finite")
+    return model
+
+
+# -- what is known about users -------------------------------------------------------------------------
+
+
+@dataclass
+class Known:
+    """Known interactions as a CSR by row (a user, or a query): row ``r``'s items (retrieval item
+    indices) are ``items[indptr[r]:indptr[r + 1]]``, ``positive`` whether each was liked."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+    positive: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def from_pairs(cls, users: np.ndarray, items: np.ndarray, label: np.ndarray, n_users: int) -> Known:
+        """From (user index, item index, label) rows, users in ``[0, n_users)``."""
+        users = np.asarray(users, np.int64)
+        order = np.argsort(users, kind="stable")
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(users, minlength=n_users)[:n_users], out=indptr[1:])
+        return cls(indptr, np.asarray(items, np.int64)[order], (np.asarray(label, np.float64) > 0.5)[order])
+
+    @classmethod
+    def from_lists(cls, lists: list[np.ndarray]) -> Known:
+        """Anonymous queries: each a list of item indices, all liked."""
+        lengths = np.array([len(x) for x in lists], np.int64)
+        items = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
+        return cls(np.r_[0, np.cumsum(lengths)].astype(np.int64), items, np.ones(len(items), bool))
+
+    def take(self, rows: np.ndarray) -> Known:
+        """The CSR of ``rows`` (in that order; a row out of range is empty)."""
+        rows = np.asarray(rows, np.int64)
+        inside = (rows >= 0) & (rows < self.rows)
+        safe = np.where(inside, rows, 0)
+        starts = np.where(inside, self.indptr[safe], 0)
+        lengths = np.where(inside, self.indptr[safe + 1] - self.indptr[safe], 0)
+        indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        flat = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return Known(indptr, np.asarray(self.items)[flat].astype(np.int64), np.asarray(self.positive)[flat])
+
+    def only(self, keep: np.ndarray) -> Known:
+        """The same rows with only the pairs where ``keep``."""
+        counts = np.zeros(self.rows, np.int64)
+        row_of = np.repeat(np.arange(self.rows), np.diff(self.indptr))
+        np.add.at(counts, row_of[keep], 1)
+        return Known(np.r_[0, np.cumsum(counts)].astype(np.int64), self.items[keep], self.positive[keep])
+
+
+# -- the features --------------------------------------------------------------------------------------
 
 
 def list_rank(values: np.ndarray) -> np.ndarray:
@@ -97,106 +336,163 @@ def list_rank(values: np.ndarray) -> np.ndarray:
     return np.log1p(rank.astype(np.float32))
 
 
-class CandidateFeatures:
-    """Computes ``FEATURES`` for candidates given as positions in the retrieval index.
+def row_chunks(lengths: np.ndarray, width: int, budget: int = PRODUCT_BUDGET) -> Iterator[slice]:
+    """Consecutive row ranges whose total ``lengths`` x ``width`` stays within ``budget`` (a row alone
+    may exceed it)."""
+    cost = np.cumsum(np.asarray(lengths, np.int64) * max(width, 1))
+    lo, m = 0, len(lengths)
+    while lo < m:
+        base = cost[lo - 1] if lo else 0
+        hi = int(np.searchsorted(cost, base + budget, side="right"))
+        hi = max(hi, lo + 1)
+        yield slice(lo, min(hi, m))
+        lo = hi
 
-    ``item_ids``: the index's raw item ids (position order); ``vectors``: its vectors (what similarity
-    the index searches by); ``pairs``: the known interactions in raw ids (columns ``user``, ``item``,
-    ``label``); ``item_item_lambda`` > 0 fits EASE^R on the known likes (0: those features are zero).
+
+def item_item_scores(rows: Known, keep: np.ndarray | None, model: LowRankEase, cand: np.ndarray) -> np.ndarray:
+    """(m, n) EASE^R scores (``LowRankEase``) of each row's candidates ``cand`` from its items (those where
+    ``keep``), in sub-blocks of rows whose gathered candidate factors stay within ``PRODUCT_BUDGET``."""
+    m, n = cand.shape
+    x = user_item_matrix(rows.indptr, rows.items, keep, model.size)
+    xv = np.asarray(x @ np.asarray(model.vectors), np.float32) * np.asarray(model.coef)[None, :]  # (m, r)
+    rank = xv.shape[1]
+    inside = np.zeros((m, n), np.float32)
+    if x.nnz:
+        size = np.int64(model.size)
+        keys = np.repeat(np.arange(m, dtype=np.int64), np.diff(x.indptr)) * size + x.indices
+        wanted = np.arange(m, dtype=np.int64)[:, None] * size + cand
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        inside = (keys[at] == wanted).astype(np.float32)
+    out = np.zeros((m, n), np.float32)
+    for part in row_chunks(np.full(m, n), rank):
+        factors = np.asarray(model.vectors)[cand[part]]  # (c, n, r)
+        low_rank = np.einsum("cr,cnr->cn", xv[part], factors)
+        out[part] = inside[part] - (low_rank + inside[part] / model.lam) / np.asarray(model.diag)[cand[part]]
+    return out
+
+
+def history_similarities(
+    rows: Known, vectors: np.ndarray, has_vector: np.ndarray, cand: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(m, n) mean and max similarity of each candidate to the row's items that have a vector, computed
+    in padded batches of rows of similar length (0 for a row without any)."""
+    m, n = cand.shape
+    keep = has_vector[rows.items]
+    rows = rows.only(keep)
+    lengths = np.diff(rows.indptr)
+    mean = np.zeros((m, n), np.float32)
+    best = np.zeros((m, n), np.float32)
+    cand_vectors = vectors[cand]  # (m, n, d)
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    for part in row_chunks(lengths[order], n):
+        q = order[part]
+        width = int(lengths[q].max())
+        offsets = np.arange(width)[None, :]
+        valid = offsets < lengths[q][:, None]
+        at = np.where(valid, rows.indptr[q][:, None] + offsets, 0)
+        history = vectors[rows.items[at]]  # (c, L, d)
+        sims = np.matmul(history, cand_vectors[q].transpose(0, 2, 1))  # (c, L, n)
+        mean[q] = np.where(valid[:, :, None], sims, 0.0).sum(axis=1) / lengths[q][:, None]
+        best[q] = np.where(valid[:, :, None], sims, -np.inf).max(axis=1)
+    return mean, best
+
+
+class CandidateFeatures:
+    """Computes ``FEATURES`` for candidates given as retrieval item indices, for a block of queries.
+
+    ``known``: the known interactions by user index (CSR, retrieval item indices); ``n_items``: the
+    retrieval stage's vocabulary size + 1; ``index_items``: the item indices the index holds, in its
+    order, with their ``vectors`` (what similarity the index searches by); ``item_item``: the fitted
+    item-item models (None: those features are zero).
     """
 
     def __init__(
-        self, item_ids: np.ndarray, vectors: np.ndarray, pairs: pd.DataFrame, item_item_lambda: float = 0.0
+        self,
+        known: Known,
+        n_items: int,
+        index_items: np.ndarray,
+        vectors: np.ndarray,
+        item_item: ItemItem | None = None,
     ) -> None:
-        self.item_ids = np.asarray(item_ids).astype(str)
-        self.vectors = vectors
-        position = {raw: i for i, raw in enumerate(self.item_ids.tolist())}
-        self.position = position
-        n = len(self.item_ids)
-        items = pairs["item"].astype(str).map(position).fillna(-1).to_numpy(np.int64)
-        users = pairs["user"].astype(str).to_numpy()
-        liked = pairs["label"].to_numpy(np.float64) > 0.5
-        known = items >= 0
-        items, users, liked = items[known], users[known], liked[known]
-        positives = np.bincount(items[liked], minlength=n).astype(np.float64)
-        counts = np.bincount(items, minlength=n).astype(np.float64)
-        rate = float(liked.mean()) if len(liked) else 0.5
-        self.popularity = np.log((positives + 1.0) / (positives.sum() + n)).astype(np.float32)
+        self.known = known
+        index_items = np.asarray(index_items, np.int64)
+        require(
+            len(index_items) == 0 or (index_items.min() > 0 and index_items.max() < n_items),
+            "candidate features: an indexed item is outside the retrieval stage's vocabulary",
+        )
+        dim = vectors.shape[1] if vectors.ndim == 2 else 0
+        self.vectors = np.zeros((n_items, dim), np.float32)
+        self.vectors[index_items] = vectors
+        self.in_index = np.zeros(n_items, bool)
+        self.in_index[index_items] = True
+        if item_item is not None:
+            require(
+                item_item.liked.size == n_items and item_item.touched.size == n_items,
+                f"candidate features: the item-item model holds {item_item.liked.size} items, "
+                f"the retrieval stage {n_items}",
+            )
+        self.item_item = item_item
+        items = np.asarray(known.items, np.int64)
+        liked = np.asarray(known.positive, bool)
+        counted = self.in_index[items]
+        positives = np.bincount(items[liked & counted], minlength=n_items).astype(np.float64)
+        counts = np.bincount(items[counted], minlength=n_items).astype(np.float64)
+        rate = float(liked[counted].mean()) if counted.any() else 0.5
+        indexed = max(int(self.in_index.sum()), 1)
+        self.popularity = np.log((positives + 1.0) / (positives.sum() + indexed)).astype(np.float32)
         self.like_rate = ((positives + LIKE_RATE_PRIOR * rate) / (counts + LIKE_RATE_PRIOR)).astype(np.float32)
-        frame = pd.DataFrame({"user": users, "item": items, "liked": liked})
-        self.touched = {str(u): g.to_numpy(np.int64) for u, g in frame.groupby("user").item}
-        self.likes = {str(u): g.to_numpy(np.int64) for u, g in frame[frame.liked].groupby("user").item}
-        user_rate = frame.groupby("user").liked.agg(["sum", "count"])
-        self.user_like_rate = {
-            str(u): float((row["sum"] + LIKE_RATE_PRIOR * rate) / (row["count"] + LIKE_RATE_PRIOR))
-            for u, row in user_rate.iterrows()
-        }
         self.prior_like_rate = rate
-        self.item_item: np.ndarray | None = None
-        self.touched_item_item: np.ndarray | None = None
-        if item_item_lambda > 0:
-            codes, _ = pd.factorize(frame.user[frame.liked])
-            self.item_item = ease_weights(np.stack([codes, frame.item[frame.liked].to_numpy()], 1), n, item_item_lambda)
-            codes, _ = pd.factorize(frame.user)
-            self.touched_item_item = ease_weights(np.stack([codes, frame.item.to_numpy()], 1), n, item_item_lambda)
 
-    def like_rate_of(self, user: str | None) -> float:
-        """A known user's like rate (shrunk); the global rate for a stranger or an anonymous history."""
-        return self.user_like_rate.get(str(user), self.prior_like_rate) if user is not None else self.prior_like_rate
+    def rows_of(self, users: np.ndarray) -> Known:
+        """What is known about user indices (0 or unknown: nothing), items outside the index left out."""
+        rows = self.known.take(np.asarray(users, np.int64))
+        return rows.only(self.in_index[rows.items])
 
-    def known(self, user: str) -> tuple[np.ndarray, np.ndarray]:
-        """Positions of the items a known user touched and of those they liked (empty for a stranger)."""
-        empty = np.zeros(0, np.int64)
-        return self.touched.get(str(user), empty), self.likes.get(str(user), empty)
-
-    def positions(self, raw: Sequence[str]) -> np.ndarray:
-        """Index positions of raw item ids (unknown ones left out)."""
-        return np.fromiter((self.position[r] for r in map(str, raw) if r in self.position), np.int64)
+    def rows_of_histories(self, histories: list[np.ndarray]) -> Known:
+        """Anonymous queries' items (item indices; 0 and items outside the index left out), all liked."""
+        return Known.from_lists([h[self.in_index[np.asarray(h, np.int64)]] for h in histories])
 
     def compute(
-        self,
-        ids: np.ndarray,
-        scores: np.ndarray,
-        touched: Sequence[np.ndarray],
-        liked: Sequence[np.ndarray],
-        users: Sequence[str | None] | None = None,
+        self, cand: np.ndarray, scores: np.ndarray, rows: Known, anonymous: bool = False
     ) -> dict[str, np.ndarray]:
-        """(queries, N) float32 arrays of every feature for candidates ``ids`` (raw, ``""`` where the index
-        had no more) with similarities ``scores``, best first; ``touched[q]`` / ``liked[q]``: index
-        positions of the query's known items and likes; ``users[q]``: the raw user id (None: anonymous)."""
-        m, n = ids.shape
-        valid = ids != ""
-        pos = np.fromiter((self.position.get(str(i), -1) for i in ids.reshape(-1)), np.int64, m * n).reshape(m, n)
-        if not (pos[valid] >= 0).all():
+        """(queries, N) float32 arrays of every feature for candidates ``cand`` (item indices, 0 where the
+        index had no more) with similarities ``scores``, best first; ``rows``: each query's known items
+        (``rows_of`` / ``rows_of_histories``); ``anonymous``: queries with no user (like rate: the prior)."""
+        m, n = cand.shape
+        cand = np.asarray(cand, np.int64)
+        valid = cand > 0
+        if not self.in_index[cand[valid]].all():
             raise RecsysError("candidate features: a candidate is not in the retrieval index")
-        safe = np.where(valid, pos, 0)
         finite = np.where(valid, scores, 0.0).astype(np.float32)
+        touched = np.diff(rows.indptr)
+        row_of = np.repeat(np.arange(m), touched)
+        if anonymous:
+            user_rate = np.full(m, self.prior_like_rate, np.float32)
+        else:
+            likes = np.bincount(row_of[rows.positive], minlength=m).astype(np.float64)
+            user_rate = ((likes + LIKE_RATE_PRIOR * self.prior_like_rate) / (touched + LIKE_RATE_PRIOR)).astype(
+                np.float32
+            )
+        sim_mean, sim_max = history_similarities(rows, self.vectors, self.in_index, cand)
         out = {
             "retrieval_score": finite,
             "retrieval_gap": finite - finite[:, :1],
             "retrieval_rank": np.broadcast_to(np.log1p(np.arange(n, dtype=np.float32)), (m, n)).copy(),
-            "item_popularity": self.popularity[safe],
-            "item_like_rate": self.like_rate[safe],
-            "user_activity": np.repeat(np.log1p([len(t) for t in touched]).astype(np.float32)[:, None], n, 1),
+            "item_popularity": self.popularity[cand],
+            "item_like_rate": self.like_rate[cand],
+            "user_activity": np.repeat(np.log1p(touched).astype(np.float32)[:, None], n, 1),
+            "user_like_rate": np.repeat(user_rate[:, None], n, 1),
+            "history_similarity_mean": sim_mean,
+            "history_similarity_max": sim_max,
         }
-        rates = [self.like_rate_of(u) for u in (users if users is not None else [None] * m)]
-        out["user_like_rate"] = np.repeat(np.asarray(rates, np.float32)[:, None], n, 1)
-        sim_mean = np.zeros((m, n), np.float32)
-        sim_max = np.zeros((m, n), np.float32)
         item_item = np.zeros((m, n), np.float32)
         touched_item_item = np.zeros((m, n), np.float32)
-        for q in range(m):
-            if len(touched[q]):
-                sims = self.vectors[touched[q]] @ self.vectors[safe[q]].T
-                sim_mean[q], sim_max[q] = sims.mean(axis=0), sims.max(axis=0)
-            if self.item_item is not None and len(liked[q]):
-                item_item[q] = self.item_item[liked[q]][:, safe[q]].sum(axis=0)
-            if self.touched_item_item is not None and len(touched[q]):
-                touched_item_item[q] = self.touched_item_item[touched[q]][:, safe[q]].sum(axis=0)
+        if self.item_item is not None:
+            item_item = item_item_scores(rows, rows.positive, self.item_item.liked, cand)
+            touched_item_item = item_item_scores(rows, None, self.item_item.touched, cand)
         best = np.where(valid, item_item, -np.inf).max(axis=1, keepdims=True)
         out.update(
-            history_similarity_mean=sim_mean,
-            history_similarity_max=sim_max,
             item_item_score=item_item,
             item_item_gap=np.where(np.isfinite(best), item_item - best, 0.0).astype(np.float32),
             item_item_rank=list_rank(np.where(valid, item_item, -np.inf)),

@@ -34,11 +34,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from core.errors import RecsysError, printable, require
 from datamodules.histories import UserHistories, with_feature
 from datamodules.schema import HISTORY_FEATURE, DatasetMetadata
-from modules.candidate_features import CANDIDATE_TOWER, ITEM_ITEM_FEATURES, CandidateFeatures
+from modules.candidate_features import (
+    CANDIDATE_TOWER,
+    ITEM_ITEM_FEATURES,
+    CandidateFeatures,
+    ItemItem,
+    ItemItemSpec,
+    Known,
+    spec_from_record,
+)
 from modules.config import ModelConfig
 from modules.index import VectorIndex
-from modules.vector_store import FaissSource, RetrievalSource
 from modules.registry import ModelKind
+from modules.vector_store import FaissSource, RetrievalSource
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +327,7 @@ class Recommender:
         pairs: TrainPairs,
         ranking: Stage | None = None,
         retrieval_run: str | None = None,
+        item_item: ItemItem | None = None,
         source: RetrievalSource | None = None,
     ) -> None:
         require(retrieval.kind.retrieves, f"--retrieval: a {retrieval.kind.name} model cannot retrieve (no towers)")
@@ -334,10 +343,22 @@ class Recommender:
         self._warned = False
         if ranking is not None and self.ranking_features:
             spec = check_candidates(ranking.meta, retrieval, retrieval_run)
-            lam = (
-                float(spec.get("item_item_lambda", 0.0)) if set(ITEM_ITEM_FEATURES) & set(self.ranking_features) else 0
+            needs_item_item = bool(set(ITEM_ITEM_FEATURES) & set(self.ranking_features))
+            if needs_item_item:
+                wanted = item_item_spec_of(ranking.meta)
+                require(
+                    item_item is not None and item_item.spec == wanted,
+                    f"the ranking stage reads the item-item model {wanted.text()}, which this bundle "
+                    f"{'lacks' if item_item is None else 'holds as ' + item_item.spec.text()} "
+                    "(assemble it again: recsys package / recommend --retrieval RUN --ranking RUN)",
+                )
+            self.features = CandidateFeatures(
+                Known(pairs.indptr, pairs.items, pairs.positive),
+                len(retrieval.item_raw),
+                retrieval.item_index(index.ids.tolist()),
+                index.vectors,
+                item_item if needs_item_item else None,
             )
-            self.features = CandidateFeatures(index.ids, index.vectors, raw_pairs(pairs.frame(), retrieval), lam)
             self.trained_candidates = int(spec["candidates"])
         self._ranking_item = None
         if ranking is not None and ranking.arch.history:
@@ -389,13 +410,12 @@ class Recommender:
         items = self.ranking.item_index(found.ids.reshape(-1).tolist())
         candidate = None
         if self.features is not None:
+            cand = self.retrieval.item_index(found.ids.reshape(-1).tolist()).reshape(found.ids.shape)
             if histories is None:
-                touched, liked = zip(*(self.features.known(u) for u in user_raw), strict=True)
-                who: list[str | None] = list(user_raw)
+                known = self.features.rows_of(self.retrieval.user_index(user_raw))
             else:
-                touched = liked = tuple(self.features.positions(h) for h in histories)
-                who = [None] * len(histories)
-            values = self.features.compute(found.ids, found.scores, touched, liked, who)
+                known = self.features.rows_of_histories([self.retrieval.item_index(list(h)) for h in histories])
+            values = self.features.compute(cand, found.scores, known, anonymous=histories is not None)
             candidate = {name: values[name].reshape(-1) for name in self.ranking_features}
         bags = self.ranking_bags(user_raw, histories, n) if self.ranking.arch.history else None
         return users, items, candidate, bags
@@ -698,6 +718,19 @@ def check_candidates(meta: DatasetMetadata, retrieval: Stage, retrieval_run: str
             f"({str(allowed[0])[:12]} vs {have[:12]}): build its data from this retrieval run and train it again"
         )
     return dict(spec)
+
+
+def item_item_spec_of(meta: DatasetMetadata) -> ItemItemSpec:
+    """The item-item model a ranking dataset's candidate features were computed with (one line for data
+    built with the dense EASE^R model that recsys no longer computes)."""
+    spec = meta.candidates or {}
+    record = spec.get("item_item")
+    require(
+        isinstance(record, dict),
+        f"dataset {meta.dataset!r}: its item-item candidate features come from the dense EASE^R model "
+        "(item_item_lambda), which recsys no longer computes; build it again with recsys data candidates",
+    )
+    return spec_from_record(record, f"dataset {meta.dataset!r}: candidates.item_item")
 
 
 def describe(rec: Recommendation, titles: dict[str, str] | None = None) -> list[dict[str, Any]]:

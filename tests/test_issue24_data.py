@@ -295,7 +295,7 @@ def test_candidates_never_writes_over_its_own_inputs(
     ("flags", "message"),
     [
         (["--features", "[item_item_score, retrieval_score, item_item_score]"], "item_item_score given more than once"),
-        (["--features", "[item_item_score]", "--item-item-lambda", "0"], "item_item_score need(s) the item-item model"),
+        (["--features", "[item_item_score]", "--item-item-rank", "0"], "item_item_score need(s) the item-item model"),
     ],
     ids=["duplicate", "not computed"],
 )
@@ -307,8 +307,8 @@ def test_candidate_features_are_each_asked_once_and_computed(
     line = one_line(capsys.readouterr().err)
     assert code == 2 and f"--features: {message}" in line, line
     nothing_left(tmp_path, out)
-    # lambda 0 without --features still leaves the item-item features out, as documented
-    assert main(funnel.args(out, "--item-item-lambda", "0")) == 0
+    # rank 0 without --features still leaves the item-item features out, as documented
+    assert main(funnel.args(out, "--item-item-rank", "0")) == 0
     features = json.loads((out / "metadata.json").read_text())["candidates"]["features"]
     assert features and not [f for f in features if f.startswith("item_item") or "item_item" in f]
 
