@@ -282,10 +282,26 @@ def connect(cfg: StoreConfig) -> Any:
                 f"{where}: cannot open the Milvus Lite data directory (another process may hold it: a .db "
                 "is used by one process at a time; serve it with python -m milvus_lite server)"
             )
-        elif any(w in text.lower() for w in ("auth", "token", "credential", "permission")):
+        elif any(w in text.lower() for w in ("auth", "token", "credential", "permission")) or listening(uri):
+            # a server that answers TCP but not the client: Milvus with authentication on, a wrong token
             text = f"{where}: the server refused the token in RECSYS_MILVUS_TOKEN ({text.split(': ', 2)[-1]})"
         raise RecsysError(text) from None
     return client
+
+
+def listening(uri: str) -> bool:
+    """Whether something accepts TCP connections at a server URI's host and port."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if uri.endswith(".db"):
+        return False
+    parts = urlsplit(uri)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 19530), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,7 @@ def test_killed_publish_leaves_the_alias_and_keep_prunes(stores: Stores, capsys:
         "--retrieval",
         runs.retrieval,
         "--user",
-        "u1",
+        "1",
         "--store",
         stores.http,
         "--alias",
@@ -296,33 +296,40 @@ def test_added_item_is_recommended_to_the_user_closest_to_it(
 
     store = str(tmp_path / "planted.db")
     assert cli(capsys, planted, "index", "--run-id", planted.retrieval, "--store", store)[0] == 0
-    truth = np.load(planted.data / "ground_truth.npz")
-    f = truth["item_factors"].mean(axis=0) + 3 * np.eye(truth["item_factors"].shape[1])[0]  # a planted factor vector
-    top2 = np.argsort(-f)[:2]
-    new = pd.DataFrame(
+    rec = load_bundle(assemble_bundle(planted.retrieval, None, tmp_path / "bundle", planted.tracking)).recommender
+    vocabs = read_item_vocabs(tmp_path / "bundle" / "retrieval", rec.retrieval.meta)
+    # candidate new items: the side features (category, tags, year: drawn from the planted factors) of
+    # every trained item, under new ids; the one some user's query vector is closest to is added
+    from modules.item_attributes import item_attributes
+
+    attrs = item_attributes(rec.retrieval, vocabs)
+    options = pd.DataFrame(
         {
-            "item": ["new-item"],
-            "item_category": [str(int(np.argmax(f[: min(4, len(f))])))],
-            "item_tags": [f"t{top2[0]}|t{top2[1]}"],
-            "item_year": [str(round(2000 + 8 * f[1 % len(f)]))],
+            "item": [f"new-{i}" for i in attrs.ids],
+            "item_category": attrs.columns["item_category"],
+            "item_tags": ["|".join(t) for t in attrs.columns["item_tags"]],
+            "item_year": [str(y) for y in attrs.columns["item_year"]],
         }
     )
+    vectors = new_items(rec.retrieval, vocabs, options, "options").vectors
+    users = rec.retrieval.user_vocab
+    queries = rec.retrieval.embed("user", rec.retrieval.user_index(users))
+    found = rec.candidates(queries, [rec.seen.get(int(u)) for u in rec.retrieval.user_index(users)], 10)
+    if rec.retrieval.arch.similarity == "cosine":
+        from modules.index import normalise
+
+        queries, vectors = normalise(queries), normalise(vectors)
+    margin = queries @ vectors.T - found.scores[:, -1:]  # (users, options): above the user's own 10th
+    u, o = np.unravel_index(int(np.argmax(margin)), margin.shape)
+    assert margin[u, o] > 0
+    user = users[int(u)]
+    new = options.iloc[[int(o)]].assign(item="new-item")
     path = tmp_path / "new.csv"
     new.to_csv(path, index=False)
     code, out, err = cli(
         capsys, planted, "index", "--run-id", planted.retrieval, "--store", store, "--add-items", str(path)
     )
     assert code == 0, err
-    # the user whose query vector is closest to the new item, relative to their own 10th candidate
-    rec = load_bundle(assemble_bundle(planted.retrieval, None, tmp_path / "bundle", planted.tracking)).recommender
-    vocabs = read_item_vocabs(tmp_path / "bundle" / "retrieval", rec.retrieval.meta)
-    vector = new_items(rec.retrieval, vocabs, new, "new").vectors[0]
-    users = rec.retrieval.user_vocab
-    queries = rec.retrieval.embed("user", rec.retrieval.user_index(users))
-    found = rec.candidates(queries, [rec.seen.get(int(u)) for u in rec.retrieval.user_index(users)], 10)
-    margin = queries @ vector - found.scores[:, -1]
-    user = users[int(np.argmax(margin))]
-    assert margin.max() > 0
     args = ["recommend", "--retrieval", planted.retrieval, "--user", user, "--store", store, "--k", "10"]
     code, out, err = cli(capsys, planted, *args)
     assert code == 0 and "new-item" in table(out).item.tolist(), out + err
