@@ -39,7 +39,7 @@ from core.errors import RecsysError, require
 
 log = logging.getLogger(__name__)
 
-CANDIDATE_BLOCK = 1024
+CANDIDATE_BLOCK = 2048
 """Users whose candidates and features are computed at once."""
 
 
@@ -156,8 +156,9 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
     require(meta.task == "retrieval", f"--data {cfg.data}: has no users and items (task {meta.task})")
     check_output(Path(cfg.out), cfg.overwrite)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_bundle(assemble_bundle(cfg.retrieval, None, Path(tmp) / "bundle", cfg.tracking_uri))
-        rec = loaded.recommender
+        bundle = assemble_bundle(cfg.retrieval, None, Path(tmp) / "bundle", cfg.tracking_uri)
+        rec = load_bundle(bundle).recommender
+        known = load_train_pairs(bundle / "retrieval", rec.retrieval.meta)  # memory-mapped CSR
         local = load_stage_tables(data, meta)
         fingerprint = stage_fingerprint_of(rec.retrieval)
         require(
@@ -174,7 +175,7 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
             serving_fingerprint = stage_fingerprint_of(stage)
             refuse_test_leak(stage, load_train_pairs(stage_dir, stage.meta).frame(), rec.retrieval, data, meta)
         with atomic_output(Path(cfg.out), cfg.overwrite) as out:
-            return write_candidates(cfg, names, rec, local, meta, data, out, (serving, serving_fingerprint))
+            return write_candidates(cfg, names, rec, known, local, meta, data, out, (serving, serving_fingerprint))
 
 
 def local_fingerprint(data: Path, meta: Any) -> str:
@@ -186,19 +187,36 @@ def local_fingerprint(data: Path, meta: Any) -> str:
     return str(dataset_fingerprint(meta, [str(u) for u in users], [str(i) for i in items]))
 
 
-def load_stage_tables(data: Path, meta: Any) -> dict[str, pd.DataFrame]:
-    """The corpus tables of a local prepared dataset."""
+def load_stage_tables(data: Path, meta: Any) -> dict[str, Any]:
+    """The small corpus tables of a local prepared dataset (users, items, the val pairs that label the
+    candidates), and the files of the histories (copied through, never held whole)."""
     from datamodules.corpus import read_parquet
-    from datamodules.schema import SPLITS, corpus_files
+    from datamodules.schema import corpus_files
 
     files = corpus_files(meta)
     root = str(data)
-    tables = {name: read_parquet(root, files[name], None) for name in ("users", "items")}
-    for split in SPLITS:
-        tables[split] = read_parquet(root, files["pairs"][split], None)
+    tables: dict[str, Any] = {name: read_parquet(root, files[name], None) for name in ("users", "items")}
+    tables["val"] = read_parquet(root, files["pairs"]["val"], None)
     if meta.history:
-        tables["histories"] = read_parquet(root, files["histories"], None)
+        tables["histories"] = [data / rel for rel in files["histories"]]
     return tables
+
+
+def copy_parquet(sources: list[Path], dest: Path) -> None:
+    """One Parquet file of ``sources``' rows, streamed in record batches (a table of every user's history
+    is never held whole)."""
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for source in sources:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=65536):
+                if writer is None:
+                    writer = pq.ParquetWriter(dest, batch.schema)
+                writer.write_batch(batch)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def refuse_test_leak(serving: Any, serving_train: pd.DataFrame, retrieval: Any, data: Path, meta: Any) -> None:
@@ -222,19 +240,24 @@ def write_candidates(
     cfg: CandidatesConfig,
     names: list[str],
     rec: Any,
-    tables: dict[str, pd.DataFrame],
+    train: Any,
+    tables: dict[str, Any],
     meta: Any,
     data: Path,
     out: Path,
     serving: tuple[str, str],
 ) -> Any:
-    """Retrieve, label, encode and write the candidate rows into ``out``; returns the metadata."""
+    """Retrieve, label, encode and write the candidate rows into ``out``; returns the metadata.
+
+    Streams: users go through in blocks of ``CANDIDATE_BLOCK`` in the lists' final (seeded) order. A
+    first pass retrieves each block's candidates, computes their features and labels and spills them to
+    ``.npy`` files beside ``out`` while it sums the train rows' statistics; the second encodes each block
+    with those statistics and appends its lists to the split's shards and pairs. Memory: one block, the
+    train pairs' CSR (memory-mapped from the bundle), the val pairs, the user and item tables."""
     import dataclasses
 
-    import torch
-
     from datamodules.encoding import VOCAB_DIR
-    from datamodules.schema import SPLITS, DenseFeature, SplitInfo, default_corpus, write_metadata
+    from datamodules.schema import DenseFeature, default_corpus, write_metadata
     from modules.candidate_features import (
         CANDIDATE_TOWER,
         ITEM_ITEM_FEATURES,
@@ -243,120 +266,104 @@ def write_candidates(
         fit_item_item,
         item_item_spec,
     )
-    from modules.funnel import FeatureTable, model_inputs, progress_bar
+    from modules.funnel import progress_bar
 
     stage = rec.retrieval
     spec = item_item_spec(cfg.item_item_rank, cfg.item_item_lambda) if set(ITEM_ITEM_FEATURES) & set(names) else None
-    train = tables["train"]
     n_items = len(stage.item_raw)
-    known = Known.from_pairs(train.user_id, train.item_id, train.label, len(stage.user_vocab) + 1)
+    known = Known(train.indptr, train.items, train.positive)
     item_item = fit_item_item(known, n_items, spec) if spec is not None else None
     features = CandidateFeatures(known, n_items, stage.item_index(rec.index.ids.tolist()), rec.index.vectors, item_item)
     val = tables["val"]
     liked = val[val.label.to_numpy() > 0.5]
     present = np.unique(liked.user_id.to_numpy(np.int64))
     present = present[present > 0]
-    users = sorted((stage.user_vocab[u - 1] for u in present.tolist()), key=lambda u: (len(u), u))
-    require(len(users) > 0, f"--data {data}: no user with a liked val item that the retrieval run knows")
+    raw_users = np.asarray(stage.user_vocab, dtype=object)[present - 1].astype(str)
+    by_id = np.lexsort((raw_users, np.char.str_len(raw_users)))
+    idx, raw_users = present[by_id], raw_users[by_id]
+    m = len(idx)
+    require(m > 0, f"--data {data}: no user with a liked val item that the retrieval run knows")
     positives = np.unique(liked.user_id.to_numpy(np.int64) * n_items + liked.item_id.to_numpy(np.int64))
-    idx = stage.user_index(users)
-    width = min(cfg.candidates, rec.index.count)
-    m, n = len(users), width
-    ids = np.empty((m, n), dtype=object)
-    values = {name: np.zeros((m, n), np.float32) for name in names}
-    labels2 = np.zeros((m, n), np.float32)
-    bar = progress_bar(m, True, desc="candidates", unit="user")
-    for lo in range(0, m, CANDIDATE_BLOCK):
-        block = slice(lo, min(lo + CANDIDATE_BLOCK, m))
-        found = rec.candidates(stage.embed("user", idx[block]), [rec.seen.get(int(u), set()) for u in idx[block]], n)
-        cand = stage.item_index(found.ids.reshape(-1).tolist()).reshape(found.ids.shape)
-        computed = features.compute(cand, found.scores, features.rows_of(idx[block]))
-        for name in names:
-            values[name][block] = computed[name]
-        ids[block] = found.ids
-        keys = idx[block][:, None] * n_items + cand
-        at = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
-        labels2[block] = (positives[at] == keys) & (cand > 0)
-        if bar is not None:
-            bar.update(block.stop - block.start)
-    if bar is not None:
-        bar.close()
-    keep = (ids != "").reshape(-1)
-    row_user = np.repeat(np.asarray(users, dtype=object), n)[keep]
-    row_item = ids.reshape(-1)[keep]
-    raw = {name: values[name].reshape(-1)[keep] for name in names}
-    labels = labels2.reshape(-1)[keep]
-    in_val = user_split(users, cfg.val_users, cfg.seed, cfg.val_fold)
-    row_val = np.repeat(in_val, n)[keep]
-    refuse_lists_without_positives(cfg, labels, row_val, int(in_val.sum()), len(users) - int(in_val.sum()), n)
+    n = min(cfg.candidates, rec.index.count)
+    in_val = user_split(raw_users.tolist(), cfg.val_users, cfg.seed, cfg.val_fold)
     # one MDS block per user's list, in retrieval order; the lists in a seeded random order (the loader
     # shuffles blocks, so a batch holds whole lists: what listwise training and per-list NDCG need)
-    row_query = np.repeat(np.arange(m), n)[keep]
-    place = np.empty(m, np.int64)
-    place[np.random.default_rng(cfg.seed).permutation(m)] = np.arange(m)
-    order = np.argsort(place[row_query], kind="stable")
-
-    train_rows = ~row_val
-    dense = list(meta.dense_features)
-    for name in names:
-        column = raw[name][train_rows] if train_rows.any() else raw[name]
-        std = float(column.std())
-        dense.append(DenseFeature(name, CANDIDATE_TOWER, float(column.mean()), std if std > 1e-12 else 1.0))
-    out_meta = dataclasses.replace(
-        meta,
-        block_rows=int(n),
-        dense_features=tuple(dense),
-        label={
-            "name": "label",
-            "definition": f"{meta.label.get('definition', 'label')} in the val split of the retrieval run's dataset",
-        },
-        split_rule={
-            "rule": "candidates",
-            "per": "user",
-            "val_users": cfg.val_users,
-            "val_fold": cfg.val_fold,
-            "seed": cfg.seed,
-        },
-        corpus=default_corpus(),
-        candidates={
-            "retrieval_run": cfg.retrieval,
-            "retrieval_dataset": stage_fingerprint_of(stage),
-            "data": str(data.resolve()),
-            "serving_run": serving[0],
-            "serving_dataset": serving[1],
-            "candidates": int(n),
-            "labels": "liked in the val split of --data (interactions the retrieval run did not train on)",
-            "exclude": "the user's train items",
-            "item_item": spec.record() if spec is not None else None,
-            "features": names,
-            "users": {"train": int((~in_val).sum()), "val": int(in_val.sum())},
-        },
-    )
-    user_table, item_table = (
-        FeatureTable(tables["users"], out_meta, "user"),
-        FeatureTable(tables["items"], out_meta, "item"),
-    )
-    u_idx = stage.user_index(list(row_user))
-    i_idx = stage.item_index(list(row_item))
-    splits: dict[str, SplitInfo] = {}
-    (out / "pairs").mkdir()
-    for split in SPLITS:
-        rows = order[(row_val if split == "val" else ~row_val)[order]] if split != "test" else order[:0]
-        dense_x, kjt = model_inputs(
-            out_meta,
-            len(rows),
-            [(user_table, torch.as_tensor(u_idx[rows])), (item_table, torch.as_tensor(i_idx[rows]))],
-            {name: raw[name][rows] for name in names},
+    order = np.random.default_rng(cfg.seed).permutation(m)
+    sums = np.zeros((3, len(names)), np.float64)  # train rows: count, sum, sum of squares
+    totals = {"train": 0.0, "val": 0.0}
+    with tempfile.TemporaryDirectory(prefix=".candidates-spill-", dir=out.parent) as spill_dir:
+        spill = Path(spill_dir)
+        blocks: list[Path] = []
+        bar = progress_bar(m, True, desc="candidates", unit="user")
+        try:
+            for lo in range(0, m, CANDIDATE_BLOCK):
+                users = idx[order[lo : lo + CANDIDATE_BLOCK]]
+                found = rec.candidates(stage.embed("user", users), [rec.seen.get(int(u), set()) for u in users], n)
+                cand = stage.item_index(found.ids.reshape(-1).tolist()).reshape(found.ids.shape)
+                computed = features.compute(cand, found.scores, features.rows_of(users))
+                values = np.stack([computed[name] for name in names], axis=2)  # (users, n, features)
+                keys = users[:, None] * n_items + cand
+                at = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
+                labels = ((positives[at] == keys) & (cand > 0)).astype(np.float32)
+                block_val = in_val[order[lo : lo + CANDIDATE_BLOCK]]
+                train_rows = (cand > 0) & ~block_val[:, None]
+                chosen = values[train_rows].astype(np.float64)
+                sums += [np.full(len(names), len(chosen)), chosen.sum(axis=0), (chosen**2).sum(axis=0)]
+                totals["train"] += float(labels[train_rows].sum())
+                totals["val"] += float(labels[(cand > 0) & block_val[:, None]].sum())
+                path = spill / f"block-{len(blocks):06d}.npz"
+                np.savez(path, users=users, cand=cand, values=values, labels=labels, val=block_val)
+                blocks.append(path)
+                if bar is not None:
+                    bar.update(len(users))
+        finally:
+            if bar is not None:
+                bar.close()
+        refuse_lists_without_positives(cfg, totals, int(in_val.sum()), m - int(in_val.sum()), n)
+        dense = list(meta.dense_features)
+        count = max(sums[0][0], 1.0) if len(names) else 1.0
+        for j, name in enumerate(names):
+            mean = sums[1][j] / count
+            std = float(np.sqrt(max(sums[2][j] / count - mean**2, 0.0)))
+            dense.append(
+                DenseFeature(name, CANDIDATE_TOWER, float(mean), std if std > 1e-6 * max(1.0, abs(mean)) else 1.0)
+            )
+        out_meta = dataclasses.replace(
+            meta,
+            block_rows=int(n),
+            dense_features=tuple(dense),
+            label={
+                "name": "label",
+                "definition": f"{meta.label.get('definition', 'label')} in the val split of the retrieval "
+                "run's dataset",
+            },
+            split_rule={
+                "rule": "candidates",
+                "per": "user",
+                "val_users": cfg.val_users,
+                "val_fold": cfg.val_fold,
+                "seed": cfg.seed,
+            },
+            corpus=default_corpus(),
+            candidates={
+                "retrieval_run": cfg.retrieval,
+                "retrieval_dataset": stage_fingerprint_of(stage),
+                "data": str(data.resolve()),
+                "serving_run": serving[0],
+                "serving_dataset": serving[1],
+                "candidates": int(n),
+                "labels": "liked in the val split of --data (interactions the retrieval run did not train on)",
+                "exclude": "the user's train items",
+                "item_item": spec.record() if spec is not None else None,
+                "features": names,
+                "users": {"train": int((~in_val).sum()), "val": int(in_val.sum())},
+            },
         )
-        enc = block_columns(out_meta, dense_x, kjt, labels[rows])
-        sizes = list_sizes(row_query[rows])
-        splits[split] = write_lists(enc, sizes, out / split, len(out_meta.multi_hot))
-        pd.DataFrame({"user_id": u_idx[rows], "item_id": i_idx[rows], "label": labels[rows]}).to_parquet(
-            out / "pairs" / f"{split}.parquet"
-        )
-    for name in ("users", "items", "histories"):
-        if name in tables:
-            tables[name].to_parquet(out / f"{name}.parquet")
+        splits, positives_total = write_splits(out, out_meta, names, blocks, tables)
+    if "histories" in tables:
+        copy_parquet(tables["histories"], out / "histories.parquet")
+    for name in ("users", "items"):
+        tables[name].to_parquet(out / f"{name}.parquet")
     # file by file: shutil.copytree would wrap a write error (no space) in shutil.Error, without its errno
     (out / VOCAB_DIR).mkdir()
     for vocab in sorted(f for f in (data / VOCAB_DIR).iterdir() if f.is_file()):
@@ -369,15 +376,70 @@ def write_candidates(
         "candidates: %d users x %d candidates, %d positives (%d train / %d val users)",
         m,
         n,
-        int(labels.sum()),
+        int(positives_total),
         int((~in_val).sum()),
         int(in_val.sum()),
     )
     return out_meta
 
 
+def write_splits(
+    out: Path, meta: Any, names: list[str], blocks: list[Path], tables: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
+    """Encode the spilled blocks with ``meta``'s statistics and append their lists to the train and val
+    splits' shards and pairs files (the test split stays empty); returns the splits and the positives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from datamodules.encoding import SplitWriter
+    from datamodules.schema import SPLITS
+    from modules.funnel import FeatureTable, model_inputs
+
+    user_table, item_table = FeatureTable(tables["users"], meta, "user"), FeatureTable(tables["items"], meta, "item")
+    (out / "pairs").mkdir()
+    schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("label", pa.float32())])
+    writers = {split: SplitWriter(out / split, len(meta.multi_hot)) for split in SPLITS}
+    pairs = {split: pq.ParquetWriter(out / "pairs" / f"{split}.parquet", schema) for split in SPLITS}
+    total = 0.0
+    try:
+        for path in blocks:
+            with np.load(path) as block:
+                users, cand, values = block["users"], block["cand"], block["values"]
+                labels, in_val = block["labels"], block["val"]
+            for split in ("train", "val"):
+                mine = in_val if split == "val" else ~in_val
+                if not mine.any():
+                    continue
+                valid = cand[mine] > 0
+                sizes = valid.sum(axis=1)
+                sizes = sizes[sizes > 0]
+                u = np.repeat(users[mine], cand.shape[1]).reshape(-1, cand.shape[1])[valid]
+                i, y = cand[mine][valid], labels[mine][valid]
+                raw = {name: values[mine][valid][:, j] for j, name in enumerate(names)}
+                dense_x, kjt = model_inputs(
+                    meta, len(u), [(user_table, torch.as_tensor(u)), (item_table, torch.as_tensor(i))], raw
+                )
+                enc = block_columns(meta, dense_x, kjt, y)
+                append_lists(writers[split], enc, sizes)
+                pairs[split].write_table(
+                    pa.table({"user_id": u.astype(np.int64), "item_id": i.astype(np.int64), "label": y}, schema=schema)
+                )
+                total += float(y.sum())
+    except BaseException:
+        for writer in writers.values():
+            writer.__exit__(RuntimeError)
+        raise
+    finally:
+        for table in pairs.values():
+            table.close()
+    for writer in writers.values():
+        writer.__exit__(None)
+    return {split: writer.info() for split, writer in writers.items()}, total
+
+
 def refuse_lists_without_positives(
-    cfg: CandidatesConfig, labels: np.ndarray, row_val: np.ndarray, val_users: int, train_users: int, n: int
+    cfg: CandidatesConfig, totals: dict[str, float], val_users: int, train_users: int, n: int
 ) -> None:
     """One line, before anything is written, when the train or the val users' lists hold no liked item:
     a ranker would learn nothing from them, or train a whole epoch and fail on its val metric."""
@@ -385,8 +447,8 @@ def refuse_lists_without_positives(
         "train": ("learn from", "raise --candidates"),
         "val": ("validate on", "raise --candidates or choose other val users (--val-users, --val-fold, --seed)"),
     }
-    for split, rows, users in (("train", ~row_val, train_users), ("val", row_val, val_users)):
-        if rows.any() and not labels[rows].any():
+    for split, users in (("train", train_users), ("val", val_users)):
+        if users and not totals[split]:
             purpose, remedy = remedies[split]
             raise RecsysError(
                 f"--candidates {cfg.candidates}: the {users} {split} users' lists of {n} candidates hold no item "
@@ -394,29 +456,18 @@ def refuse_lists_without_positives(
             )
 
 
-def list_sizes(queries: np.ndarray) -> np.ndarray:
-    """Lengths of the runs of equal values in ``queries`` (rows grouped by list), in order."""
-    if len(queries) == 0:
-        return np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
-    return np.diff(np.r_[starts, len(queries)])
-
-
-def write_lists(enc: dict[str, Any], sizes: np.ndarray, directory: Path, num_multi: int) -> Any:
-    """Write encoded rows as MDS blocks of ``sizes`` rows each (one candidate list per block)."""
+def append_lists(writer: Any, enc: dict[str, Any], sizes: np.ndarray) -> None:
+    """Append encoded rows to an open ``SplitWriter`` as MDS blocks of ``sizes`` rows each (one list a block)."""
     from datamodules.blocks import encode_block
-    from datamodules.encoding import SplitWriter
 
     ends = np.cumsum(sizes)
     offsets = [np.r_[0, np.cumsum(lengths, dtype=np.int64)] for _, lengths in enc["multi"]]
-    with SplitWriter(directory, num_multi) as writer:
-        for lo, hi in zip(ends - sizes, ends, strict=True):
-            multi = [
-                (values[off[lo] : off[hi]], lengths[lo:hi])
-                for (values, lengths), off in zip(enc["multi"], offsets, strict=True)
-            ]
-            writer.write(encode_block(enc["dense"][lo:hi], enc["sparse"][lo:hi], enc["label"][lo:hi], multi))
-    return writer.info()
+    for lo, hi in zip(ends - sizes, ends, strict=True):
+        multi = [
+            (values[off[lo] : off[hi]], lengths[lo:hi])
+            for (values, lengths), off in zip(enc["multi"], offsets, strict=True)
+        ]
+        writer.write(encode_block(enc["dense"][lo:hi], enc["sparse"][lo:hi], enc["label"][lo:hi], multi))
 
 
 def block_columns(meta: Any, dense: Any, kjt: Any, labels: np.ndarray) -> dict[str, Any]:

@@ -3,6 +3,10 @@
     .venv/bin/python -m bench.funnel                          # prepares data/movielens-100k if missing
     .venv/bin/python -m bench.funnel --data DIR --work WORK   # DIR: any `recsys data prepare` of it, any --seed
 
+``WORK``'s datasets and runs are reused by a later run only when its fingerprint (the prepared data's
+split digests and metadata, the split seed, ``--candidates``, ``--label-frac`` and the source of the
+code and presets) is the same; otherwise the bench stops with one line (``--rebuild`` starts over).
+
 Protocol (the issue's): label = rating >= 4, per-user random 80/10/10 split (``DIR``'s own split and
 seed); anything may learn from train and val, test labels only score. For every user with a liked test
 item, 10 recommendations exclude the user's train and val items and are scored by NDCG@10 against the
@@ -23,8 +27,9 @@ The recipe (README, "The funnel recipe"), each step a library call of the CLI's:
 
 Baselines on the same split: most popular (train + val likes); the retrieval stage alone; LightGBM
 LambdaRank (``lightgbm.LGBMRanker(objective="lambdarank")``, groups = users' lists) trained on the same
-candidate rows and features (the history bag aside), its grid searched coordinate-wise on the
-candidate data's val lists (NDCG@10) and applied to the same test candidates; EASE^R with lambda chosen
+candidate rows and features (the history bag aside), with the user and item id columns and without
+them (each its own grid, searched coordinate-wise on the candidate data's val lists' NDCG@10, applied to
+the same test candidates; the funnel is compared with the better of the two); EASE^R with lambda chosen
 on ``DIR``'s val (fitted on train) and refitted on train + val. Prints the markdown table and writes
 ``WORK/funnel.json``.
 """
@@ -32,8 +37,10 @@ on ``DIR``'s val (fitted on train) and refitted on train + val. Prints the markd
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -164,21 +171,93 @@ def best_epochs(uri: str, run_id: str, metric: str = "val/ndcg_at_10") -> int:
     return int(np.argmax([m.value for m in history])) + 1
 
 
+CACHED = (
+    "label",
+    "refit",
+    "candidates",
+    "runs",
+    "bundle",
+    "mlflow.db",
+    "runs.json",
+    "lgb-cache-train",
+    "lgb-cache-val",
+)
+"""What ``setup`` leaves in ``--work`` (removed by ``--rebuild``)."""
+CODE = ("core", "app", "modules", "datamodules", "cluster")
+"""The packages whose source the cached runs depend on (with the presets and this file)."""
+
+
+def code_digest() -> str:
+    """SHA-256 of the project's source files that made the runs (the packages, the presets, this file)."""
+    digest = hashlib.sha256()
+    files = sorted(p for name in CODE for p in (ROOT / name).rglob("*.py"))
+    files += [CONFIGS / f"{RETRIEVAL_PRESET}.yaml", CONFIGS / f"{RANKING_PRESET}.yaml", Path(__file__)]
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def data_digest(data: Path, meta: DatasetMetadata) -> str:
+    """What identifies the prepared dataset: its splits' digests (shard hashes) and its metadata."""
+    from datamodules.integrity import read_split_index, split_digest
+
+    digests = {split: split_digest(read_split_index(str(data), split)) for split in ("train", "val", "test")}
+    body = json.dumps({"splits": digests, "metadata": (data / "metadata.json").read_text()}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def work_fingerprint(data: Path, meta: DatasetMetadata, candidates: int, label_frac: float) -> str:
+    parts = {
+        "data": data_digest(data, meta),
+        "seed": meta.split_rule.get("seed"),
+        "candidates": candidates,
+        "label_frac": label_frac,
+        "code": code_digest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest() + "|" + json.dumps(parts)
+
+
+def stale_reason(runs: Mapping[str, Any], data: Path, fingerprint: str) -> str:
+    """Which of the fingerprint's parts differ from the cached runs' (a cache of an older bench: all)."""
+    try:
+        before = json.loads(str(runs.get("fingerprint", "")).split("|", 1)[1])
+    except (IndexError, ValueError):
+        return f"made by an older bench for {runs.get('data', 'unknown data')}"
+    now = json.loads(fingerprint.split("|", 1)[1])
+    differ = [k for k in now if before.get(k) != now[k]]
+    return "differ: " + ", ".join(differ) if differ else "unknown"
+
+
 def setup(
-    work: Path, data: Path | None = None, candidates: int = 100, label_frac: float = 0.3
+    work: Path, data: Path | None = None, candidates: int = 100, label_frac: float = 0.3, rebuild: bool = False
 ) -> tuple[Path, str, dict[str, Any]]:
-    """The recipe's datasets and runs under ``work`` (reused from ``work/runs.json`` when present):
+    """The recipe's datasets and runs under ``work`` (reused from ``work/runs.json`` only when its
+    fingerprint is this run's: same data, split seed, settings and code; else refused, or with
+    ``rebuild`` removed and made again):
     returns (the dataset, the tracking URI, the runs: ``retrieval`` = the funnel's retrieval stage,
     ``ranking`` = its ranker, ``labelling`` = the run whose candidates the ranker learned from)."""
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_default(DEFAULT_DATA) if data is None else data
     uri = f"sqlite:///{work.resolve()}/mlflow.db"
     saved = work / "runs.json"
+    meta = read_metadata(data)
+    fingerprint = work_fingerprint(data, meta, candidates, label_frac)
     if saved.is_file():
         runs = json.loads(saved.read_text())
-        if runs.get("data") == str(data.resolve()):
+        if runs.get("fingerprint") == fingerprint:
+            print(f"{work}: reusing its runs (same data, split seed, settings and code: {fingerprint[:12]})")
             return data, uri, runs
-    meta = read_metadata(data)
+        if not rebuild:
+            raise SystemExit(
+                f"--work {work}: its runs were made for other data, split seed, settings or code "
+                f"({stale_reason(runs, data, fingerprint)}); pass a new --work, or --rebuild to start over there"
+            )
+    for name in CACHED:  # a killed or older run's pieces are never reused without their fingerprint
+        target = work / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     timings: dict[str, float] = {}
     started = time.time()
     label = derived(data, meta, label_frac, work / "label") if label_frac != meta.split_rule["val_frac"] else data
@@ -211,6 +290,7 @@ def setup(
     ranker = train_preset(RANKING_PRESET, out, work, uri, "ranking")
     timings["ranking"] = time.time() - started
     runs = {
+        "fingerprint": fingerprint,
         "data": str(data.resolve()),
         "label": str(label),
         "refit": str(refit),
@@ -313,21 +393,32 @@ def lightgbm_frame_of(meta: DatasetMetadata, dense: Any, kjt: Any, labels: np.nd
     return lightgbm_frame(Tabular(dense.numpy(), categorical, multi, labels), meta)
 
 
-def lightgbm_rerank(rec: Any, candidates_dir: Path, work: Path, users: Sequence[str], n: int) -> dict[str, Any]:
-    """LightGBM LambdaRank on the candidate rows: grid on the val lists' NDCG@10, then the test lists."""
+ID_COLUMNS = ("user_id", "item_id")
+
+
+def lightgbm_rerank(
+    rec: Any, candidates_dir: Path, work: Path, users: Sequence[str], n: int, ids: bool = True
+) -> dict[str, Any]:
+    """LightGBM LambdaRank on the candidate rows: grid on the val lists' NDCG@10, then the test lists.
+    ``ids``: whether the user and item id columns are features (both variants are run: the baseline is
+    the better of the two)."""
     import lightgbm as lgb
 
     from modules.funnel import Candidates, model_inputs
 
     meta = read_metadata(candidates_dir)
-    cats = [f.name for f in meta.sparse_features if not f.multi_hot]
+    dropped = () if ids else ID_COLUMNS
+    cats = [f.name for f in meta.sparse_features if not f.multi_hot and f.name not in dropped]
+
+    def columns(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.drop(columns=[c for c in dropped if c in frame.columns])
 
     def grouped(split: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         tab = load_tabular(candidates_dir, split, work / f"lgb-cache-{split}")
         frame = lightgbm_frame(tab, meta)
         order = np.argsort(frame.user_id.to_numpy(), kind="stable")
         frame, labels = frame.iloc[order].reset_index(drop=True), tab.labels[order]
-        return frame, labels, frame.groupby("user_id", sort=False).size().to_numpy()
+        return columns(frame), labels, frame.groupby("user_id", sort=False).size().to_numpy()
 
     train, val = grouped("train"), grouped("val")
     grid = (
@@ -369,7 +460,7 @@ def lightgbm_rerank(rec: Any, candidates_dir: Path, work: Path, users: Sequence[
         dense, kjt = model_inputs(
             stage.meta, len(u), [(stage.users, torch_tensor(u)), (stage.items, torch_tensor(i))], candidate
         )
-        scores = model.predict(lightgbm_frame_of(stage.meta, dense, kjt, np.zeros(len(u), np.float32)))
+        scores = model.predict(columns(lightgbm_frame_of(stage.meta, dense, kjt, np.zeros(len(u), np.float32))))
         scores = np.where(found.ids != "", scores.reshape(found.ids.shape), -np.inf)
         for r, user in enumerate(part):
             lists[user] = found.ids[r][np.argsort(-scores[r], kind="stable")[:K]].tolist()
@@ -407,11 +498,14 @@ def evaluate(data: Path, uri: str, runs: dict[str, Any], work: Path, candidates:
         funnel_lists(rec, users, candidates, ranked=False), relevant
     )
     out["rows"]["funnel (two-tower + ranker on its candidates)"] = ndcg(funnel, relevant)
-    started = time.time()
-    lgb_result = lightgbm_rerank(rec, Path(runs["candidates"]), work, users, candidates)
-    timings["lightgbm"] = time.time() - started
-    out["rows"]["LightGBM LambdaRank rerank (same candidates and features)"] = ndcg(lgb_result.pop("lists"), relevant)
-    out["lightgbm"] = lgb_result
+    out["lightgbm"] = {}
+    for variant, ids in (("with the id columns", True), ("without the id columns", False)):
+        started = time.time()
+        lgb_result = lightgbm_rerank(rec, Path(runs["candidates"]), work, users, candidates, ids=ids)
+        timings[f"lightgbm {variant}"] = time.time() - started
+        row = f"LightGBM LambdaRank rerank, {variant} (same candidates and features)"
+        out["rows"][row] = ndcg(lgb_result.pop("lists"), relevant)
+        out["lightgbm"][variant] = lgb_result
     started = time.time()
     ease = ease_baseline(data, Path(runs["refit"]), relevant)
     timings["ease"] = time.time() - started
@@ -481,9 +575,12 @@ def main() -> None:
     parser.add_argument(
         "--label-frac", type=float, default=0.3, help="val fraction of the copy whose val labels the candidates"
     )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="remove --work's runs made for other data, seed or code, and redo them"
+    )
     args = parser.parse_args()
     started = time.time()
-    data, uri, runs = setup(args.work, args.data, args.candidates, args.label_frac)
+    data, uri, runs = setup(args.work, args.data, args.candidates, args.label_frac, args.rebuild)
     result = evaluate(data, uri, runs, args.work, args.candidates)
     result["runs"] = runs
     result["seed"] = read_metadata(data).split_rule.get("seed")
