@@ -1,7 +1,7 @@
 """Choose the funnel's item-item signal on validation, and time its build (issue 22).
 
     .venv/bin/python -m bench.item_item --data data/movielens-100k
-    .venv/bin/python -m bench.item_item --data DIR --ranks 256 --lambdas 400 --no-reference   # build cost only
+    .venv/bin/python -m bench.item_item --data DIR --ranks 256 --lambdas 400 --build-only   # build cost only
 
 For each rank x lambda of ``--ranks`` / ``--lambdas``, the funnel's item-item model
 (``modules.candidate_features.fit_low_rank_ease``: EASE^R on a low-rank Gram) is fitted on ``DIR``'s
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=[200.0, 400.0, 800.0])
     parser.add_argument("--no-reference", action="store_true", help="skip implicit's k-NN and the dense EASE^R")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (default: none)")
+    parser.add_argument("--build-only", action="store_true", help="fit and time the models, score nothing")
     args = parser.parse_args(argv)
     known, val, n_items = load(args.data)
     rows: list[dict[str, Any]] = []
@@ -105,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             model = fit_low_rank_ease(likes, ItemItemSpec(rank, lam))
             built = time.perf_counter() - started
-            score = val_ndcg(low_rank_scorer(model), known, val, n_items)
+            score = math.nan if args.build_only else val_ndcg(low_rank_scorer(model), known, val, n_items)
             record(f"low-rank EASE^R rank {rank}, lambda {lam:g}", score, built, model.vectors.size + 2 * n_items)
-    if not args.no_reference:
+    if not args.no_reference and not args.build_only:
         from implicit.nearest_neighbours import BM25Recommender, CosineRecommender, TFIDFRecommender
 
         from bench.baselines import ease_weights

@@ -29,6 +29,16 @@ Stages of a rung, each in its own process (``/usr/bin/time -v``: wall and peak R
             and local 1 again: ``bench.batch_recommend.measure`` (per busy worker and per CPU second,
             against the mean of the single process's two runs)
 
+  funnel    the funnel recipe (README, "The funnel recipe") on the rung's source: a labelling copy
+            (``--funnel-label-frac`` of each user's rows in val) and a refit copy (val-frac 0), both
+            with the rung's seed and test split; the two-tower trained ``--steps`` on each; IVF-PQ
+            index of the refit run; the item-item model's build alone (``bench.item_item
+            --build-only``: rank 256, lambda 400, on the refit copy's train likes); ``recsys data
+            candidates`` (100 a user); the funnel ranker (configs/funnel-ranking.yaml) trained 30
+            steps; all-users with the funnel ranker and with the rung's DLRM rerank, both over the
+            refit run's 100 candidates, on every ``--settings`` engine. Wall and peak RSS of each
+            step, users per CPU second of both rerankers.
+
 and once, ``plan``: the project's sharding planner (``modules.sharding.check_plan``, compute device
 cuda, on this CPU host) for the two-tower at 100M users x 10M items (the 1M rung's metadata with its
 id cardinalities scaled), bytes per table and per worker and the fewest workers at 80 GiB and 16 GiB
@@ -67,7 +77,7 @@ RUNGS = {
     "100M": (100_000_000, 2_500_000, 1_000_000),
     "smoke": (20_000, 500, 1_000),  # not a rung: a quick check of the script itself
 }
-STAGES = ("prepare", "train", "rank", "index", "batch")
+STAGES = ("prepare", "train", "rank", "index", "batch", "funnel")
 VAL_FRAC, TEST_FRAC = 0.0125, 0.025
 INDEX = "ivf,pq16x4fs,rflat"
 PLAN_USERS, PLAN_ITEMS = 100_000_000, 10_000_000
@@ -281,6 +291,136 @@ def stage_batch(rung: str, work: Path, args: Any, uri: str, retrieval: str, rank
     return {"settings": rows, "vocabulary_users": vocabulary.get("users"), "k": 10, "candidates": 200}
 
 
+FUNNEL_CANDIDATES = 100
+
+
+def stage_funnel(rung: str, work: Path, args: Any, uri: str, dlrm: str | None) -> dict[str, Any]:
+    """The funnel recipe on the rung (see the module docstring): each step's wall and peak RSS, and the
+    all-users rates of the funnel ranker beside the DLRM rerank on the same candidates."""
+    rows, users, items = RUNGS[rung]
+    base = work / rung / "funnel"
+    base.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"label_frac": args.funnel_label_frac, "candidates": FUNNEL_CANDIDATES}
+    copies = {}
+    for name, val_frac in (("label", args.funnel_label_frac), ("refit", 0.0)):
+        data = base / name
+        cmd = [python(), "-m", "app.cli", "data", "prepare", "--dataset", "synthetic-retrieval", "--out", str(data)]
+        cmd += [f"--rows={rows}", f"--synthetic.users={users}", f"--synthetic.items={items}"]
+        cmd += [f"--val_frac={val_frac}", f"--test_frac={TEST_FRAC}", "--overwrite=true"]
+        out[f"prepare {name}"] = timed_run(cmd, base / f"prepare-{name}.log", args.lock)
+        copies[name] = data
+    runs = {}
+    for name, data in copies.items():
+        probe = base / f"train-{name}.json"
+        flags = [
+            f.replace(str(work / rung / "data"), str(data)) for f in train_flags(rung, work, f"funnel-{name}", uri)
+        ]
+        flags = [f.replace(str(work / rung / "cache"), str(base / f"cache-{name}")) for f in flags]
+        cmd = [python(), "-m", "bench.scale_probe", str(probe), "train"]
+        cmd += ["--config", str(ROOT / "configs" / "two-tower-synthetic.yaml"), *flags]
+        cmd += [f"--max-steps={args.steps}", "--trainer.eval_users=1000"]
+        out[f"train {name}"] = timed_run(cmd, base / f"train-{name}.log", args.lock)
+        runs[name] = json.loads(probe.read_text())["run_id"]
+    cmd = [python(), "-m", "app.cli", "index", f"--run_id={runs['refit']}", f"--index={INDEX}", f"--tracking_uri={uri}"]
+    out["index refit"] = timed_run(cmd, base / "index.log", args.lock)
+    cmd = [python(), "-m", "bench.item_item", "--data", str(copies["refit"]), "--ranks", "256", "--lambdas", "400"]
+    cmd += ["--build-only", "--out", str(base / "item_item.jsonl")]
+    out["item-item build"] = timed_run(cmd, base / "item_item.log", args.lock)
+    out["item-item build"]["fit"] = json.loads((base / "item_item.jsonl").read_text().splitlines()[0])
+    candidates = base / "candidates"
+    cmd = [python(), "-m", "app.cli", "data", "candidates", f"--retrieval={runs['label']}"]
+    cmd += [f"--data={copies['label']}", f"--serving_retrieval={runs['refit']}", f"--out={candidates}"]
+    cmd += [f"--candidates={FUNNEL_CANDIDATES}", f"--tracking_uri={uri}", "--overwrite=true"]
+    out["data candidates"] = timed_run(cmd, base / "candidates.log", args.lock)
+    probe = base / "ranker.json"
+    flags = [
+        f.replace(str(work / rung / "data"), str(candidates)) for f in train_flags(rung, work, "funnel-ranker", uri)
+    ]
+    flags = [f.replace(str(work / rung / "cache"), str(base / "cache-ranker")) for f in flags]
+    cmd = [python(), "-m", "bench.scale_probe", str(probe), "train"]
+    cmd += ["--config", str(ROOT / "configs" / "funnel-ranking.yaml"), *flags, "--max-steps=30"]
+    out["train ranker"] = timed_run(cmd, base / "ranker.log", args.lock)
+    ranker = json.loads(probe.read_text())["run_id"]
+    out["runs"] = {**runs, "ranker": ranker, "dlrm": dlrm}
+    out["batch"] = funnel_batch(rung, base, args, uri, runs["refit"], {"funnel ranker": ranker, "DLRM rerank": dlrm})
+    return out
+
+
+def funnel_batch(
+    rung: str, base: Path, args: Any, uri: str, retrieval: str, rankers: dict[str, str | None]
+) -> list[dict[str, Any]]:
+    """All-users over ``--batch-users`` users with each ranker on every engine setting (100 candidates)."""
+    import app.batch
+    from bench.batch_recommend import measure
+
+    full = app.batch.bundle_users
+
+    def subset(bundle: Path) -> list[str]:
+        users = full(bundle)
+        step = max(1, len(users) // args.batch_users)
+        return users[::step][: args.batch_users]
+
+    options = types.SimpleNamespace(k=10, candidates=FUNNEL_CANDIDATES)
+    settings = [(s.split(":")[0], int(s.split(":")[1])) for s in args.settings.split(",")]
+    rows: list[dict[str, Any]] = []
+    (base / "batch" / "out").mkdir(parents=True, exist_ok=True)
+    app.batch.bundle_users = subset  # type: ignore[assignment]
+    try:
+        for name, ranking in rankers.items():
+            if ranking is None:
+                continue
+            for backend, workers in settings:
+                with held(args.lock):
+                    r = measure(
+                        {"retrieval": retrieval, "tracking": uri}, ranking, backend, workers, base / "batch", options
+                    )
+                r["ranker"] = name
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    finally:
+        app.batch.bundle_users = full  # type: ignore[assignment]
+    return rows
+
+
+def funnel_text(name: str, f: dict[str, Any]) -> list[str]:
+    """The funnel stage of a rung: each step's wall and peak RSS, then users per CPU second of both
+    rerankers on each engine and their ratio."""
+    lines = [
+        f"The funnel recipe at {name} (labelling copy val-frac {f['label_frac']}, {f['candidates']} candidates):",
+        "",
+        "| step | wall | peak RSS GB | load |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for step, r in f.items():
+        if isinstance(r, dict) and "peak_rss" in r:
+            lines.append(f"| {step} | {fmt_s(r['seconds'])} | {gb(r['peak_rss'])} | {r.get('load', 0):.1f} |")
+    fit = f.get("item-item build", {}).get("fit")
+    if fit:
+        lines += [
+            "",
+            f"Item-item model alone (rank 256, lambda 400, train likes of the refit copy): "
+            f"build {fit['build_s']:.1f} s, {fit['stored_floats']:,} floats stored, "
+            f"peak RSS of that process {fit['peak_rss_gb']:.2f} GB.",
+        ]
+    rows = f.get("batch") or []
+    if rows:
+        lines += [
+            "",
+            "| engine | workers | users | funnel ranker users per CPU s | DLRM rerank users per CPU s | ratio | load |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        dlrm = [r for r in rows if r["ranker"] == "DLRM rerank"]
+        for i, r in enumerate(x for x in rows if x["ranker"] == "funnel ranker"):
+            other = dlrm[i] if i < len(dlrm) else None
+            ours, theirs = r.get("users_per_cpu_s"), other.get("users_per_cpu_s") if other else None
+            ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
+            lines.append(
+                f"| {r['backend']} | {r['workers']} | {r['users']:,} | {ours or 0:,.0f} | {theirs or 0:,.0f} | {ratio} "
+                f"| {r.get('load', 0):.1f} |"
+            )
+    return [*lines, ""]
+
+
 def stage_plan(work: Path, rung: str) -> dict[str, Any]:
     """The sharding planner's placement of the two-tower at 100M users x 10M items (dims 32 and 128)
     for GPUs of 80 GiB and 16 GiB: the fewest workers it finds a plan for, and that plan's bytes. Twice:
@@ -416,6 +556,10 @@ def render(results: dict[str, Any]) -> str:
                 table(b["settings"]),
                 "",
             ]
+    for n in names:
+        f = rungs[n].get("funnel")
+        if f:
+            out += funnel_text(n, f)
     plan = results.get("plan")
     if plan:
         out += plan_text(plan, results)
@@ -537,6 +681,8 @@ def run_rung(rung: str, work: Path, results: Results, args: Any) -> None:
     ranking = done.get("rank", {}).get("run_id")
     if want("batch") and retrieval and ranking:
         finish("batch", stage_batch(rung, work, args, uri, retrieval, ranking))
+    if want("funnel"):
+        finish("funnel", stage_funnel(rung, work, args, uri, ranking))
     results.put(rung, "finished", all(s in done for s in STAGES))
 
 
@@ -555,6 +701,9 @@ def main() -> None:
         default="local:1,ray:1,ray:2,spark:1,spark:2,local:1",
         help="engine:workers,... (the ratios are against the mean of the local:1 runs: first and last by default)",
     )
+    parser.add_argument(
+        "--funnel-label-frac", type=float, default=0.1, help="val fraction of the funnel's labelling copy"
+    )
     parser.add_argument("--lock", default=None, help="flock this file around each heavy step")
     parser.add_argument("--clean", action="store_true", help="delete a rung's data and runs once it finished")
     parser.add_argument("--render", action="store_true", help="only write the document from results.json")
@@ -569,7 +718,7 @@ def main() -> None:
             if "plan" not in args.skip.split(",") and "plan" not in results.data and (work / rung / "data").is_dir():
                 results.put(None, "plan", stage_plan(work, rung))
             if args.clean and results.rung(rung).get("finished"):
-                for sub in ("data", "cache", "batch", "runs", "mlruns"):
+                for sub in ("data", "cache", "batch", "runs", "mlruns", "funnel"):
                     shutil.rmtree(work / rung / sub, ignore_errors=True)
             results.put(None, "date", time.strftime("%Y-%m-%d"))
             if args.doc:
