@@ -92,8 +92,8 @@ def bench_corpus(
         engines.append((f"{label}, {spec}", lambda q, s=store: s.search(q, K)[1], seconds))
     for label, fn, seconds in engines:
         found, single, batched = rates(fn, queries, min(args.single, len(queries)), args.batch)
-        got = recall(found, truth)
-        rows.append(f"| {name} | {label} | {got:.3f} | {single:,.0f} | {batched:,.0f} | {seconds:.1f} |")
+        got, one = recall(found, truth), f"{single:,.0f}" if single >= 10 else f"{single:.2f}"
+        rows.append(f"| {name} | {label} | {got:.3f} | {one} | {batched:,.0f} | {seconds:.1f} |")
         print(rows[-1], file=sys.stderr)
     return rows
 

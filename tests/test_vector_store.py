@@ -26,6 +26,7 @@ from test_funnel import Runs, one_line, train_runs
 from app.cli import main
 from cluster.local import free_port
 
+pytestmark = pytest.mark.slow  # trains three tiny runs and starts Milvus Lite servers (CI runs it: -m "")
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "s3cret-token-xyz"
 USERS = ["1", "2", "3", "5", "8", "13"]
