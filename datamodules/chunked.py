@@ -233,4 +233,4 @@ def prepare_interactions_chunked(cfg: PrepareConfig, tmp: Path) -> DatasetMetada
 
 def with_split(part: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     """A user bucket's rows with their split code (the bucket holds all of its users' rows)."""
-    return part.assign(split=assign_split(part, cfg.split, cfg.val_frac, cfg.test_frac))
+    return part.assign(split=assign_split(part, cfg.split, cfg.val_frac, cfg.test_frac, cfg.seed))

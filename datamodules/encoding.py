@@ -53,42 +53,67 @@ def row_keys(frame: pd.DataFrame, seed: int) -> np.ndarray:
     return pd.util.hash_pandas_object(frame[cols], index=False, hash_key=hash_key(seed)).to_numpy(np.uint64)
 
 
-def assign_split(frame: pd.DataFrame, rule: str, val_frac: float, test_frac: float) -> np.ndarray:
-    """Split code per row (0 train, 1 val, 2 test), decided per user; ``frame`` needs user, key, timestamp.
+def pair_keys(frame: pd.DataFrame, seed: int) -> np.ndarray:
+    """A deterministic pseudo-random uint64 per row from its (user, item) pair alone (ids as text, so
+    integer and string ids of one pair agree, as they do in ``row_keys`` on every engine)."""
+    ids = frame[["user", "item"]].astype(str)
+    return pd.util.hash_pandas_object(ids, index=False, hash_key=hash_key(seed)).to_numpy(np.uint64)
 
-    random: a user's interactions in key order; the first round(n*test_frac) go to test, the next
+
+def assign_split(frame: pd.DataFrame, rule: str, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
+    """Split code per row (0 train, 1 val, 2 test), decided per user over the user's distinct items
+    (``frame`` needs user, item, key, timestamp): every row of one (user, item) pair goes to the same
+    split, so a pair repeated in the source never sits in two splits.
+
+    random: a user's pairs in order of their key; the first round(n*test_frac) go to test, the next
     round(n*val_frac) to val, the rest (always at least one) to train.
-    temporal: leave-last-out; the user's latest interaction goes to test and the one before to val
-    (users with fewer than 3 interactions keep theirs in train, except the latest of a pair -> test).
+    temporal: leave-last-out over pairs by their latest interaction (ties by key); the latest pair
+    goes to test and the one before to val (none with ``val_frac`` 0; users with fewer than 3 pairs
+    keep theirs in train, except the latest of two -> test).
+    A pair's key is its row's key, or for a repeated pair ``pair_keys`` (the smallest of its rows' keys
+    would send pairs with many rows to test first). So which pairs are test depends on the rows, the
+    seed and ``test_frac`` only, never on ``val_frac``: copies prepared with different ``--val-frac``
+    share one test split, and a ``--val-frac 0`` copy's train is the other's train + val (the funnel
+    recipe relies on it). A source without repeated pairs is split as it was row by row.
     """
     n_rows = len(frame)
     if n_rows == 0:
         return np.zeros(0, dtype=np.int8)
-    # users as integer codes: sorting Python strings would compare them one pair at a time
+    # users and items as integer codes: sorting Python strings would compare them one pair at a time
     user = pd.factorize(frame["user"], sort=False)[0]
-    if rule == "temporal":
-        order = np.lexsort((frame["key"].to_numpy(), -frame["timestamp"].to_numpy(), user))
-    else:
-        order = np.lexsort((frame["key"].to_numpy(), user))
-    users = user[order]
+    item = pd.factorize(frame["item"], sort=False)[0]
+    pair = pd.factorize(user.astype(np.int64) * (int(item.max()) + 1) + item, sort=False)[0]
+    key = frame["key"].to_numpy()
+    stamp = frame["timestamp"].to_numpy() if rule == "temporal" else np.zeros(n_rows, dtype=np.int8)
+    # each pair stands for itself at one row: its latest (temporal; ties by key), else its first by key
+    order = np.lexsort((key, -stamp, user))
+    _, first = np.unique(pair[order], return_index=True)
+    rep = order[first]  # by pair code
+    rep_key = key[rep].astype(np.uint64)
+    repeated = np.flatnonzero(np.bincount(pair, minlength=len(rep)) > 1)
+    if len(repeated):
+        rep_key[repeated] = pair_keys(frame.iloc[rep[repeated]], seed)
+    rep = rep[np.lexsort((rep_key, -stamp[rep], user[rep]))]
+    n_pairs = len(rep)
+    users = user[rep]
     starts = np.r_[True, users[1:] != users[:-1]]
     group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    sizes = np.diff(np.r_[first, n_rows])
-    rank = np.arange(n_rows) - first[group]
+    heads = np.flatnonzero(starts)
+    sizes = np.diff(np.r_[heads, n_pairs])
+    rank = np.arange(n_pairs) - heads[group]
     n = sizes[group]
     if rule == "temporal":
         n_test = (n >= 2).astype(np.int64)
-        n_val = (n >= 3).astype(np.int64)
+        n_val = (n >= 3).astype(np.int64) if val_frac > 0 else np.zeros(n_pairs, dtype=np.int64)
     else:
         n_test = np.floor(n * test_frac + 0.5).astype(np.int64)
         n_val = np.floor(n * val_frac + 0.5).astype(np.int64)
         n_test = np.minimum(n_test, n - 1)
         n_val = np.minimum(n_val, n - 1 - n_test)
     code = np.where(rank < n_test, 2, np.where(rank < n_test + n_val, 1, 0)).astype(np.int8)
-    out = np.empty(n_rows, dtype=np.int8)
-    out[order] = code
-    return out
+    of_pair = np.empty(n_pairs, dtype=np.int8)
+    of_pair[pair[rep]] = code
+    return of_pair[pair]
 
 
 @dataclass

@@ -112,7 +112,7 @@ def prepare_interactions(raw: RawTable, cfg: PrepareConfig, tmp: Path) -> Datase
     started = time.time()
     frame = label_frame(raw.frame, cfg.label_threshold)
     frame = frame.assign(key=row_keys(frame, cfg.seed))
-    frame["split"] = assign_split(frame, cfg.split, cfg.val_frac, cfg.test_frac)
+    frame["split"] = assign_split(frame, cfg.split, cfg.val_frac, cfg.test_frac, cfg.seed)
     plan = make_plan(raw.features)
     fit_plan(plan, frame[frame["split"] == 0])
     splits: dict[str, SplitInfo] = {}

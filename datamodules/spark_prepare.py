@@ -313,7 +313,7 @@ def with_split(df: Any, cfg: PrepareConfig, groups: int) -> Any:
             return
         keys = row_keys(pdf, seed)
         pdf = pdf.assign(key=keys)
-        pdf["split"] = assign_split(pdf, rule, val_frac, test_frac)
+        pdf["split"] = assign_split(pdf, rule, val_frac, test_frac, seed)
         pdf["key"] = keys.view(np.int64)
         yield pdf[[f.name for f in schema.fields]]
 

@@ -250,8 +250,8 @@ def keys_and_split(rows: dict[str, np.ndarray], cfg: PrepareConfig) -> tuple[np.
         }
     )
     key = row_keys(text, cfg.seed)
-    frame = pd.DataFrame({"user": rows["user"], "key": key, "timestamp": rows["timestamp"]})
-    return key, assign_split(frame, cfg.split, cfg.val_frac, cfg.test_frac)
+    frame = pd.DataFrame({"user": rows["user"], "item": rows["item"], "key": key, "timestamp": rows["timestamp"]})
+    return key, assign_split(frame, cfg.split, cfg.val_frac, cfg.test_frac, cfg.seed)
 
 
 # -- in memory ------------------------------------------------------------------------------------------
