@@ -374,15 +374,27 @@ def item_item_scores(rows: Known, keep: np.ndarray | None, model: LowRankEase, c
 def history_similarities(
     rows: Known, vectors: np.ndarray, has_vector: np.ndarray, cand: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(m, n) mean and max similarity of each candidate to the row's items that have a vector, computed
-    in padded batches of rows of similar length (0 for a row without any)."""
+    """(m, n) mean and max similarity of each candidate to the row's items that have a vector (0 for a
+    row without any). The mean is the candidate's similarity to the sum of the row's vectors over their
+    count; the max comes from batched products of padded histories (rows of similar length together,
+    torch's bmm: numpy's batched matmul of small matrices is several times slower)."""
+    import torch
+
     m, n = cand.shape
     keep = has_vector[rows.items]
     rows = rows.only(keep)
     lengths = np.diff(rows.indptr)
+    dim = vectors.shape[1]
     mean = np.zeros((m, n), np.float32)
     best = np.zeros((m, n), np.float32)
-    cand_vectors = vectors[cand]  # (m, n, d)
+    cand_vectors = torch.from_numpy(np.ascontiguousarray(vectors[cand]))  # (m, n, d)
+    row_of = np.repeat(np.arange(m), lengths)
+    sums = np.zeros((m, dim), np.float32)
+    np.add.at(sums, row_of, vectors[rows.items])
+    has = lengths > 0
+    mean[has] = (
+        (torch.bmm(cand_vectors[has], torch.from_numpy(sums[has])[:, :, None])[:, :, 0]).numpy() / lengths[has][:, None]
+    )
     order = np.argsort(lengths, kind="stable")
     order = order[lengths[order] > 0]
     for part in row_chunks(lengths[order], n):
@@ -391,10 +403,10 @@ def history_similarities(
         offsets = np.arange(width)[None, :]
         valid = offsets < lengths[q][:, None]
         at = np.where(valid, rows.indptr[q][:, None] + offsets, 0)
-        history = vectors[rows.items[at]]  # (c, L, d)
-        sims = np.matmul(history, cand_vectors[q].transpose(0, 2, 1))  # (c, L, n)
-        mean[q] = np.where(valid[:, :, None], sims, 0.0).sum(axis=1) / lengths[q][:, None]
-        best[q] = np.where(valid[:, :, None], sims, -np.inf).max(axis=1)
+        history = torch.from_numpy(np.ascontiguousarray(vectors[rows.items[at]]))  # (c, L, d)
+        sims = torch.bmm(history, cand_vectors[q].transpose(1, 2))  # (c, L, n)
+        sims.masked_fill_(torch.from_numpy(~valid)[:, :, None], -torch.inf)
+        best[q] = sims.amax(dim=1).numpy()
     return mean, best
 
 
