@@ -122,7 +122,7 @@ def refuse_own_inputs(cfg: CandidatesConfig) -> None:
 
 def run_dataset(run_id: str, tracking_uri: str | None, flag: str) -> str:
     """The dataset path a training run read (its config's ``data.path``, what ``fetch_stage`` reads)."""
-    from app.recommend import download, read_stage_config, run_client
+    from app.stages import download, read_stage_config, run_client
 
     client = run_client(run_id, tracking_uri, flag)
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +145,8 @@ def user_split(users: list[str], share: float, seed: int, fold: int = 0) -> np.n
 
 def build_candidates(cfg: CandidatesConfig) -> Any:
     """Write the ranking dataset of ``cfg`` (atomically) and return its metadata."""
-    from app.recommend import assemble_bundle, fetch_stage, load_bundle, load_stage, load_train_pairs
+    from app.bundle import assemble_bundle, load_bundle
+    from app.stages import fetch_stage, load_stage, load_train_pairs
     from datamodules.output import atomic_output, check_output
     from datamodules.schema import read_metadata
 

@@ -22,14 +22,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from app.bundle import DEFAULT_SPEC, INDEX_ARTIFACT, assemble_bundle, build_item_index, load_bundle
-from app.stages import (  # noqa: F401  download, read_stage_config, load_stage, load_train_pairs: still imported from here by app/candidate_data.py and bench/funnel.py
+from app.stages import (
     check_retrieves,
-    download,
     fetch_stage,
-    load_stage,
-    load_train_pairs,
     os_errors,
-    read_stage_config,
     run_client,
     temporary,
 )

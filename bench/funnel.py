@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from app.bundle import assemble_bundle, load_bundle
 from app.candidate_data import CandidatesConfig, build_candidates
 from app.cli import load_run_config
-from app.recommend import assemble_bundle, load_bundle
 from app.train import run_training
 from bench.baselines import (
     Dimension,

@@ -8,6 +8,7 @@ Rungs (users and items as the issue names them; ~40 interactions a user):
   1M     1,000,000 rows     25,000 users     50,000 items
   10M   10,000,000 rows    250,000 users    500,000 items
   100M 100,000,000 rows  2,500,000 users  1,000,000 items
+  1M-100k  1,000,000 rows   25,000 users    100,000 items  (the funnel at twice the old 50,000-item limit)
   smoke     20,000 rows        500 users      1,000 items  (a check of this script, not a rung)
 
 Stages of a rung, each in its own process (``/usr/bin/time -v``: wall and peak RSS of that process):
@@ -75,6 +76,7 @@ RUNGS = {
     "1M": (1_000_000, 25_000, 50_000),
     "10M": (10_000_000, 250_000, 500_000),
     "100M": (100_000_000, 2_500_000, 1_000_000),
+    "1M-100k": (1_000_000, 25_000, 100_000),  # the funnel at twice the old item-item limit (issue 22)
     "smoke": (20_000, 500, 1_000),  # not a rung: a quick check of the script itself
 }
 STAGES = ("prepare", "train", "rank", "index", "batch", "funnel")
