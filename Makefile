@@ -20,7 +20,7 @@ lint: setup
 
 # Everything, the slow and cluster tests too (plain `pytest` runs only the fast ones: see pyproject.toml).
 test: lint
-	$(PY) -m pytest -q -m ""
+	$(PY) -m pytest -q -m "" --durations=25
 
 fast: setup
 	$(PY) -m pytest -q
