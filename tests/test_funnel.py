@@ -465,6 +465,46 @@ def test_served_rows_are_the_rows_the_ranker_trained_on(runs: Runs, funnel: Funn
         assert bags[0][ends[r] - bags[1][r] : ends[r]].tolist() == stored_histories.of(user)
 
 
+def test_a_funnel_bundle_holds_the_item_item_model_and_refuses_a_crafted_one(
+    runs: Runs, funnel: FunnelRuns, tmp_path: Path
+) -> None:
+    """Issue 22: the bundle of a ranker trained on candidates holds its item-item model (low-rank EASE^R,
+    the spec the ranking data records), fitted once when assembled and memory-mapped at load; arrays
+    crafted in it, with bundle.json and the model's manifest resealed, are refused in one line."""
+    import shutil
+
+    from core.checksums import checksums
+    from core.errors import RecsysError
+    from modules.candidate_features import sha256_of
+
+    root = assemble_bundle(runs.retrieval, funnel.ranking, tmp_path / "bundle", runs.tracking)
+    model = json.loads((root / "item_item" / "item_item.json").read_text())
+    candidates = json.loads((funnel.data / "metadata.json").read_text())["candidates"]
+    assert model["spec"] == candidates["item_item"] == {"model": "low-rank-ease", "rank": 256, "lambda": 400.0}
+    rec = load_bundle(root).recommender
+    assert rec.features is not None and rec.features.item_item is not None
+    assert isinstance(rec.features.item_item.liked.vectors, np.memmap)
+    cases = {
+        "a negative diagonal": ("liked.diag.npy", lambda a: -np.abs(a), "a value that is not positive"),
+        "vectors of other items": ("touched.vectors.npy", lambda a: a[:-1], "rows for"),
+        "an infinite factor": ("liked.vectors.npy", lambda a: np.where(a == a.max(), np.inf, a), "not finite"),
+    }
+    for i, (case, (name, change, message)) in enumerate(cases.items()):
+        crafted = tmp_path / f"crafted{i}"
+        shutil.copytree(root, crafted)
+        target = crafted / "item_item" / name
+        np.save(target, change(np.load(target)).astype(np.float32))
+        inner = json.loads((crafted / "item_item" / "item_item.json").read_text())
+        inner["files"][name] = sha256_of(target)
+        (crafted / "item_item" / "item_item.json").write_text(json.dumps(inner))
+        manifest = json.loads((crafted / "bundle.json").read_text())
+        manifest["files"] = checksums(crafted, exclude=["bundle.json"])
+        (crafted / "bundle.json").write_text(json.dumps(manifest))
+        with pytest.raises(RecsysError) as e:
+            load_bundle(crafted)
+        assert message in str(e.value) and name.split(".")[0] in str(e.value) and "\n" not in str(e.value), case
+
+
 def test_candidate_ranker_orders_by_its_probability_and_history_requests_work(
     runs: Runs, funnel: FunnelRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
