@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from core.errors import RecsysError, require
 
@@ -174,7 +173,7 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
             stage = load_stage(stage_dir)
             require(stage.kind.retrieves, f"--serving-retrieval {serving}: a {stage.kind.name} model cannot retrieve")
             serving_fingerprint = stage_fingerprint_of(stage)
-            refuse_test_leak(stage, load_train_pairs(stage_dir, stage.meta).frame(), rec.retrieval, data, meta)
+            refuse_test_leak(stage, load_train_pairs(stage_dir, stage.meta), rec.retrieval, data, meta)
         with atomic_output(Path(cfg.out), cfg.overwrite) as out:
             return write_candidates(cfg, names, rec, known, local, meta, data, out, (serving, serving_fingerprint))
 
@@ -220,16 +219,25 @@ def copy_parquet(sources: list[Path], dest: Path) -> None:
             writer.close()
 
 
-def refuse_test_leak(serving: Any, serving_train: pd.DataFrame, retrieval: Any, data: Path, meta: Any) -> None:
-    """One line if the serving run's train split holds any of --data's test interactions."""
+def refuse_test_leak(serving: Any, serving_train: Any, retrieval: Any, data: Path, meta: Any) -> None:
+    """One line if the serving run's train split (its ``TrainPairs`` CSR) holds any of --data's test
+    interactions. The test pairs are mapped into the serving run's indices and both sides compared as
+    sorted int64 keys (user x items + item): no Python object per pair."""
     from datamodules.corpus import read_parquet
     from datamodules.schema import corpus_files
-    from modules.funnel import raw_pairs
 
-    test = raw_pairs(read_parquet(str(data), corpus_files(meta)["pairs"]["test"], None), retrieval)
-    trained = raw_pairs(serving_train, serving)
-    keys = set(zip(trained.user, trained.item, strict=True))
-    leaked = sum((u, i) in keys for u, i in zip(test.user, test.item, strict=True) if u and i)
+    test = read_parquet(str(data), corpus_files(meta)["pairs"]["test"], None)
+    user_raw = np.array(["", *retrieval.user_vocab], dtype=object)[test.user_id.to_numpy(np.int64)]
+    users = serving.user_index(user_raw.tolist())
+    items = serving.item_index(retrieval.item_raw[test.item_id.to_numpy(np.int64)].tolist())
+    width = np.int64(len(serving.item_raw))
+    present = (users > 0) & (items > 0)  # a pair the serving run cannot know is no leak
+    test_keys = users[present] * width + items[present]
+    indptr = np.asarray(serving_train.indptr, np.int64)
+    owners = np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
+    trained = np.sort(owners * width + np.asarray(serving_train.items, np.int64))
+    at = np.minimum(np.searchsorted(trained, test_keys), max(len(trained) - 1, 0))
+    leaked = int((trained[at] == test_keys).sum()) if len(trained) else 0
     if leaked:
         raise RecsysError(
             f"--serving-retrieval: its run trained on {leaked} test interaction(s) of --data {data}; "

@@ -36,20 +36,19 @@ Everything is arrays: what is known about users is a CSR of the train pairs by u
 bundle's ``TrainPairs``, memory-mapped), and the features are computed for a block of queries at once.
 
 The item-item model (``LowRankEase``) is EASE^R (Steck 2019) with its Gram matrix truncated to its top
-``rank`` eigenpairs, found by scikit-learn's randomized SVD of the interaction matrix: the closed form
-then needs only items x rank factors, so its memory grows with the catalogue times the rank and its
-build with the interactions, never with items^2, and one code path serves MovieLens and a million
-items. On MovieLens-100K's validation it scores as the dense EASE^R it replaced (NDCG@10 0.2596 at rank
-256 against 0.2598), where ``implicit``'s sparse item neighbourhoods (BM25, cosine, TF-IDF) reached at
-most 0.2337 (docs/FUNNEL.md, "The item-item signal"; ``bench/item_item.py``). It is fitted once
-(``recsys data candidates`` for the ranking data, the bundle's assembly for serving), stored as
-checksummed ``.npy`` arrays and memory-mapped at load, never refitted. The dense EASE^R stays a
-baseline in bench/.
+``rank`` eigenpairs, found by a randomized range finder that applies the Gram block of users by block of
+users (``gram_eigenpairs``): the closed form then needs only items x rank factors, so its memory grows
+with the catalogue times the rank and its build time with the interactions, never with items^2 or users
+x rank, and one code path serves MovieLens and a million items. On MovieLens-100K's validation it scores
+as the dense EASE^R it replaced (NDCG@10 0.2595 at rank 256 against 0.2598), where ``implicit``'s sparse
+item neighbourhoods (BM25, cosine, TF-IDF) reached at most 0.2337 (docs/FUNNEL.md, "The item-item
+signal"; ``bench/item_item.py``). It is fitted once (``recsys data candidates`` for the ranking data,
+the bundle's assembly for serving), stored as checksummed ``.npy`` arrays and memory-mapped at load,
+never refitted. The dense EASE^R stays a baseline in bench/.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -58,7 +57,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from core.checksums import sha256_file
 from core.errors import RecsysError, require
 
 CANDIDATE_TOWER = "candidate"
@@ -167,18 +168,75 @@ def user_item_matrix(indptr: np.ndarray, items: np.ndarray, keep: np.ndarray | N
     return x
 
 
-def fit_low_rank_ease(user_items: Any, spec: ItemItemSpec, seed: int = 0) -> LowRankEase:
-    """``LowRankEase`` of a users x items CSR: the top eigenpairs of X^T X are X's top right singular
-    vectors and squared singular values, found by scikit-learn's randomized SVD (Halko et al. 2011), which
-    only multiplies X by tall thin matrices (memory: (users + items) x rank)."""
-    from sklearn.utils.extmath import randomized_svd
+GRAM_BLOCK_NNZ = 2_000_000
+"""Interactions per block of users in the Gram products (their gathered rows: block x (rank + 10) floats)."""
 
-    x = user_items.tocsr().astype(np.float32)
+
+def gram_product(x: Any, q: torch.Tensor, block_nnz: int = GRAM_BLOCK_NNZ) -> torch.Tensor:
+    """X^T (X q) for a users x items binary CSR ``x`` and an items x l ``q``, summed over blocks of users:
+    each block's X_b q (block users x l) is gathered from q's rows and scattered back with ``index_add_``
+    in place, so nothing users x l is ever held."""
+    out = torch.zeros_like(q)
+    indptr = np.asarray(x.indptr, np.int64)
+    for lo, hi in user_blocks(indptr, block_nnz):
+        cols = torch.as_tensor(np.asarray(x.indices[indptr[lo] : indptr[hi]], np.int64))
+        rows = torch.as_tensor(np.repeat(np.arange(hi - lo), np.diff(indptr[lo : hi + 1])))
+        xq = torch.zeros(hi - lo, q.shape[1], dtype=q.dtype).index_add_(0, rows, q[cols])
+        out.index_add_(0, cols, xq[rows])
+    return out
+
+
+def user_blocks(indptr: np.ndarray, block_nnz: int) -> Iterator[tuple[int, int]]:
+    """Consecutive user ranges holding about ``block_nnz`` interactions each (at least one user)."""
+    n = len(indptr) - 1
+    lo = 0
+    while lo < n:
+        hi = int(np.searchsorted(indptr, indptr[lo] + block_nnz, side="right")) - 1
+        hi = min(max(hi, lo + 1), n)
+        yield lo, hi
+        lo = hi
+
+
+def gram_eigenpairs(
+    x: Any, rank: int, n_iter: int = 5, oversamples: int = 10, seed: int = 0, block_nnz: int = GRAM_BLOCK_NNZ
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``rank`` eigenvalues (descending) and eigenvectors (items x rank, float32) of the Gram
+    G = X^T X of a users x items CSR, by the randomized range finder with power iterations and a
+    Rayleigh-Ritz step (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.3).
+
+    Why not scikit-learn's ``randomized_svd`` (what this replaced): it factors X itself, so its working
+    matrices are users x (rank + 10) in float64 (5 GB each at 2.5M users) beside the items x (rank + 10)
+    ones; scipy's ``eigsh`` on a LinearOperator (ARPACK) keeps 2 x rank float64 Lanczos vectors and
+    multiplies one vector at a time. Here G is only ever applied through ``gram_product`` (blocks of
+    users), so the memory is a few items x (rank + 10) float32 matrices, and the time grows with the
+    interactions. Five power iterations (G^5, one more than scikit-learn's default on X, whose four give
+    X (X^T X)^4) reach its accuracy; tests check it against scikit-learn's randomized SVD and a dense
+    eigendecomposition."""
+    n_items = x.shape[1]
+    width = max(1, min(rank + oversamples, n_items))
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n_items, width, generator=generator)).Q
+    for _ in range(n_iter):
+        q = torch.linalg.qr(gram_product(x, q, block_nnz)).Q
+    ritz = (q.T @ gram_product(x, q, block_nnz)).double()
+    values, vectors = torch.linalg.eigh((ritz + ritz.T) / 2)
+    top = torch.argsort(values, descending=True)[: min(rank, width)]
+    return values[top].clamp(min=0).numpy(), (q @ vectors[:, top].float()).numpy()
+
+
+def fit_low_rank_ease(user_items: Any, spec: ItemItemSpec, seed: int = 0) -> LowRankEase:
+    """``LowRankEase`` of a users x items CSR from the top eigenpairs of its Gram (``gram_eigenpairs``:
+    memory a few items x (rank + 10) floats, never users x rank)."""
+    x = user_items.tocsr()
     rank = max(1, min(spec.rank, min(x.shape) - 1))
-    _, singular, vt = randomized_svd(x, n_components=rank, n_iter=4, random_state=seed)
-    vectors = vt.T.astype(np.float64)
-    coef = 1.0 / (singular.astype(np.float64) ** 2 + spec.lam) - 1.0 / spec.lam
-    diag = (vectors**2) @ coef + 1.0 / spec.lam
+    eigenvalues, vectors = gram_eigenpairs(x, rank, seed=seed)
+    coef = 1.0 / (eigenvalues.astype(np.float64) + spec.lam) - 1.0 / spec.lam
+    diag = (
+        np.concatenate(  # by blocks of items: no items x rank float64 copy
+            [(vectors[lo : lo + 65536].astype(np.float64) ** 2) @ coef for lo in range(0, len(vectors), 65536)]
+        )
+        + 1.0 / spec.lam
+    )
     return LowRankEase(vectors.astype(np.float32), coef.astype(np.float32), diag.astype(np.float32), spec.lam)
 
 
@@ -203,14 +261,6 @@ ARRAYS = ("vectors", "coef", "diag")
 MANIFEST = "item_item.json"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_item_item(model: ItemItem, directory: Path, dataset: str) -> None:
     """Write ``model`` as ``.npy`` arrays with a manifest of their SHA-256s, its spec and ``dataset`` (the
     fingerprint of the retrieval stage's dataset whose item indices it uses)."""
@@ -220,7 +270,7 @@ def save_item_item(model: ItemItem, directory: Path, dataset: str) -> None:
         for name in ARRAYS:
             path = directory / f"{part}.{name}.npy"
             np.save(path, getattr(getattr(model, part), name))
-            files[path.name] = sha256_of(path)
+            files[path.name] = sha256_file(path)
     manifest = {"spec": model.spec.record(), "items": model.liked.size, "dataset": dataset, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -250,7 +300,7 @@ def load_item_item(directory: Path, dataset: str, n_items: int, shown: str) -> I
             file = directory / f"{part}.{name}.npy"
             require(file.is_file(), f"{shown}/{file.name}: missing")
             recorded = files.get(file.name)
-            require(recorded == sha256_of(file), f"{shown}/{file.name}: its SHA-256 is not the recorded one")
+            require(recorded == sha256_file(file), f"{shown}/{file.name}: its SHA-256 is not the recorded one")
             try:
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as e:
@@ -277,6 +327,15 @@ def check_model(model: LowRankEase, n_items: int, spec: ItemItemSpec, shown: str
 # -- what is known about users -------------------------------------------------------------------------
 
 
+def csr_order(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR row pointer of pairs by ``rows`` (in ``[0, n_rows)``) and the stable order that groups
+    them: the one CSR build of pairs by user (``Known``, ``modules.funnel.TrainPairs``)."""
+    rows = np.asarray(rows, np.int64)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows)[:n_rows], out=indptr[1:])
+    return indptr, np.argsort(rows, kind="stable")
+
+
 @dataclass
 class Known:
     """Known interactions as a CSR by row (a user, or a query): row ``r``'s items (retrieval item
@@ -293,10 +352,7 @@ class Known:
     @classmethod
     def from_pairs(cls, users: np.ndarray, items: np.ndarray, label: np.ndarray, n_users: int) -> Known:
         """From (user index, item index, label) rows, users in ``[0, n_users)``."""
-        users = np.asarray(users, np.int64)
-        order = np.argsort(users, kind="stable")
-        indptr = np.zeros(n_users + 1, dtype=np.int64)
-        np.cumsum(np.bincount(users, minlength=n_users)[:n_users], out=indptr[1:])
+        indptr, order = csr_order(users, n_users)
         return cls(indptr, np.asarray(items, np.int64)[order], (np.asarray(label, np.float64) > 0.5)[order])
 
     @classmethod
@@ -354,7 +410,6 @@ def item_item_scores(rows: Known, keep: np.ndarray | None, model: LowRankEase, c
     ``keep``; an item twice counts once), in sub-blocks of rows whose gathered candidate factors stay
     within ``PRODUCT_BUDGET``. Plain arrays and torch's index_add/bmm, no sparse matrix: one user's
     request costs tens of microseconds here, where building a scipy matrix alone took hundreds."""
-    import torch
 
     m, n = cand.shape
     size = np.int64(model.size)
@@ -389,7 +444,6 @@ def history_similarities(
     row without any). The mean is the candidate's similarity to the sum of the row's vectors over their
     count; the max comes from batched products of padded histories (rows of similar length together,
     torch's bmm: numpy's batched matmul of small matrices is several times slower)."""
-    import torch
 
     m, n = cand.shape
     keep = has_vector[rows.items]

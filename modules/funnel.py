@@ -41,6 +41,7 @@ from modules.candidate_features import (
     ItemItem,
     ItemItemSpec,
     Known,
+    csr_order,
     spec_from_record,
 )
 from modules.config import ModelConfig
@@ -623,10 +624,7 @@ class TrainPairs:
     @classmethod
     def from_frame(cls, pairs: pd.DataFrame, n_users: int, n_items: int) -> TrainPairs:
         """From (``user_id``, ``item_id``, ``label``) rows in memory (small sets, tests)."""
-        users = pairs.user_id.to_numpy(np.int64)
-        order = np.argsort(users, kind="stable")
-        indptr = np.zeros(n_users + 1, dtype=np.int64)
-        np.cumsum(np.bincount(users, minlength=n_users)[:n_users], out=indptr[1:])
+        indptr, order = csr_order(pairs.user_id.to_numpy(np.int64), n_users)
         items = pairs.item_id.to_numpy(np.int64)
         positive = pairs.label.to_numpy(np.float64) > 0.5
         return cls(indptr, items[order], positive[order], np.bincount(items[positive], minlength=n_items))

@@ -399,6 +399,28 @@ def test_candidate_labels_never_come_from_pairs_the_retriever_trained_on(runs: R
     assert [d["name"] for d in meta["dense_features"] if d["tower"] == "candidate"] == spec["features"]
 
 
+def test_a_serving_run_that_trained_on_test_pairs_is_refused_and_one_that_did_not_passes(
+    runs: Runs, bundle: Any
+) -> None:
+    """``recsys data candidates --serving-retrieval``'s leak check, on the run's own train pairs (no test
+    pair: passes) and on those pairs with some of --data's test pairs planted (refused, counted)."""
+    from app.candidate_data import refuse_test_leak
+    from core.errors import RecsysError
+    from datamodules.schema import read_metadata
+    from modules.funnel import TrainPairs
+
+    stage = bundle.recommender.retrieval
+    meta = read_metadata(runs.data)
+    n_users, n_items = len(stage.user_vocab) + 1, len(stage.item_raw)
+    own = pd.read_parquet(runs.data / "pairs" / "train.parquet")[["user_id", "item_id", "label"]]
+    refuse_test_leak(stage, TrainPairs.from_frame(own, n_users, n_items), stage, runs.data, meta)  # disjoint
+    test = pd.read_parquet(runs.data / "pairs" / "test.parquet").head(3)
+    planted = pd.concat([own, test[["user_id", "item_id", "label"]]], ignore_index=True)
+    leaky = TrainPairs.from_frame(planted, n_users, n_items)
+    with pytest.raises(RecsysError, match=r"--serving-retrieval: its run trained on 3 test interaction\(s\)"):
+        refuse_test_leak(stage, leaky, stage, runs.data, meta)
+
+
 def test_the_rankers_run_links_the_runs_and_dataset_its_candidates_came_from(runs: Runs, funnel: FunnelRuns) -> None:
     """MLflow (issue 25): the ranker trained on candidates data is tagged with the retrieval runs they came
     from, and lists the dataset they were drawn from (its train split: the digest the retrieval run
@@ -473,9 +495,8 @@ def test_a_funnel_bundle_holds_the_item_item_model_and_refuses_a_crafted_one(
     crafted in it, with bundle.json and the model's manifest resealed, are refused in one line."""
     import shutil
 
-    from core.checksums import checksums
+    from core.checksums import checksums, sha256_file
     from core.errors import RecsysError
-    from modules.candidate_features import sha256_of
 
     root = assemble_bundle(runs.retrieval, funnel.ranking, tmp_path / "bundle", runs.tracking)
     model = json.loads((root / "item_item" / "item_item.json").read_text())
@@ -495,7 +516,7 @@ def test_a_funnel_bundle_holds_the_item_item_model_and_refuses_a_crafted_one(
         target = crafted / "item_item" / name
         np.save(target, change(np.load(target)).astype(np.float32))
         inner = json.loads((crafted / "item_item" / "item_item.json").read_text())
-        inner["files"][name] = sha256_of(target)
+        inner["files"][name] = sha256_file(target)
         (crafted / "item_item" / "item_item.json").write_text(json.dumps(inner))
         manifest = json.loads((crafted / "bundle.json").read_text())
         manifest["files"] = checksums(crafted, exclude=["bundle.json"])
