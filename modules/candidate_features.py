@@ -454,11 +454,11 @@ def history_similarities(
     best = np.zeros((m, n), np.float32)
     cand_vectors = torch.from_numpy(np.ascontiguousarray(vectors[cand]))  # (m, n, d)
     row_of = np.repeat(np.arange(m), lengths)
-    sums = np.zeros((m, dim), np.float32)
-    np.add.at(sums, row_of, vectors[rows.items])
+    sums = torch.zeros((m, dim), dtype=torch.float32)
+    sums.index_add_(0, torch.from_numpy(row_of), torch.from_numpy(np.ascontiguousarray(vectors[rows.items])))
     has = lengths > 0
     mean[has] = (
-        (torch.bmm(cand_vectors[has], torch.from_numpy(sums[has])[:, :, None])[:, :, 0]).numpy() / lengths[has][:, None]
+        (torch.bmm(cand_vectors[has], sums[torch.from_numpy(has)][:, :, None])[:, :, 0]).numpy() / lengths[has][:, None]
     )
     order = np.argsort(lengths, kind="stable")
     order = order[lengths[order] > 0]

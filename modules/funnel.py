@@ -58,7 +58,11 @@ POPULAR = "popular"
 RERANK_ROWS = 65_536
 """(user, item) rows scored by the ranking model per forward pass."""
 HISTORY_ROWS = 8_192
-"""Rows per forward pass of a ranking model that reads the user's history (each row carries its bag)."""
+"""Rows per block of a ranking model that reads the user's history (each row carries its bag)."""
+FORWARD_ROWS = 2_048
+"""Rows per forward pass of a ranking model: its activations (rows x the interaction's width, 448 floats
+for the funnel's DCN on MovieLens) then stay in the CPU's cache; passes of 8,192 rows cost 1.3x the CPU
+time (``bench/serve.py``-style timing of the shipped funnel, docs/SCALE.md)."""
 
 
 class FeatureTable:
@@ -263,7 +267,7 @@ class Stage:
         candidate features (raw, by name); ``bags``: each row's history as (values, lengths) in this
         stage's item indices, for a model that reads it."""
         require(not self.arch.history or bags is not None, f"a {self.kind.name} ranking model here needs histories")
-        step = HISTORY_ROWS if self.arch.history else RERANK_ROWS
+        step = FORWARD_ROWS
         starts = None if bags is None else np.r_[0, np.cumsum(bags[1])]
         out = []
         for lo in range(0, len(users), step):
