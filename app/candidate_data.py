@@ -24,16 +24,21 @@ step refuses a serving run that trained on ``DIR``'s test interactions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cluster.batch import PartitionJob, PartitionTask, check_batch_cluster, map_partitions
+from cluster.config import ClusterConfig
 from core.errors import RecsysError, require
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,9 @@ class CandidatesConfig:
     """The candidate features to keep (default: all of modules.candidate_features.FEATURES)."""
     seed: int = 0
     """Seeds the user split and the order of the lists."""
+    block_users: int = CANDIDATE_BLOCK
+    """Users whose candidates and features are computed at once: a worker's unit of work (--backend)
+    and the memory of one (about users x --candidates x 40 floats)."""
     tracking_uri: str | None = None
     overwrite: bool = False
     """Replace an existing output directory (a prepared dataset only)."""
@@ -81,6 +89,7 @@ def check_config(cfg: CandidatesConfig) -> list[str]:
     from modules.candidate_features import FEATURES, ITEM_ITEM_FEATURES, item_item_spec
 
     require(cfg.candidates >= 1, f"--candidates: must be at least 1, got {cfg.candidates}")
+    require(cfg.block_users >= 1, f"--block-users: must be at least 1, got {cfg.block_users}")
     require(0 <= cfg.val_users < 1, f"--val-users: must be in [0, 1), got {cfg.val_users}")
     require(
         cfg.val_fold >= 0 and (cfg.val_fold + 1) * cfg.val_users <= 1 + 1e-9,
@@ -142,8 +151,10 @@ def user_split(users: list[str], share: float, seed: int, fold: int = 0) -> np.n
     return np.array([fold * share <= k < (fold + 1) * share for k in keys], dtype=bool)
 
 
-def build_candidates(cfg: CandidatesConfig) -> Any:
-    """Write the ranking dataset of ``cfg`` (atomically) and return its metadata."""
+def build_candidates(cfg: CandidatesConfig, cluster: ClusterConfig | None = None) -> Any:
+    """Write the ranking dataset of ``cfg`` (atomically) and return its metadata; ``cluster``: where the
+    users' blocks are computed (``--backend``, ``--num-workers``; default this process). Every engine
+    and ``--block-users`` writes the same dataset."""
     from app.bundle import assemble_bundle, load_bundle
     from app.stages import fetch_stage, load_stage, load_train_pairs
     from datamodules.output import atomic_output, check_output
@@ -155,7 +166,10 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
     meta = read_metadata(data)
     require(meta.task == "retrieval", f"--data {cfg.data}: has no users and items (task {meta.task})")
     check_output(Path(cfg.out), cfg.overwrite)
-    with tempfile.TemporaryDirectory() as tmp:
+    cluster = cluster if cluster is not None else ClusterConfig()
+    check_batch_cluster(cluster)
+    beside = Path(os.path.abspath(cfg.out)).parent  # where workers of a cluster read the bundle
+    with tempfile.TemporaryDirectory(prefix=".candidates-", dir=beside if beside.is_dir() else None) as tmp:
         bundle = assemble_bundle(cfg.retrieval, None, Path(tmp) / "bundle", cfg.tracking_uri)
         rec = load_bundle(bundle).recommender
         known = load_train_pairs(bundle / "retrieval", rec.retrieval.meta)  # memory-mapped CSR
@@ -175,7 +189,8 @@ def build_candidates(cfg: CandidatesConfig) -> Any:
             serving_fingerprint = stage_fingerprint_of(stage)
             refuse_test_leak(stage, load_train_pairs(stage_dir, stage.meta), rec.retrieval, data, meta)
         with atomic_output(Path(cfg.out), cfg.overwrite) as out:
-            return write_candidates(cfg, names, rec, known, local, meta, data, out, (serving, serving_fingerprint))
+            job = CandidateJob(cfg, names, bundle, cluster)
+            return write_candidates(job, rec, known, local, meta, data, out, (serving, serving_fingerprint))
 
 
 def local_fingerprint(data: Path, meta: Any) -> str:
@@ -245,9 +260,79 @@ def refuse_test_leak(serving: Any, serving_train: Any, retrieval: Any, data: Pat
         )
 
 
+@dataclass(frozen=True)
+class CandidateJob:
+    """What the first pass needs besides the data: the settings, the candidate features to write, the
+    retrieval stage's bundle (the workers load it) and where the blocks are computed."""
+
+    cfg: CandidatesConfig
+    names: list[str]
+    bundle: Path
+    cluster: ClusterConfig
+
+    @property
+    def block(self) -> int:
+        return self.cfg.block_users
+
+
+SPILL_ARRAYS = "users.npz"
+"""The first pass's shared inputs in the spill directory: the users in list order, their val flags and
+the liked val pairs' keys."""
+
+
+def block_name(block: int) -> str:
+    return f"block-{block:06d}.npz"
+
+
+def block_writer(
+    bundle: str, spill: str, names: list[str], n: int, item_item: bool, block: int
+) -> Callable[[int, list[str]], int]:
+    """The function a worker runs on its blocks (``keys``: block numbers), with the bundle and the
+    item-item model (fitted once by the driver, memory-mapped here) loaded once: each block's users get
+    their candidates, features and labels, spilled to ``block-NNNNNN.npz`` (written under a temporary
+    name, then renamed). Returns the candidate rows written."""
+    from app.bundle import load_bundle
+    from app.stages import load_train_pairs
+    from modules.candidate_features import CandidateFeatures, Known, load_item_item
+
+    rec = load_bundle(Path(bundle)).recommender
+    stage = rec.retrieval
+    train = load_train_pairs(Path(bundle) / "retrieval", stage.meta)
+    n_items = len(stage.item_raw)
+    model = (
+        load_item_item(Path(spill) / "item_item", stage_fingerprint_of(stage), n_items, "the spilled item-item model")
+        if item_item
+        else None
+    )
+    known = Known(train.indptr, train.items, train.positive)
+    features = CandidateFeatures(known, n_items, stage.item_index(rec.index.ids.tolist()), rec.index.vectors, model)
+    with np.load(Path(spill) / SPILL_ARRAYS) as arrays:
+        ordered, in_val, positives = arrays["users"], arrays["val"], arrays["positives"]
+
+    def write(_: int, blocks: list[str]) -> int:
+        rows = 0
+        for key in blocks:
+            lo = int(key) * block
+            users = ordered[lo : lo + block]
+            found = rec.candidates(stage.embed("user", users), [rec.seen.get(int(u), set()) for u in users], n)
+            cand = stage.item_index(found.ids.reshape(-1).tolist()).reshape(found.ids.shape)
+            computed = features.compute(cand, found.scores, features.rows_of(users))
+            values = np.stack([computed[name] for name in names], axis=2)  # (users, n, features)
+            keys = users[:, None] * n_items + cand
+            at = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
+            labels = ((positives[at] == keys) & (cand > 0)).astype(np.float32)
+            path = Path(spill) / block_name(int(key))
+            part = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+            np.savez(part, users=users, cand=cand, values=values, labels=labels, val=in_val[lo : lo + block])
+            os.replace(part, path)
+            rows += int((cand > 0).sum())
+        return rows
+
+    return write
+
+
 def write_candidates(
-    cfg: CandidatesConfig,
-    names: list[str],
+    job: CandidateJob,
     rec: Any,
     train: Any,
     tables: dict[str, Any],
@@ -258,11 +343,14 @@ def write_candidates(
 ) -> Any:
     """Retrieve, label, encode and write the candidate rows into ``out``; returns the metadata.
 
-    Streams: users go through in blocks of ``CANDIDATE_BLOCK`` in the lists' final (seeded) order. A
+    Streams: users go through in blocks of ``--block-users`` in the lists' final (seeded) order. A
     first pass retrieves each block's candidates, computes their features and labels and spills them to
-    ``.npy`` files beside ``out`` while it sums the train rows' statistics; the second encodes each block
-    with those statistics and appends its lists to the split's shards and pairs. Memory: one block, the
-    train pairs' CSR (memory-mapped from the bundle), the val pairs, the user and item tables."""
+    ``.npz`` files beside ``out``; it runs on the blocks as partitions of ``cluster.batch`` (this process,
+    ``--num-workers`` local processes, Ray or Spark workers: ``--backend``), each worker loading the bundle
+    and the item-item model once. The driver then sums the train rows' statistics block by block and
+    encodes each block with them, appending its lists to the split's shards and pairs in block order
+    (so every engine writes the same dataset). Memory: one block, the train pairs' CSR (memory-mapped
+    from the bundle), the val pairs, the user and item tables."""
     import dataclasses
 
     from datamodules.encoding import VOCAB_DIR
@@ -270,19 +358,17 @@ def write_candidates(
     from modules.candidate_features import (
         CANDIDATE_TOWER,
         ITEM_ITEM_FEATURES,
-        CandidateFeatures,
         Known,
         fit_item_item,
         item_item_spec,
+        save_item_item,
     )
     from modules.funnel import progress_bar
 
+    cfg, names = job.cfg, job.names
     stage = rec.retrieval
     spec = item_item_spec(cfg.item_item_rank, cfg.item_item_lambda) if set(ITEM_ITEM_FEATURES) & set(names) else None
     n_items = len(stage.item_raw)
-    known = Known(train.indptr, train.items, train.positive)
-    item_item = fit_item_item(known, n_items, spec) if spec is not None else None
-    features = CandidateFeatures(known, n_items, stage.item_index(rec.index.ids.tolist()), rec.index.vectors, item_item)
     val = tables["val"]
     liked = val[val.label.to_numpy() > 0.5]
     present = np.unique(liked.user_id.to_numpy(np.int64))
@@ -302,32 +388,35 @@ def write_candidates(
     totals = {"train": 0.0, "val": 0.0}
     with tempfile.TemporaryDirectory(prefix=".candidates-spill-", dir=out.parent) as spill_dir:
         spill = Path(spill_dir)
-        blocks: list[Path] = []
+        if spec is not None:  # fitted once here, memory-mapped by every worker
+            known = Known(train.indptr, train.items, train.positive)
+            save_item_item(fit_item_item(known, n_items, spec), spill / "item_item", stage_fingerprint_of(stage))
+        np.savez(spill / SPILL_ARRAYS, users=idx[order], val=in_val[order], positives=positives)
+        n_blocks = -(-m // job.block)
+        blocks = [spill / block_name(b) for b in range(n_blocks)]
+        worker = functools.partial(block_writer, str(job.bundle), str(spill), names, n, spec is not None, job.block)
+        batch = PartitionJob(key=f"candidates#{spill}", factory=worker, threads=job.cluster.cpus_per_worker)
+        tasks = [PartitionTask(b, [str(b)]) for b in range(n_blocks)]
         bar = progress_bar(m, True, desc="candidates", unit="user")
         try:
-            for lo in range(0, m, CANDIDATE_BLOCK):
-                users = idx[order[lo : lo + CANDIDATE_BLOCK]]
-                found = rec.candidates(stage.embed("user", users), [rec.seen.get(int(u), set()) for u in users], n)
-                cand = stage.item_index(found.ids.reshape(-1).tolist()).reshape(found.ids.shape)
-                computed = features.compute(cand, found.scores, features.rows_of(users))
-                values = np.stack([computed[name] for name in names], axis=2)  # (users, n, features)
-                keys = users[:, None] * n_items + cand
-                at = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
-                labels = ((positives[at] == keys) & (cand > 0)).astype(np.float32)
-                block_val = in_val[order[lo : lo + CANDIDATE_BLOCK]]
-                train_rows = (cand > 0) & ~block_val[:, None]
-                chosen = values[train_rows].astype(np.float64)
-                sums += [np.full(len(names), len(chosen)), chosen.sum(axis=0), (chosen**2).sum(axis=0)]
-                totals["train"] += float(labels[train_rows].sum())
-                totals["val"] += float(labels[(cand > 0) & block_val[:, None]].sum())
-                path = spill / f"block-{len(blocks):06d}.npz"
-                np.savez(path, users=users, cand=cand, values=values, labels=labels, val=block_val)
-                blocks.append(path)
+            for result in map_partitions(batch, tasks, job.cluster):
+                if result.error:
+                    raise RecsysError(f"--backend {job.cluster.backend}: block {result.partition}: {result.error}")
                 if bar is not None:
-                    bar.update(len(users))
+                    bar.update(min(job.block, m - result.partition * job.block))
         finally:
             if bar is not None:
                 bar.close()
+        missing = [b for b, path in enumerate(blocks) if not path.is_file()]
+        require(not missing, f"--backend {job.cluster.backend}: blocks {missing[:5]} were not written")
+        for path in blocks:  # the train rows' statistics, block by block
+            with np.load(path) as block:
+                values, labels, cand, block_val = block["values"], block["labels"], block["cand"], block["val"]
+            train_rows = (cand > 0) & ~block_val[:, None]
+            chosen = values[train_rows].astype(np.float64)
+            sums += [np.full(len(names), len(chosen)), chosen.sum(axis=0), (chosen**2).sum(axis=0)]
+            totals["train"] += float(labels[train_rows].sum())
+            totals["val"] += float(labels[(cand > 0) & block_val[:, None]].sum())
         refuse_lists_without_positives(cfg, totals, int(in_val.sum()), m - int(in_val.sum()), n)
         dense = list(meta.dense_features)
         count = max(sums[0][0], 1.0) if len(names) else 1.0

@@ -177,6 +177,7 @@ def build_parser() -> Any:
         exit_on_error=False,
     )
     candidates.add_class_arguments(CandidatesConfig, as_group=False)
+    candidates.add_class_arguments(ClusterConfig, "cluster", as_group=False)  # where the users' blocks run
     data_commands.add_subcommand("candidates", candidates, help="retrieval run + dataset -> the ranker's dataset")
 
     summary = ArgumentParser(description="Print the summary of a prepared dataset.", exit_on_error=False)
@@ -356,7 +357,7 @@ def parse_command(argv: Sequence[str]) -> tuple[Any, list[str], list[str], list[
     switches = {
         "train": bool_flags(*RUN_SECTIONS),
         "evaluate": bool_flags(ClusterConfig),
-        "data": bool_flags(PrepareConfig, CandidatesConfig),
+        "data": bool_flags(PrepareConfig, CandidatesConfig, ClusterConfig),
         "submit": {"--no_wait"},
         "index": {"--overwrite"},
         "recommend": {"--all_users", "--overwrite", *bool_flags(ClusterConfig)},
@@ -366,8 +367,9 @@ def parse_command(argv: Sequence[str]) -> tuple[Any, list[str], list[str], list[
     if args[:1] == ["train"]:
         flags, tags = split_tags(args[1:])
         args = ["train", *expand_aliases(flags, TRAIN_ALIASES)]
-    elif args[:1] in (["evaluate"], ["recommend"]):
-        args = [args[0], *expand_aliases(args[1:], EVALUATE_ALIASES)]
+    elif args[:1] in (["evaluate"], ["recommend"]) or args[:2] == ["data", "candidates"]:
+        head = 2 if args[0] == "data" else 1
+        args = [*args[:head], *expand_aliases(args[head:], EVALUATE_ALIASES)]
     try:
         ns = parser.instantiate(parser.parse_args(args))
     except argparse.ArgumentError as e:
@@ -388,8 +390,10 @@ def run(argv: Sequence[str], verbose: bool = False) -> int:
         elif sub.action == "candidates":
             from app.candidate_data import build_candidates, summarize_candidates
 
-            made = to_config(CandidatesConfig, sub.candidates)
-            show(summarize_candidates(build_candidates(made), made.out))
+            c = sub.candidates
+            cluster = c.cluster if isinstance(c.cluster, ClusterConfig) else to_config(ClusterConfig, c.cluster)
+            made = to_config(CandidatesConfig, c)
+            show(summarize_candidates(build_candidates(made, cluster), made.out))
         elif sub.action == "download":
             from datamodules.download import download_dataset
 

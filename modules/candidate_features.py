@@ -168,16 +168,17 @@ def user_item_matrix(indptr: np.ndarray, items: np.ndarray, keep: np.ndarray | N
     return x
 
 
-GRAM_BLOCK_NNZ = 2_000_000
-"""Interactions per block of users in the Gram products (their gathered rows: block x (rank + 10) floats)."""
+GRAM_BLOCK_FLOATS = 16_000_000
+"""Floats of one block's gathered rows in the Gram products (interactions x (rank + 10)): 64 MB."""
 
 
-def gram_product(x: Any, q: torch.Tensor, block_nnz: int = GRAM_BLOCK_NNZ) -> torch.Tensor:
+def gram_product(x: Any, q: torch.Tensor, block_nnz: int | None = None) -> torch.Tensor:
     """X^T (X q) for a users x items binary CSR ``x`` and an items x l ``q``, summed over blocks of users:
     each block's X_b q (block users x l) is gathered from q's rows and scattered back with ``index_add_``
     in place, so nothing users x l is ever held."""
     out = torch.zeros_like(q)
     indptr = np.asarray(x.indptr, np.int64)
+    block_nnz = block_nnz if block_nnz is not None else max(1, GRAM_BLOCK_FLOATS // q.shape[1])
     for lo, hi in user_blocks(indptr, block_nnz):
         cols = torch.as_tensor(np.asarray(x.indices[indptr[lo] : indptr[hi]], np.int64))
         rows = torch.as_tensor(np.repeat(np.arange(hi - lo), np.diff(indptr[lo : hi + 1])))
@@ -198,7 +199,7 @@ def user_blocks(indptr: np.ndarray, block_nnz: int) -> Iterator[tuple[int, int]]
 
 
 def gram_eigenpairs(
-    x: Any, rank: int, n_iter: int = 5, oversamples: int = 10, seed: int = 0, block_nnz: int = GRAM_BLOCK_NNZ
+    x: Any, rank: int, n_iter: int = 5, oversamples: int = 10, seed: int = 0, block_nnz: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The top-``rank`` eigenvalues (descending) and eigenvectors (items x rank, float32) of the Gram
     G = X^T X of a users x items CSR, by the randomized range finder with power iterations and a

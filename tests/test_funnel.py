@@ -421,6 +421,51 @@ def test_a_serving_run_that_trained_on_test_pairs_is_refused_and_one_that_did_no
         refuse_test_leak(stage, leaky, stage, runs.data, meta)
 
 
+def dataset_contents(path: Path) -> dict[str, Any]:
+    """What a prepared dataset holds, comparable across runs: each split's digest (its shards' names,
+    sizes and hashes), its pairs file's rows and the metadata's statistics and splits."""
+    from datamodules.integrity import read_split_index, split_digest
+
+    meta = json.loads((path / "metadata.json").read_text())
+    splits = ("train", "val")
+    return {
+        "digests": {split: split_digest(read_split_index(str(path), split)) for split in splits},
+        "pairs": {split: pd.read_parquet(path / "pairs" / f"{split}.parquet").to_dict("list") for split in splits},
+        "dense": meta["dense_features"],
+        "splits": meta["splits"],
+    }
+
+
+@pytest.mark.cluster
+def test_candidates_on_every_engine_write_the_same_dataset(runs: Runs, funnel: FunnelRuns, tmp_path: Path) -> None:
+    """``recsys data candidates --block-users 5 --backend ray|spark --num-workers 2`` as a user types
+    it: byte for byte the dataset one process writes in blocks of 5 users; and, whatever the block size,
+    the same lists and labels as the fixture's one block (its statistics, sums over blocks, to rounding)."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "app.cli", "data", "candidates", "--retrieval", runs.retrieval]
+    base += ["--data", str(runs.data), "--candidates", str(CANDIDATES), "--val-users", "0.3"]
+    base += ["--tracking-uri", runs.tracking, "--block-users", "5"]
+    root = Path(__file__).parent.parent
+    contents = {}
+    for backend, workers in (("local", 1), ("ray", 2), ("spark", 2)):  # spawned local workers: test_batch.py
+        out = tmp_path / f"{backend}{workers}"
+        args = [*base, "--out", str(out), "--backend", backend, "--num-workers", str(workers)]
+        done = subprocess.run(args, cwd=root, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        contents[f"{backend}:{workers}"] = dataset_contents(out)
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".candidates")]  # spill and bundle gone
+    one = contents.pop("local:1")
+    for engine, got in contents.items():
+        assert got == one, engine
+    whole = dataset_contents(funnel.data)
+    assert one["pairs"] == whole["pairs"]
+    for mine, theirs in zip(one["dense"], whole["dense"], strict=True):
+        assert mine["name"] == theirs["name"]
+        assert np.isclose(mine["mean"], theirs["mean"], rtol=1e-9) and np.isclose(mine["std"], theirs["std"], rtol=1e-9)
+
+
 def test_the_rankers_run_links_the_runs_and_dataset_its_candidates_came_from(runs: Runs, funnel: FunnelRuns) -> None:
     """MLflow (issue 25): the ranker trained on candidates data is tagged with the retrieval runs they came
     from, and lists the dataset they were drawn from (its train split: the digest the retrieval run
