@@ -169,31 +169,39 @@ def user_item_matrix(indptr: np.ndarray, items: np.ndarray, keep: np.ndarray | N
 
 
 GRAM_BLOCK_FLOATS = 16_000_000
-"""Floats of one block's gathered rows in the Gram products (interactions x (rank + 10)): 64 MB."""
+"""Floats of one block's products in ``gram_product`` (at most interactions x (rank + 10)): 64 MB."""
 
 
 def gram_product(x: Any, q: torch.Tensor, block_nnz: int | None = None) -> torch.Tensor:
-    """X^T (X q) for a users x items binary CSR ``x`` and an items x l ``q``, summed over blocks of users:
-    each block's X_b q (block users x l) is gathered from q's rows and scattered back with ``index_add_``
-    in place, so nothing users x l is ever held."""
-    out = torch.zeros_like(q)
+    """X^T (X q) for a users x items binary CSR ``x`` and an items x l ``q``, summed over blocks of users
+    with scipy's sparse-dense products: a block's X_b q (block users x l), then X_b^T of it restricted to
+    the items the block touched (touched x l), added into those rows. Nothing users x l or a second
+    items x l is ever held."""
+    from scipy import sparse
+
+    dense = np.ascontiguousarray(q.numpy())
+    out = np.zeros_like(dense)
     indptr = np.asarray(x.indptr, np.int64)
-    block_nnz = block_nnz if block_nnz is not None else max(1, GRAM_BLOCK_FLOATS // q.shape[1])
+    block_nnz = block_nnz if block_nnz is not None else max(1, GRAM_BLOCK_FLOATS // dense.shape[1])
     for lo, hi in user_blocks(indptr, block_nnz):
-        cols = torch.as_tensor(np.asarray(x.indices[indptr[lo] : indptr[hi]], np.int64))
-        rows = torch.as_tensor(np.repeat(np.arange(hi - lo), np.diff(indptr[lo : hi + 1])))
-        xq = torch.zeros(hi - lo, q.shape[1], dtype=q.dtype).index_add_(0, rows, q[cols])
-        out.index_add_(0, cols, xq[rows])
-    return out
+        start, end = indptr[lo], indptr[hi]
+        touched, local = np.unique(np.asarray(x.indices[start:end]), return_inverse=True)
+        block = sparse.csr_matrix(
+            (np.ones(end - start, dense.dtype), local.reshape(-1), indptr[lo : hi + 1] - start),
+            shape=(hi - lo, len(touched)),
+        )
+        out[touched] += block.T @ (block @ dense[touched])
+    return torch.from_numpy(out)
 
 
 def user_blocks(indptr: np.ndarray, block_nnz: int) -> Iterator[tuple[int, int]]:
-    """Consecutive user ranges holding about ``block_nnz`` interactions each (at least one user)."""
+    """Consecutive user ranges holding about ``block_nnz`` interactions (and at most as many users) each,
+    at least one user."""
     n = len(indptr) - 1
     lo = 0
     while lo < n:
         hi = int(np.searchsorted(indptr, indptr[lo] + block_nnz, side="right")) - 1
-        hi = min(max(hi, lo + 1), n)
+        hi = min(max(hi, lo + 1), n, lo + block_nnz)
         yield lo, hi
         lo = hi
 
