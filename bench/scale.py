@@ -37,7 +37,8 @@ Stages of a rung, each in its own process (``/usr/bin/time -v``: wall and peak R
             --build-only``: rank 256, lambda 400, on the refit copy's train likes); ``recsys data
             candidates`` (100 a user); the funnel ranker (configs/funnel-ranking.yaml) trained 30
             steps; all-users with the funnel ranker and with the rung's DLRM rerank, both over the
-            refit run's 100 candidates, on every ``--settings`` engine. Wall and peak RSS of each
+            refit run's 100 candidates, on every ``--settings`` engine; where each ranker's CPU time
+            goes (``bench.funnel_cost``: retrieval, inputs, model, top k). Wall and peak RSS of each
             step, users per CPU second of both rerankers.
 
 and once, ``plan``: the project's sharding planner (``modules.sharding.check_plan``, compute device
@@ -345,6 +346,11 @@ def stage_funnel(rung: str, work: Path, args: Any, uri: str, dlrm: str | None) -
     ranker = json.loads(probe.read_text())["run_id"]
     out["runs"] = {**runs, "ranker": ranker, "dlrm": dlrm}
     out["batch"] = funnel_batch(rung, base, args, uri, runs["refit"], {"funnel ranker": ranker, "DLRM rerank": dlrm})
+    if dlrm is not None:  # where each ranker's CPU time goes, and the ceiling of the ratio
+        cost = base / "cost.json"
+        cmd = [python(), "-m", "bench.funnel_cost", f"--tracking-uri={uri}", f"--retrieval={runs['refit']}"]
+        cmd += [f"--funnel={ranker}", f"--rerank={dlrm}", f"--candidates={FUNNEL_CANDIDATES}", "--out", str(cost)]
+        out["cost"] = {**timed_run(cmd, base / "cost.log", args.lock), "parts": json.loads(cost.read_text())}
     return out
 
 
@@ -420,6 +426,11 @@ def funnel_text(name: str, f: dict[str, Any]) -> list[str]:
                 f"| {r['backend']} | {r['workers']} | {r['users']:,} | {ours or 0:,.0f} | {theirs or 0:,.0f} | {ratio} "
                 f"| {r.get('load', 0):.1f} |"
             )
+    parts = f.get("cost", {}).get("parts")
+    if parts:
+        from bench.funnel_cost import table
+
+        lines += ["", "Where the CPU time goes (`bench/funnel_cost.py`, one thread):", "", table(parts)]
     return [*lines, ""]
 
 
