@@ -172,14 +172,14 @@ GRAM_BLOCK_FLOATS = 16_000_000
 """Floats of one block's products in ``gram_product`` (at most interactions x (rank + 10)): 64 MB."""
 
 
-def gram_product(x: Any, q: torch.Tensor, block_nnz: int | None = None) -> torch.Tensor:
+def gram_product(x: Any, q: np.ndarray, block_nnz: int | None = None) -> np.ndarray:
     """X^T (X q) for a users x items binary CSR ``x`` and an items x l ``q``, summed over blocks of users
     with scipy's sparse-dense products: a block's X_b q (block users x l), then X_b^T of it restricted to
     the items the block touched (touched x l), added into those rows. Nothing users x l or a second
     items x l is ever held."""
     from scipy import sparse
 
-    dense = np.ascontiguousarray(q.numpy())
+    dense = np.ascontiguousarray(q)
     out = np.zeros_like(dense)
     indptr = np.asarray(x.indptr, np.int64)
     block_nnz = block_nnz if block_nnz is not None else max(1, GRAM_BLOCK_FLOATS // dense.shape[1])
@@ -191,7 +191,7 @@ def gram_product(x: Any, q: torch.Tensor, block_nnz: int | None = None) -> torch
             shape=(hi - lo, len(touched)),
         )
         out[touched] += block.T @ (block @ dense[touched])
-    return torch.from_numpy(out)
+    return out
 
 
 def user_blocks(indptr: np.ndarray, block_nnz: int) -> Iterator[tuple[int, int]]:
@@ -224,13 +224,21 @@ def gram_eigenpairs(
     n_items = x.shape[1]
     width = max(1, min(rank + oversamples, n_items))
     generator = torch.Generator().manual_seed(seed)
-    q = torch.linalg.qr(torch.randn(n_items, width, generator=generator)).Q
+    q = orthonormal(torch.randn(n_items, width, generator=generator).numpy())
     for _ in range(n_iter):
-        q = torch.linalg.qr(gram_product(x, q, block_nnz)).Q
-    ritz = (q.T @ gram_product(x, q, block_nnz)).double()
-    values, vectors = torch.linalg.eigh((ritz + ritz.T) / 2)
-    top = torch.argsort(values, descending=True)[: min(rank, width)]
-    return values[top].clamp(min=0).numpy(), (q @ vectors[:, top].float()).numpy()
+        y = gram_product(x, q, block_nnz)
+        del q  # at most three items x width matrices at once: y, the factorisation's copy and its Q
+        q = orthonormal(y)
+        del y
+    ritz = (q.T @ gram_product(x, q, block_nnz)).astype(np.float64)
+    values, vectors = np.linalg.eigh((ritz + ritz.T) / 2)
+    top = np.argsort(-values, kind="stable")[: min(rank, width)]
+    return np.clip(values[top], 0, None), q @ vectors[:, top].astype(np.float32)
+
+
+def orthonormal(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of ``y``'s columns (Householder QR, torch's LAPACK), C-contiguous float32."""
+    return np.ascontiguousarray(torch.linalg.qr(torch.from_numpy(y)).Q.numpy())
 
 
 def fit_low_rank_ease(user_items: Any, spec: ItemItemSpec, seed: int = 0) -> LowRankEase:
