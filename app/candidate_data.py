@@ -168,8 +168,11 @@ def build_candidates(cfg: CandidatesConfig, cluster: ClusterConfig | None = None
     check_output(Path(cfg.out), cfg.overwrite)
     cluster = cluster if cluster is not None else ClusterConfig()
     check_batch_cluster(cluster)
-    beside = Path(os.path.abspath(cfg.out)).parent  # where workers of a cluster read the bundle
-    with tempfile.TemporaryDirectory(prefix=".candidates-", dir=beside if beside.is_dir() else None) as tmp:
+    # the bundle the workers load: beside --out for Ray and Spark (whose workers may be other machines,
+    # sharing that filesystem), the system's temporary directory for this machine's own processes
+    beside = Path(os.path.abspath(cfg.out)).parent
+    shared = beside if cluster.backend != "local" and beside.is_dir() else None
+    with tempfile.TemporaryDirectory(prefix=".candidates-", dir=shared) as tmp:
         bundle = assemble_bundle(cfg.retrieval, None, Path(tmp) / "bundle", cfg.tracking_uri)
         rec = load_bundle(bundle).recommender
         known = load_train_pairs(bundle / "retrieval", rec.retrieval.meta)  # memory-mapped CSR
