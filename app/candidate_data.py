@@ -25,6 +25,7 @@ step refuses a serving run that trained on ``DIR``'s test interactions.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import logging
 import os
@@ -311,7 +312,8 @@ def block_writer(
     stage = rec.retrieval
     n_items = len(stage.item_raw)
     model = (
-        load_item_item(Path(spill) / "item_item", stage_fingerprint_of(stage), n_items, "the spilled item-item model")
+        # read into memory, not mapped: the spill directory goes when the command ends, whatever holds this
+        load_item_item(Path(spill) / "item_item", stage_fingerprint_of(stage), n_items, "the spilled model", False)
         if item_item
         else None
     )
@@ -410,14 +412,19 @@ def write_candidates(
         tasks = [PartitionTask(b, [str(b)]) for b in range(n_blocks)]
         bar = progress_bar(m, True, desc="candidates", unit="user")
         IN_PROCESS[str(job.bundle)] = (rec, train)
+        results = map_partitions(batch, tasks, job.cluster)
         try:
-            for result in map_partitions(batch, tasks, job.cluster):
+            for result in results:
                 if result.error:
                     raise RecsysError(f"--backend {job.cluster.backend}: block {result.partition}: {result.error}")
                 if bar is not None:
                     bar.update(min(job.block, m - result.partition * job.block))
         finally:
+            close = getattr(results, "close", None)
+            if close is not None:  # stopped early: the engine's workers stop, and forget what they loaded
+                close()
             IN_PROCESS.pop(str(job.bundle), None)
+            gc.collect()  # an in-process worker's memory-mapped item-item model, unmapped before its files go
             if bar is not None:
                 bar.close()
         missing = [b for b, path in enumerate(blocks) if not path.is_file()]

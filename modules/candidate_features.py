@@ -278,6 +278,21 @@ ARRAYS = ("vectors", "coef", "diag")
 MANIFEST = "item_item.json"
 
 
+class _Writes:
+    """A file seen only through its ``write``: numpy then writes ``.npy`` data with Python's writes, which
+    report a full disk as ENOSPC, where its fast path (``ndarray.tofile``) raises an OSError without an
+    errno ("N requested and M written") that no caller can name."""
+
+    def __init__(self, f: Any) -> None:
+        self.write = f.write
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` of ``array`` to ``path`` (in chunks; a full disk is an OSError with errno ENOSPC)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array(_Writes(f), np.asarray(array), allow_pickle=False)
+
+
 def save_item_item(model: ItemItem, directory: Path, dataset: str) -> None:
     """Write ``model`` as ``.npy`` arrays with a manifest of their SHA-256s, its spec and ``dataset`` (the
     fingerprint of the retrieval stage's dataset whose item indices it uses)."""
@@ -286,13 +301,13 @@ def save_item_item(model: ItemItem, directory: Path, dataset: str) -> None:
     for part in ("liked", "touched"):
         for name in ARRAYS:
             path = directory / f"{part}.{name}.npy"
-            np.save(path, getattr(getattr(model, part), name))
+            write_npy(path, getattr(getattr(model, part), name))
             files[path.name] = sha256_file(path)
     manifest = {"spec": model.spec.record(), "items": model.liked.size, "dataset": dataset, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def load_item_item(directory: Path, dataset: str, n_items: int, shown: str) -> ItemItem:
+def load_item_item(directory: Path, dataset: str, n_items: int, shown: str, mmap: bool = True) -> ItemItem:
     """The item-item models written by ``save_item_item``, memory-mapped, after checking (one line each)
     that every file is there with its recorded SHA-256, that they belong to ``dataset`` and hold
     ``n_items`` items, and that the arrays are well formed (a crafted array never reaches a product)."""
@@ -319,7 +334,7 @@ def load_item_item(directory: Path, dataset: str, n_items: int, shown: str) -> I
             recorded = files.get(file.name)
             require(recorded == sha256_file(file), f"{shown}/{file.name}: its SHA-256 is not the recorded one")
             try:
-                arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+                arrays[name] = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
             except (ValueError, OSError) as e:
                 raise RecsysError(f"{shown}/{file.name}: not a readable .npy array ({e})") from None
         parts[part] = check_model(LowRankEase(lam=spec.lam, **arrays), n_items, spec, f"{shown}/{part}")
