@@ -297,7 +297,7 @@ def block_writer(
     bundle: str, spill: str, names: list[str], n: int, item_item: bool, block: int
 ) -> Callable[[int, list[str]], int]:
     """The function a worker runs on its blocks (``keys``: block numbers), with the bundle and the
-    item-item model (fitted once by the driver, memory-mapped here) loaded once: each block's users get
+    item-item model (fitted once by the driver, read here) loaded once: each block's users get
     their candidates, features and labels, spilled to ``block-NNNNNN.npz`` (written under a temporary
     name, then renamed). Returns the candidate rows written."""
     from app.bundle import load_bundle
@@ -401,7 +401,7 @@ def write_candidates(
     totals = {"train": 0.0, "val": 0.0}
     with tempfile.TemporaryDirectory(prefix=".candidates-spill-", dir=out.parent) as spill_dir:
         spill = Path(spill_dir)
-        if spec is not None:  # fitted once here, memory-mapped by every worker
+        if spec is not None:  # fitted once here, read by every worker
             known = Known(train.indptr, train.items, train.positive)
             save_item_item(fit_item_item(known, n_items, spec), spill / "item_item", stage_fingerprint_of(stage))
         np.savez(spill / SPILL_ARRAYS, users=idx[order], val=in_val[order], positives=positives)
