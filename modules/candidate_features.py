@@ -308,7 +308,8 @@ def save_item_item(model: ItemItem, directory: Path, dataset: str) -> None:
 
 
 def load_item_item(directory: Path, dataset: str, n_items: int, shown: str, mmap: bool = True) -> ItemItem:
-    """The item-item models written by ``save_item_item``, memory-mapped, after checking (one line each)
+    """The item-item models written by ``save_item_item``, memory-mapped (``mmap``; else read), after
+    checking (one line each)
     that every file is there with its recorded SHA-256, that they belong to ``dataset`` and hold
     ``n_items`` items, and that the arrays are well formed (a crafted array never reaches a product)."""
     path = directory / MANIFEST

@@ -56,13 +56,13 @@ MODEL = "model"
 POPULAR = "popular"
 """``Recommendation.source`` of the fallback: the most popular train items."""
 RERANK_ROWS = 65_536
-"""(user, item) rows scored by the ranking model per forward pass."""
+"""(user, item) rows per block of a ranking model that reads no history (passes: ``FORWARD_ROWS``)."""
 HISTORY_ROWS = 8_192
 """Rows per block of a ranking model that reads the user's history (each row carries its bag)."""
 FORWARD_ROWS = 2_048
 """Rows per forward pass of a ranking model: its activations (rows x the interaction's width, 448 floats
-for the funnel's DCN on MovieLens) then stay in the CPU's cache; passes of 8,192 rows cost 1.3x the CPU
-time (``bench/serve.py``-style timing of the shipped funnel, docs/SCALE.md)."""
+for the funnel's DCN on MovieLens) then stay in the CPU's cache; passes of 8,192 rows cost 1.6x the CPU
+time of the shipped funnel on MovieLens, 65,536-row passes 1.9x the DLRM rerank's (docs/SCALE.md)."""
 
 
 class FeatureTable:
